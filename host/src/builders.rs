@@ -1,0 +1,136 @@
+//! Native work that plugins ask the host to do: making layers and assembling
+//! images. Everything here streams (bytes flow from a source through tar, gzip
+//! and hashing into storage without ever being held whole) and runs CPU-bound
+//! work on blocking threads, at most one per core at a time.
+//!
+//! Must not depend on wasmtime (`runtime`) or HTTP (`registry`): plugins reach
+//! these functions through the runtime, which translates handles.
+
+pub mod image;
+pub mod random;
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::Semaphore;
+
+use crate::oci::Digest;
+use crate::storage::{Storage, StorageError};
+
+pub use image::{HistoryEntry, ImageSpec, ManifestFormat, Platform};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("this request would produce {requested} bytes, over the generator's limit of {limit}")]
+    LimitExceeded { requested: u64, limit: u64 },
+    #[error("invalid image description: {0}")]
+    InvalidImage(String),
+    #[error("the request was cancelled")]
+    Cancelled,
+    #[error("a build task failed: {0}")]
+    TaskFailed(String),
+}
+
+/// A layer blob in storage.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerBlob {
+    pub digest: Digest,
+    pub diff_id: Digest,
+    pub size: u64,
+}
+
+/// Shared entry point for native builds: storage plus a bound on how much
+/// CPU-heavy work runs at once.
+#[derive(Clone)]
+pub struct Builders {
+    storage: Arc<dyn Storage>,
+    cpu: Arc<Semaphore>,
+}
+
+impl Builders {
+    pub fn new(storage: Arc<dyn Storage>) -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Builders {
+            storage,
+            cpu: Arc::new(Semaphore::new(cores)),
+        }
+    }
+
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    /// Runs `work` on a blocking thread once a core is free. If the returned
+    /// future is dropped (the request timed out or the client left), `work`
+    /// sees its [`Cancel`] flag set and should stop early.
+    pub async fn run_blocking<T, F>(&self, work: F) -> Result<T, BuildError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Cancel) -> Result<T, BuildError> + Send + 'static,
+    {
+        let permit = self
+            .cpu
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| BuildError::TaskFailed(e.to_string()))?;
+        let cancel = Cancel::default();
+        let guard = cancel.clone().on_drop();
+        let result = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work(&cancel)
+        })
+        .await
+        .map_err(|e| BuildError::TaskFailed(e.to_string()))?;
+        guard.disarm();
+        result
+    }
+}
+
+/// A flag long-running blocking work polls so that abandoned requests stop
+/// consuming CPU and disk.
+#[derive(Clone, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    pub fn check(&self) -> Result<(), BuildError> {
+        if self.0.load(Ordering::Relaxed) {
+            Err(BuildError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn on_drop(self) -> CancelOnDrop {
+        CancelOnDrop(Some(self))
+    }
+}
+
+struct CancelOnDrop(Option<Cancel>);
+
+impl CancelOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = &self.0 {
+            c.0.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+pub(crate) fn io_error(what: &'static str) -> impl FnOnce(io::Error) -> BuildError {
+    move |source| BuildError::Io { what, source }
+}

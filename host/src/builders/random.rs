@@ -1,0 +1,174 @@
+//! Layers of random bytes: RNG → tar → gzip → sha256 → storage, in one pass.
+//!
+//! Random data does not compress, so gzip runs at level 0 (stored blocks): the
+//! output is still a valid gzip stream, produced at memory speed instead of
+//! spending a core per layer failing to find matches.
+
+use std::io::Write;
+
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use futures_util::future::try_join_all;
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
+
+use super::{BuildError, Builders, Cancel, LayerBlob, io_error};
+use crate::oci::Sha256Writer;
+use crate::storage::Storage;
+
+/// Bytes generated and pushed through the pipeline per step.
+const CHUNK: usize = 1 << 20;
+const TAR_BLOCK: u64 = 512;
+
+impl Builders {
+    /// `count` layers of `size` random bytes each, made in parallel.
+    /// `limit` is the most bytes this request may produce.
+    pub async fn random_layers(
+        &self,
+        count: u32,
+        size: u64,
+        limit: u64,
+    ) -> Result<Vec<LayerBlob>, BuildError> {
+        let requested = u64::from(count).saturating_mul(size);
+        if requested > limit {
+            return Err(BuildError::LimitExceeded { requested, limit });
+        }
+        let jobs = (0..count).map(|n| {
+            let storage = self.storage().clone();
+            self.run_blocking(move |cancel| write_random_layer(storage.as_ref(), n, size, cancel))
+        });
+        try_join_all(jobs).await
+    }
+}
+
+/// The most a layer of `size` bytes can grow to in tar and stored gzip
+/// blocks: 5 bytes per 64 KiB block, tar headers and padding, gzip framing.
+fn layer_size_bound(size: u64) -> u64 {
+    size + size / 65_535 * 5 + 64 * 1024
+}
+
+/// Writes one layer: a tar holding `random_file_<n>.txt` with `size` random
+/// bytes (mode 0644, owner 0:0, mtime 0), gzipped into storage.
+pub fn write_random_layer(
+    storage: &dyn Storage,
+    n: u32,
+    size: u64,
+    cancel: &Cancel,
+) -> Result<LayerBlob, BuildError> {
+    let blob = storage.blob_writer(layer_size_bound(size))?;
+    let gzip = GzEncoder::new(blob, Compression::none());
+    let mut tar = Sha256Writer::new(gzip);
+
+    let mut header = tar::Header::new_ustar();
+    header
+        .set_path(format!("random_file_{n}.txt"))
+        .map_err(io_error("tar header"))?;
+    header.set_size(size);
+    header.set_mode(0o644);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(0);
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_cksum();
+    tar.write_all(header.as_bytes())
+        .map_err(io_error("writing layer"))?;
+
+    let mut rng = SmallRng::from_os_rng();
+    let mut buf = vec![0u8; CHUNK];
+    let mut left = size;
+    while left > 0 {
+        cancel.check()?;
+        let step = left.min(CHUNK as u64) as usize;
+        rng.fill_bytes(&mut buf[..step]);
+        tar.write_all(&buf[..step])
+            .map_err(io_error("writing layer"))?;
+        left -= step as u64;
+    }
+    // Pad the file to a whole block, then the two zero blocks that end a tar.
+    let trailer = ((TAR_BLOCK - size % TAR_BLOCK) % TAR_BLOCK + 2 * TAR_BLOCK) as usize;
+    buf[..trailer].fill(0);
+    tar.write_all(&buf[..trailer])
+        .map_err(io_error("writing layer"))?;
+
+    let (diff_id, _, gzip) = tar.finish();
+    let blob = gzip.finish().map_err(io_error("finishing gzip"))?;
+    let info = blob.commit(None)?;
+    Ok(LayerBlob {
+        digest: info.digest,
+        diff_id,
+        size: info.size,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::sync::Arc;
+
+    use flate2::read::GzDecoder;
+    use futures_util::StreamExt;
+
+    use super::*;
+    use crate::oci::Digest;
+    use crate::storage::filesystem::FilesystemStorage;
+    use crate::storage::{BlobContent, Storage};
+
+    async fn blob_bytes(s: &FilesystemStorage, d: &Digest) -> Vec<u8> {
+        let Some(BlobContent::Stream { body, .. }) = s.read_blob(d, None).await.unwrap() else {
+            panic!("not stored");
+        };
+        let chunks: Vec<_> = body.collect().await;
+        chunks
+            .into_iter()
+            .flat_map(|c| c.unwrap().to_vec())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn random_layers_hold_one_file_of_the_requested_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(FilesystemStorage::open(dir.path()).unwrap());
+        let builders = Builders::new(storage.clone());
+        let layers = builders.random_layers(3, 1000, u64::MAX).await.unwrap();
+        assert_eq!(layers.len(), 3);
+        for (n, layer) in layers.iter().enumerate() {
+            let gz = blob_bytes(&storage, &layer.digest).await;
+            assert_eq!(Digest::sha256(&gz), layer.digest);
+            assert_eq!(gz.len() as u64, layer.size);
+            let mut tar_bytes = Vec::new();
+            GzDecoder::new(&gz[..]).read_to_end(&mut tar_bytes).unwrap();
+            assert_eq!(Digest::sha256(&tar_bytes), layer.diff_id);
+            let mut archive = tar::Archive::new(&tar_bytes[..]);
+            let entries: Vec<_> = archive
+                .entries()
+                .unwrap()
+                .map(|e| {
+                    let e = e.unwrap();
+                    (
+                        e.path().unwrap().display().to_string(),
+                        e.header().size().unwrap(),
+                    )
+                })
+                .collect();
+            assert_eq!(entries, vec![(format!("random_file_{n}.txt"), 1000)]);
+        }
+        assert_ne!(layers[0].digest, layers[1].digest, "layers must differ");
+    }
+
+    #[tokio::test]
+    async fn refuses_requests_over_the_byte_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(FilesystemStorage::open(dir.path()).unwrap());
+        let err = Builders::new(storage)
+            .random_layers(2, 100, 150)
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            BuildError::LimitExceeded {
+                requested: 200,
+                limit: 150
+            }
+        ));
+    }
+}

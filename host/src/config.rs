@@ -1,0 +1,463 @@
+//! `kontain.toml`: parsed strictly (unknown keys are errors that name the file
+//! and the key), then validated into settings the rest of the server trusts.
+//!
+//! Where the config comes from: `--config <file>`, else `./kontain.toml` if it
+//! exists, else the built-in default (the repository's own `kontain.toml`,
+//! embedded at build time). Relative paths inside a file are relative to that
+//! file's directory; inside the built-in default, to the working directory.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The built-in default configuration.
+pub const DEFAULT_CONFIG: &str = include_str!("../../kontain.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {origin}: {source}")]
+    Parse {
+        origin: String,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("config {origin}: {key}: {message}")]
+    Invalid {
+        origin: String,
+        key: String,
+        message: String,
+    },
+}
+
+/// Where a config came from, for messages.
+#[derive(Clone, Debug)]
+pub enum Origin {
+    File(PathBuf),
+    BuiltIn,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File(p) => write!(f, "{}", p.display()),
+            Origin::BuiltIn => f.write_str("(built-in default)"),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub origin: Origin,
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub generators: BTreeMap<String, GeneratorConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: ServerConfig,
+    #[serde(default)]
+    storage: StorageConfig,
+    #[serde(default)]
+    generators: BTreeMap<String, GeneratorConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on. The `PORT` environment variable replaces the port.
+    pub listen: SocketAddr,
+    /// Subdomain routing: `<generator>.<domain>` reaches that generator.
+    pub domains: Vec<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            domains: vec!["localhost".to_owned()],
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, tag = "backend", rename_all = "lowercase")]
+pub enum StorageConfig {
+    Filesystem {
+        /// Directory for blobs and manifests.
+        #[serde(default = "default_storage_path")]
+        path: PathBuf,
+    },
+}
+
+fn default_storage_path() -> PathBuf {
+    PathBuf::from("kontain-data")
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig::Filesystem {
+            path: default_storage_path(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeneratorConfig {
+    /// `builtin:<name>` or a path to a `.wasm` component.
+    pub source: Source,
+    /// Exact host names that reach this generator, besides `<name>.<domain>`.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// First path segment that reaches this generator; defaults to the name,
+    /// `""` turns path routing off for it.
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Host capabilities this plugin may use.
+    #[serde(default)]
+    pub grants: Vec<Capability>,
+}
+
+impl GeneratorConfig {
+    /// The path prefix in effect for generator `name`.
+    pub fn path_prefix<'a>(&'a self, name: &'a str) -> Option<&'a str> {
+        match self.path.as_deref() {
+            None => Some(name),
+            Some("") => None,
+            Some(p) => Some(p),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    BuiltIn(String),
+    File(PathBuf),
+}
+
+impl<'de> Deserialize<'de> for Source {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(match s.strip_prefix("builtin:") {
+            Some(name) => Source::BuiltIn(name.to_owned()),
+            None => Source::File(PathBuf::from(s)),
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Linear memory the plugin may use.
+    pub memory: ByteSize,
+    /// Wall time for one request, host work included.
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+    /// Bytes of blobs one request may produce.
+    pub max_bytes: ByteSize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory: ByteSize(64 << 20),
+            timeout: Duration::from_secs(60),
+            max_bytes: ByteSize(1 << 30),
+        }
+    }
+}
+
+/// A host capability a plugin can be granted; each is one WIT interface.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "kebab-case")]
+pub enum Capability {
+    /// `kontain:generator/random`: layers of random bytes.
+    Random,
+}
+
+impl Capability {
+    pub const ALL: &'static [Capability] = &[Capability::Random];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Capability::Random => "random",
+        }
+    }
+
+    /// The WIT interface (without package) this capability grants.
+    pub fn interface(self) -> &'static str {
+        match self {
+            Capability::Random => "random",
+        }
+    }
+}
+
+/// A size in bytes, written as a number or with a unit (`64MiB`, `10GB`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size like 512MiB"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KB" => 1000,
+            "KiB" => 1 << 10,
+            "MB" => 1000 * 1000,
+            "MiB" => 1 << 20,
+            "GB" => 1000 * 1000 * 1000,
+            "GiB" => 1 << 30,
+            "TB" => 1000u64.pow(4),
+            "TiB" => 1 << 40,
+            other => {
+                return Err(format!(
+                    "unknown size unit {other:?} (use B, KiB, MiB, GiB, KB, MB, GB)"
+                ));
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::Deserialize;
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like 30s: {e}")))
+    }
+}
+
+impl Config {
+    /// Loads the config the command line and working directory select.
+    pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        match explicit {
+            Some(path) => Config::from_file(path),
+            None if Path::new("kontain.toml").is_file() => {
+                Config::from_file(Path::new("kontain.toml"))
+            }
+            None => Config::parse(DEFAULT_CONFIG, Origin::BuiltIn),
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, Origin::File(path.to_owned()))
+    }
+
+    pub fn parse(text: &str, origin: Origin) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            origin: origin.to_string(),
+            source,
+        })?;
+        let mut config = Config {
+            origin,
+            server: raw.server,
+            storage: raw.storage,
+            generators: raw.generators,
+        };
+        config.validate()?;
+        config.resolve_paths();
+        Ok(config)
+    }
+
+    /// Applies the `PORT` environment variable, as platforms like Cloud Run set it.
+    pub fn apply_env(&mut self, port: Option<&str>) -> Result<(), ConfigError> {
+        if let Some(port) = port {
+            let port = port.parse::<u16>().map_err(|_| ConfigError::Invalid {
+                origin: "environment".into(),
+                key: "PORT".into(),
+                message: format!("{port:?} is not a port number"),
+            })?;
+            self.server.listen.set_port(port);
+        }
+        Ok(())
+    }
+
+    fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            origin: self.origin.to_string(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut prefixes = BTreeMap::new();
+        let mut hosts = BTreeMap::new();
+        for (name, g) in &self.generators {
+            let key = format!("generators.{name}");
+            let valid_name = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !name.starts_with('-');
+            if !valid_name {
+                return Err(self.invalid(&key, "generator names use a-z, 0-9 and -"));
+            }
+            if let Some(prefix) = g.path_prefix(name) {
+                let ok =
+                    prefix.parse::<crate::oci::RepositoryName>().is_ok() && !prefix.contains('/');
+                if !ok {
+                    return Err(self.invalid(
+                        format!("{key}.path"),
+                        format!("{prefix:?} is not a single repository path component"),
+                    ));
+                }
+                if let Some(other) = prefixes.insert(prefix.to_owned(), name) {
+                    return Err(self.invalid(
+                        format!("{key}.path"),
+                        format!("path {prefix:?} is already routed to generator {other:?}"),
+                    ));
+                }
+            }
+            for host in &g.hosts {
+                if let Some(other) = hosts.insert(host.to_ascii_lowercase(), name) {
+                    return Err(self.invalid(
+                        format!("{key}.hosts"),
+                        format!("host {host:?} is already routed to generator {other:?}"),
+                    ));
+                }
+            }
+            if g.limits.timeout.is_zero() {
+                return Err(self.invalid(format!("{key}.limits.timeout"), "must be more than zero"));
+            }
+            if g.limits.memory.0 < (1 << 20) {
+                return Err(self.invalid(format!("{key}.limits.memory"), "must be at least 1MiB"));
+            }
+        }
+        Ok(())
+    }
+
+    fn resolve_paths(&mut self) {
+        let Origin::File(file) = &self.origin else {
+            return;
+        };
+        let base = file.parent().unwrap_or(Path::new(".")).to_owned();
+        let StorageConfig::Filesystem { path } = &mut self.storage;
+        if path.is_relative() {
+            *path = base.join(&*path);
+        }
+        for g in self.generators.values_mut() {
+            if let Source::File(p) = &mut g.source
+                && p.is_relative()
+            {
+                *p = base.join(&*p);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_built_in_default_parses_and_serves_random() {
+        let c = Config::parse(DEFAULT_CONFIG, Origin::BuiltIn).unwrap();
+        let random = &c.generators["random"];
+        assert_eq!(random.source, Source::BuiltIn("random".into()));
+        assert!(random.grants.contains(&Capability::Random));
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_file_and_key() {
+        let err = Config::parse(
+            "[server]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n",
+            Origin::File("k.toml".into()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("k.toml") && err.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_path_prefixes_are_refused() {
+        let text = "[generators.a]\nsource = \"builtin:random\"\npath = \"x\"\n[generators.b]\nsource = \"builtin:random\"\npath = \"x\"\n";
+        let err = Config::parse(text, Origin::BuiltIn)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("generators.b.path"), "{err}");
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        for (s, n) in [
+            ("10", 10),
+            ("64MiB", 64 << 20),
+            ("10GB", 10_000_000_000),
+            ("1 KiB", 1024),
+        ] {
+            assert_eq!(s.parse::<ByteSize>(), Ok(ByteSize(n)), "{s}");
+        }
+        assert!("10XB".parse::<ByteSize>().is_err());
+        assert!("99999999999TiB".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn port_from_the_environment_replaces_the_configured_one() {
+        let mut c = Config::parse(DEFAULT_CONFIG, Origin::BuiltIn).unwrap();
+        c.apply_env(Some("9999")).unwrap();
+        assert_eq!(c.server.listen.port(), 9999);
+        assert!(c.apply_env(Some("nope")).is_err());
+    }
+
+    #[test]
+    fn relative_paths_are_relative_to_the_config_file() {
+        let text = "[storage]\nbackend = \"filesystem\"\npath = \"data\"\n[generators.w]\nsource = \"w.wasm\"\n";
+        let c = Config::parse(text, Origin::File("/etc/kontain/kontain.toml".into())).unwrap();
+        let StorageConfig::Filesystem { path } = &c.storage;
+        assert_eq!(path, Path::new("/etc/kontain/data"));
+        assert_eq!(
+            c.generators["w"].source,
+            Source::File("/etc/kontain/w.wasm".into())
+        );
+    }
+}

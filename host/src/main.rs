@@ -1,0 +1,28 @@
+use anyhow::Context;
+use kontain::cli::{self, Command};
+use kontain::config::Config;
+
+fn main() -> anyhow::Result<()> {
+    let config = match cli::parse(std::env::args_os())? {
+        Command::Help => {
+            print!("{}", cli::USAGE);
+            return Ok(());
+        }
+        Command::Version => {
+            println!("kontain {}", env!("CARGO_PKG_VERSION"));
+            return Ok(());
+        }
+        Command::Serve { config } => config,
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,wasmtime=warn,cranelift=warn".into()),
+        )
+        .init();
+    let mut config = Config::load(config.as_deref())?;
+    config.apply_env(std::env::var("PORT").ok().as_deref())?;
+    tokio::runtime::Runtime::new()
+        .context("starting the async runtime")?
+        .block_on(kontain::run(config, kontain::shutdown_signal()))
+}

@@ -1,0 +1,154 @@
+//! Responses: bodies, and the one place where an error becomes an OCI error
+//! response (code, HTTP status, message, detail). Server-side failures are
+//! logged here, once.
+
+use std::io;
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use futures_util::stream::BoxStream;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body::Frame;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use serde_json::json;
+
+use crate::builders::BuildError;
+use crate::generator::{GeneratorError, GuestError};
+use crate::oci::{Digest, ErrorCode, NameError, RepositoryName};
+use crate::storage::StorageError;
+
+pub type Body = UnsyncBoxBody<Bytes, io::Error>;
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+pub fn empty() -> Body {
+    full(Bytes::new())
+}
+
+pub fn stream(body: BoxStream<'static, io::Result<Bytes>>) -> Body {
+    StreamBody::new(body.map_ok(Frame::data)).boxed_unsync()
+}
+
+/// Everything a request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    NameInvalid(NameError),
+    #[error("{0}")]
+    TagInvalid(NameError),
+    #[error("{0}")]
+    DigestInvalid(NameError),
+    #[error("no generator serves repository {0}")]
+    NameUnknown(RepositoryName),
+    #[error("manifest {reference} is not known in {name}")]
+    ManifestUnknown {
+        name: RepositoryName,
+        reference: String,
+    },
+    #[error("blob {0} is not known")]
+    BlobUnknown(Digest),
+    #[error("the requested range is not within the blob's {size} bytes")]
+    RangeNotSatisfiable { size: u64 },
+    #[error("{0}")]
+    Unsupported(&'static str),
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Generator(#[from] GeneratorError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl ApiError {
+    /// The one mapping from errors to OCI codes and HTTP statuses.
+    fn classify(&self) -> (StatusCode, ErrorCode) {
+        use ApiError as E;
+        match self {
+            E::NameInvalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
+            E::TagInvalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::TagInvalid),
+            E::DigestInvalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid),
+            E::NameUnknown(_) => (StatusCode::NOT_FOUND, ErrorCode::NameUnknown),
+            E::ManifestUnknown { .. } => (StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown),
+            E::BlobUnknown(_) => (StatusCode::NOT_FOUND, ErrorCode::BlobUnknown),
+            E::RangeNotSatisfiable { .. } => {
+                (StatusCode::RANGE_NOT_SATISFIABLE, ErrorCode::RangeInvalid)
+            }
+            E::Unsupported(_) => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::Unsupported),
+            E::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NameUnknown),
+            E::Generator(g) => classify_generator(g),
+            E::Storage(StorageError::TooLarge { .. }) => {
+                (StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid)
+            }
+            E::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown),
+        }
+    }
+
+    fn detail(&self) -> serde_json::Value {
+        match self {
+            ApiError::Generator(
+                GeneratorError::Reported { plugin, .. }
+                | GeneratorError::Trapped { plugin, .. }
+                | GeneratorError::DeadlineExceeded { plugin, .. }
+                | GeneratorError::Host { plugin, .. },
+            ) => json!({ "generator": plugin.name, "version": plugin.version }),
+            ApiError::RangeNotSatisfiable { size } => json!({ "size": size }),
+            _ => serde_json::Value::Null,
+        }
+    }
+
+    /// The error as a response; `head` leaves the body out.
+    pub fn into_response(self, head: bool) -> Response<Body> {
+        let (status, code) = self.classify();
+        let message = self.to_string();
+        if status.is_server_error() {
+            tracing::error!(%code, error = %message, "request failed");
+        } else {
+            tracing::debug!(%code, error = %message, "request refused");
+        }
+        let body = json!({ "errors": [{ "code": code.as_str(), "message": message, "detail": self.detail() }] });
+        let bytes = Bytes::from(body.to_string());
+        let mut response = Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CONTENT_LENGTH, bytes.len());
+        if let ApiError::RangeNotSatisfiable { size } = self {
+            response = response.header(header::CONTENT_RANGE, format!("bytes */{size}"));
+        }
+        if matches!(code, ErrorCode::Unavailable) && status == StatusCode::SERVICE_UNAVAILABLE {
+            response = response.header(header::RETRY_AFTER, HeaderValue::from_static("10"));
+        }
+        let body = if head { empty() } else { full(bytes) };
+        response
+            .body(body)
+            .unwrap_or_else(|_| Response::new(empty()))
+    }
+}
+
+fn classify_generator(e: &GeneratorError) -> (StatusCode, ErrorCode) {
+    use GeneratorError as G;
+    match e {
+        G::NotLoaded(_) => (StatusCode::NOT_FOUND, ErrorCode::NameUnknown),
+        G::Reported { error, .. } => match error {
+            GuestError::InvalidReference(_) => (StatusCode::BAD_REQUEST, ErrorCode::TagInvalid),
+            GuestError::InvalidName(_) => (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
+            GuestError::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown),
+            GuestError::Denied(_) | GuestError::LimitExceeded(_) => {
+                (StatusCode::FORBIDDEN, ErrorCode::Denied)
+            }
+            GuestError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
+            GuestError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown),
+        },
+        G::Trapped { .. } => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown),
+        G::DeadlineExceeded { .. } => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Unavailable),
+        G::Host {
+            source: BuildError::LimitExceeded { .. },
+            ..
+        } => (StatusCode::FORBIDDEN, ErrorCode::Denied),
+        G::Host { .. } | G::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown),
+    }
+}

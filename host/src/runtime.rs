@@ -1,0 +1,232 @@
+//! The plugin runtime: the only module that touches wasmtime.
+//!
+//! One [`Engine`] and [`Linker`] for the process; each generator is compiled
+//! and pre-instantiated once at load; each request gets a fresh [`Store`] with
+//! the plugin's memory limit, and runs under its wall-time limit. Epoch ticks
+//! make running wasm yield every few milliseconds, so a plugin stuck in a loop
+//! neither blocks a server thread nor outlives its deadline. Traps, timeouts
+//! and plugin errors all come back as [`GeneratorError`]s naming the plugin.
+
+mod bindings;
+mod host;
+mod plugin;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use wasmtime::component::{HasSelf, Linker};
+use wasmtime::{Config as EngineConfig, Engine, Store, Trap};
+
+use crate::builders::Builders;
+use crate::config::Config;
+use crate::generator::{GeneratorError, Generators, GuestError, PluginId, ResolveRequest, Route};
+use crate::oci::RepositoryName;
+use crate::routing::RouteTable;
+use crate::storage::StoredManifest;
+
+use bindings::exports::kontain::generator::generator as guest;
+use bindings::kontain::generator::types;
+use host::{HostFailure, HostState};
+pub use plugin::LoadError;
+use plugin::Plugin;
+
+/// How often running wasm is interrupted to yield back to the executor.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cannot set up the wasm engine: {0}")]
+    Engine(String),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+}
+
+/// The generators currently loaded and how requests reach them.
+struct Loaded {
+    routes: RouteTable,
+    plugins: HashMap<String, Arc<Plugin>>,
+}
+
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    builders: Builders,
+    loaded: RwLock<Arc<Loaded>>,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticker.abort();
+    }
+}
+
+impl Runtime {
+    /// Compiles every configured generator. Must run inside a tokio runtime.
+    pub async fn new(config: &Config, builders: Builders) -> Result<Self, RuntimeError> {
+        let mut engine_config = EngineConfig::new();
+        engine_config
+            .wasm_component_model(true)
+            .epoch_interruption(true);
+        let engine =
+            Engine::new(&engine_config).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+
+        let mut linker = Linker::<HostState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+
+        let ticker = {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let mut interval = tokio::time::interval(EPOCH_TICK);
+                loop {
+                    interval.tick().await;
+                    engine.increment_epoch();
+                }
+            })
+        };
+
+        let runtime = Runtime {
+            engine,
+            linker,
+            builders,
+            loaded: RwLock::new(Arc::new(Loaded {
+                routes: RouteTable::default(),
+                plugins: HashMap::new(),
+            })),
+            ticker,
+        };
+        let loaded = runtime.load_all(config).await?;
+        *runtime.loaded.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(loaded);
+        Ok(runtime)
+    }
+
+    async fn load_all(&self, config: &Config) -> Result<Loaded, RuntimeError> {
+        let mut plugins = HashMap::new();
+        for (name, generator) in &config.generators {
+            let bytes = plugin::read_source(name, &generator.source)?;
+            let (engine, linker) = (self.engine.clone(), self.linker.clone());
+            let (name_owned, generator_owned) = (name.clone(), generator.clone());
+            // Compiling is CPU-heavy; keep it off the async threads.
+            let loaded = tokio::task::spawn_blocking(move || {
+                plugin::load(&engine, &linker, &name_owned, &generator_owned, &bytes)
+            })
+            .await
+            .map_err(|e| RuntimeError::Engine(e.to_string()))??;
+            tracing::info!(plugin = %loaded.id, grants = ?loaded.grants, "loaded generator");
+            plugins.insert(name.clone(), Arc::new(loaded));
+        }
+        let routes = RouteTable::new(
+            &config.server.domains,
+            config
+                .generators
+                .iter()
+                .map(|(name, g)| (name.as_str(), &g.hosts[..], g.path_prefix(name))),
+        );
+        Ok(Loaded { routes, plugins })
+    }
+
+    fn current(&self) -> Arc<Loaded> {
+        self.loaded
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    async fn call(
+        &self,
+        plugin: Arc<Plugin>,
+        request: guest::Request,
+    ) -> Result<StoredManifest, GeneratorError> {
+        let id = plugin.id.clone();
+        let limit = plugin.limits.timeout;
+        let mut store = Store::new(
+            &self.engine,
+            HostState::new(plugin.clone(), self.builders.clone()),
+        );
+        store.limiter(|s| s.limiter());
+        store.epoch_deadline_async_yield_and_update(1);
+
+        let call = async {
+            let instance = plugin.pre.instantiate_async(&mut store).await?;
+            instance
+                .kontain_generator_generator()
+                .call_resolve(&mut store, &request)
+                .await
+        };
+        let outcome = tokio::time::timeout(limit, call).await;
+        let output = store.data().output();
+        if !output.is_empty() {
+            tracing::debug!(plugin = %id, output = %output.trim_end(), "plugin output");
+        }
+        match outcome {
+            Err(_elapsed) => Err(GeneratorError::DeadlineExceeded { plugin: id, limit }),
+            Ok(Err(trap)) => Err(classify_trap(id, trap, limit)),
+            Ok(Ok(Err(error))) => Err(GeneratorError::Reported {
+                plugin: id,
+                error: guest_error(error),
+            }),
+            Ok(Ok(Ok(handle))) => {
+                store
+                    .data_mut()
+                    .take_manifest(handle)
+                    .map_err(|e| GeneratorError::Trapped {
+                        plugin: id,
+                        message: format!("returned an invalid manifest handle: {e:#}"),
+                    })
+            }
+        }
+    }
+}
+
+fn classify_trap(plugin: PluginId, error: wasmtime::Error, limit: Duration) -> GeneratorError {
+    if let Some(Trap::Interrupt) = error.downcast_ref::<Trap>() {
+        return GeneratorError::DeadlineExceeded { plugin, limit };
+    }
+    match error.downcast::<HostFailure>() {
+        Ok(HostFailure(source)) => GeneratorError::Host { plugin, source },
+        Err(error) => GeneratorError::Trapped {
+            plugin,
+            // The root cause first: "wasm trap: ..." or the limiter's
+            // message, which is what the plugin author needs.
+            message: error.root_cause().to_string(),
+        },
+    }
+}
+
+fn guest_error(e: types::Error) -> GuestError {
+    match e {
+        types::Error::InvalidReference(m) => GuestError::InvalidReference(m),
+        types::Error::InvalidName(m) => GuestError::InvalidName(m),
+        types::Error::NotFound(m) => GuestError::NotFound(m),
+        types::Error::Denied(m) => GuestError::Denied(m),
+        types::Error::LimitExceeded(m) => GuestError::LimitExceeded(m),
+        types::Error::Unavailable(m) => GuestError::Unavailable(m),
+        types::Error::Internal(m) => GuestError::Internal(m),
+    }
+}
+
+#[async_trait::async_trait]
+impl Generators for Runtime {
+    fn route(&self, host: Option<&str>, name: &RepositoryName) -> Option<Route> {
+        self.current().routes.route(host, name)
+    }
+
+    async fn resolve(&self, request: ResolveRequest) -> Result<StoredManifest, GeneratorError> {
+        let plugin = self
+            .current()
+            .plugins
+            .get(&request.route.generator)
+            .cloned()
+            .ok_or_else(|| GeneratorError::NotLoaded(request.route.generator.clone()))?;
+        let guest_request = guest::Request {
+            repository: request.route.repository,
+            reference: request.reference.to_string(),
+            accept: request.accept,
+        };
+        self.call(plugin, guest_request).await
+    }
+}

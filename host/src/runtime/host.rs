@@ -1,0 +1,244 @@
+//! What a plugin's store holds, and the host side of the kontain interfaces:
+//! translating handles to host values, checking grants and limits, and
+//! handing the real work to `builders`.
+
+use std::sync::Arc;
+
+use wasmtime::component::{Resource, ResourceTable};
+use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::bindings::kontain::generator::{images, random, types};
+use super::plugin::Plugin;
+use crate::builders::{
+    BuildError, Builders, HistoryEntry, ImageSpec, LayerBlob, ManifestFormat, Platform,
+};
+use crate::config::Capability;
+use crate::storage::StoredManifest;
+
+/// Plugin stdout and stderr are kept (up to this much) and logged after the
+/// call, tagged with the plugin, instead of reaching the server's own output.
+const OUTPUT_CAPTURE: usize = 64 * 1024;
+
+/// A layer a plugin holds.
+pub struct LayerHandle(pub LayerBlob);
+
+/// A manifest a plugin holds (and may return).
+pub struct ManifestHandle(pub StoredManifest);
+
+/// A host failure while serving a plugin: not the plugin's fault, so it is not
+/// shown to the plugin as an error value but ends the call as a trap that the
+/// runtime recognises and reports as a server error.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct HostFailure(pub BuildError);
+
+pub struct HostState {
+    plugin: Arc<Plugin>,
+    builders: Builders,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    output: MemoryOutputPipe,
+    /// Blob bytes this request has produced, against `limits.max_bytes`.
+    produced: u64,
+}
+
+impl HostState {
+    pub fn new(plugin: Arc<Plugin>, builders: Builders) -> Self {
+        let output = MemoryOutputPipe::new(OUTPUT_CAPTURE);
+        // No preopened directories, no environment, no network: a plugin
+        // reaches the outside world only through the kontain interfaces.
+        let wasi = WasiCtxBuilder::new()
+            .stdout(output.clone())
+            .stderr(output.clone())
+            .build();
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(plugin.limits.memory.0 as usize)
+            .instances(4)
+            .tables(16)
+            .memories(4)
+            .trap_on_grow_failure(true)
+            .build();
+        HostState {
+            plugin,
+            builders,
+            wasi,
+            table: ResourceTable::new(),
+            limits,
+            output,
+            produced: 0,
+        }
+    }
+
+    pub fn limiter(&mut self) -> &mut dyn ResourceLimiter {
+        &mut self.limits
+    }
+
+    /// What the plugin printed, for the log.
+    pub fn output(&self) -> String {
+        String::from_utf8_lossy(&self.output.contents()).into_owned()
+    }
+
+    /// Takes the manifest a plugin returned out of the table.
+    pub fn take_manifest(
+        &mut self,
+        handle: Resource<ManifestHandle>,
+    ) -> wasmtime::Result<StoredManifest> {
+        Ok(self.table.delete(handle)?.0)
+    }
+
+    fn require(&self, capability: Capability) -> Result<(), types::Error> {
+        if self.plugin.grants.contains(&capability) {
+            Ok(())
+        } else {
+            Err(types::Error::Denied(format!(
+                "generator {} is not granted the {:?} capability",
+                self.plugin.id.name,
+                capability.name()
+            )))
+        }
+    }
+
+    fn budget(&self) -> u64 {
+        self.plugin.limits.max_bytes.0.saturating_sub(self.produced)
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Splits a build error into what the plugin should see and what is a host
+/// failure (a trap).
+fn guest_error(e: BuildError) -> wasmtime::Result<types::Error> {
+    match e {
+        BuildError::LimitExceeded { .. } => Ok(types::Error::LimitExceeded(e.to_string())),
+        BuildError::InvalidImage(m) => Ok(types::Error::InvalidReference(format!(
+            "invalid image: {m}"
+        ))),
+        other => Err(HostFailure(other).into()),
+    }
+}
+
+impl types::Host for HostState {}
+
+impl images::HostLayer for HostState {
+    async fn digest(&mut self, this: Resource<LayerHandle>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&this)?.0.digest.to_string())
+    }
+
+    async fn diff_id(&mut self, this: Resource<LayerHandle>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&this)?.0.diff_id.to_string())
+    }
+
+    async fn size(&mut self, this: Resource<LayerHandle>) -> wasmtime::Result<u64> {
+        Ok(self.table.get(&this)?.0.size)
+    }
+
+    async fn drop(&mut self, this: Resource<LayerHandle>) -> wasmtime::Result<()> {
+        self.table.delete(this)?;
+        Ok(())
+    }
+}
+
+impl images::HostManifest for HostState {
+    async fn digest(&mut self, this: Resource<ManifestHandle>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&this)?.0.digest.to_string())
+    }
+
+    async fn media_type(&mut self, this: Resource<ManifestHandle>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&this)?.0.media_type.to_string())
+    }
+
+    async fn size(&mut self, this: Resource<ManifestHandle>) -> wasmtime::Result<u64> {
+        Ok(self.table.get(&this)?.0.bytes.len() as u64)
+    }
+
+    async fn drop(&mut self, this: Resource<ManifestHandle>) -> wasmtime::Result<()> {
+        self.table.delete(this)?;
+        Ok(())
+    }
+}
+
+impl images::Host for HostState {
+    async fn assemble(
+        &mut self,
+        format: images::ManifestFormat,
+        config: images::Config,
+        layers: Vec<Resource<LayerHandle>>,
+        annotations: Vec<(String, String)>,
+    ) -> wasmtime::Result<Result<Resource<ManifestHandle>, types::Error>> {
+        let blobs = layers
+            .iter()
+            .map(|l| Ok(self.table.get(l)?.0.clone()))
+            .collect::<wasmtime::Result<Vec<_>>>()?;
+        let format = match format {
+            images::ManifestFormat::Docker => ManifestFormat::Docker,
+            images::ManifestFormat::Oci => ManifestFormat::Oci,
+        };
+        let spec = ImageSpec {
+            platform: Platform {
+                os: config.platform.os,
+                architecture: config.platform.architecture,
+                variant: config.platform.variant,
+            },
+            env: config.env,
+            entrypoint: config.entrypoint,
+            cmd: config.cmd,
+            working_dir: config.working_dir,
+            user: config.user,
+            labels: config.labels,
+            history: config
+                .history
+                .into_iter()
+                .map(|h| HistoryEntry {
+                    created_by: h.created_by,
+                    comment: h.comment,
+                    empty_layer: h.empty_layer,
+                })
+                .collect(),
+            created: config.created,
+        };
+        match self
+            .builders
+            .assemble(format, &spec, &blobs, &annotations)
+            .await
+        {
+            Ok(manifest) => Ok(Ok(self.table.push(ManifestHandle(manifest))?)),
+            Err(e) => Ok(Err(guest_error(e)?)),
+        }
+    }
+}
+
+impl random::Host for HostState {
+    async fn layers(
+        &mut self,
+        count: u32,
+        size: u64,
+    ) -> wasmtime::Result<Result<Vec<Resource<LayerHandle>>, types::Error>> {
+        if let Err(denied) = self.require(Capability::Random) {
+            return Ok(Err(denied));
+        }
+        let blobs = match self
+            .builders
+            .random_layers(count, size, self.budget())
+            .await
+        {
+            Ok(blobs) => blobs,
+            Err(e) => return Ok(Err(guest_error(e)?)),
+        };
+        let mut handles = Vec::with_capacity(blobs.len());
+        for blob in blobs {
+            self.produced += blob.size;
+            handles.push(self.table.push(LayerHandle(blob))?);
+        }
+        Ok(Ok(handles))
+    }
+}

@@ -1,0 +1,235 @@
+//! Loading a plugin: read the component (embedded or from disk), check what it
+//! imports against its grants and our WIT version, compile it, and
+//! pre-instantiate it so that each request only has to create a store.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use wasmtime::Engine;
+use wasmtime::component::{Component, Linker};
+
+use super::bindings::PluginPre;
+use super::host::HostState;
+use crate::config::{Capability, GeneratorConfig, Limits, Source};
+use crate::generator::PluginId;
+use crate::oci::Digest;
+
+/// The WIT package this host implements; see `wit/generator.wit`.
+pub const WIT_PACKAGE: &str = "kontain:generator";
+pub const WIT_VERSION: (u64, u64, u64) = (0, 1, 0);
+
+/// Built-in generators, embedded at build time (see `build.rs`).
+const BUILT_IN: &[(&str, &[u8])] = &[(
+    "random",
+    include_bytes!(concat!(env!("KONTAIN_PLUGINS_DIR"), "/random.wasm")),
+)];
+
+pub struct Plugin {
+    pub id: PluginId,
+    pub limits: Limits,
+    pub grants: BTreeSet<Capability>,
+    pub pre: PluginPre<HostState>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("generator {name}: there is no built-in plugin {builtin:?} (built in: {available})")]
+    UnknownBuiltIn {
+        name: String,
+        builtin: String,
+        available: String,
+    },
+    #[error("generator {name}: cannot read {}: {source}", path.display())]
+    Read {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("generator {name}: not a valid WebAssembly component: {message}")]
+    Compile { name: String, message: String },
+    #[error(
+        "generator {name}: it imports {import}, which needs the {:?} capability; add it to `grants` in kontain.toml to allow it",
+        capability.name()
+    )]
+    NotGranted {
+        name: String,
+        import: String,
+        capability: Capability,
+    },
+    #[error(
+        "generator {name}: it was built against {import}, but this kontain implements {WIT_PACKAGE}@{}.{}.{}; rebuild it with a compatible kontain-sdk",
+        WIT_VERSION.0, WIT_VERSION.1, WIT_VERSION.2
+    )]
+    IncompatibleVersion { name: String, import: String },
+    #[error("generator {name}: it imports {import}, which kontain does not provide")]
+    UnknownImport { name: String, import: String },
+    #[error("generator {name}: {message}")]
+    Link { name: String, message: String },
+}
+
+/// The component bytes a generator's `source` names.
+pub fn read_source(name: &str, source: &Source) -> Result<Vec<u8>, LoadError> {
+    match source {
+        Source::BuiltIn(builtin) => BUILT_IN
+            .iter()
+            .find(|(n, _)| n == builtin)
+            .map(|(_, bytes)| bytes.to_vec())
+            .ok_or_else(|| LoadError::UnknownBuiltIn {
+                name: name.to_owned(),
+                builtin: builtin.clone(),
+                available: BUILT_IN
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        Source::File(path) => std::fs::read(path).map_err(|source| LoadError::Read {
+            name: name.to_owned(),
+            path: path.clone(),
+            source,
+        }),
+    }
+}
+
+/// Compiles and checks a generator. CPU-heavy: call it off the async path.
+pub fn load(
+    engine: &Engine,
+    linker: &Linker<HostState>,
+    name: &str,
+    config: &GeneratorConfig,
+    bytes: &[u8],
+) -> Result<Plugin, LoadError> {
+    let digest = Digest::sha256(bytes);
+    let id = PluginId {
+        name: name.to_owned(),
+        version: format!("{}:{}", digest.algorithm_name(), &digest.hex()[..12]),
+    };
+    let component = Component::new(engine, bytes).map_err(|e| LoadError::Compile {
+        name: name.to_owned(),
+        message: format!("{e:#}"),
+    })?;
+    let grants: BTreeSet<Capability> = config.grants.iter().copied().collect();
+    for (import, _) in component.component_type().imports(engine) {
+        check_import(name, import, &grants)?;
+    }
+    let instance_pre = linker
+        .instantiate_pre(&component)
+        .map_err(|e| LoadError::Link {
+            name: name.to_owned(),
+            message: format!("{e:#}"),
+        })?;
+    let pre = PluginPre::new(instance_pre).map_err(|e| LoadError::Link {
+        name: name.to_owned(),
+        message: format!("{e:#}"),
+    })?;
+    Ok(Plugin {
+        id,
+        limits: config.limits,
+        grants,
+        pre,
+    })
+}
+
+/// Accepts WASI imports (the context grants no files, env or network),
+/// kontain imports of a compatible version that the plugin is granted, and
+/// nothing else.
+fn check_import(name: &str, import: &str, grants: &BTreeSet<Capability>) -> Result<(), LoadError> {
+    if import.starts_with("wasi:") {
+        return Ok(());
+    }
+    let unknown = || LoadError::UnknownImport {
+        name: name.to_owned(),
+        import: import.to_owned(),
+    };
+    let Some(rest) = import
+        .strip_prefix(WIT_PACKAGE)
+        .and_then(|r| r.strip_prefix('/'))
+    else {
+        return Err(unknown());
+    };
+    let (interface, version) = rest.split_once('@').unwrap_or((rest, ""));
+    if !compatible(version) {
+        return Err(LoadError::IncompatibleVersion {
+            name: name.to_owned(),
+            import: import.to_owned(),
+        });
+    }
+    if let Some(capability) = Capability::ALL.iter().find(|c| c.interface() == interface) {
+        if !grants.contains(capability) {
+            return Err(LoadError::NotGranted {
+                name: name.to_owned(),
+                import: import.to_owned(),
+                capability: *capability,
+            });
+        }
+        return Ok(());
+    }
+    match interface {
+        // Always available: the vocabulary every generator needs.
+        "types" | "images" => Ok(()),
+        _ => Err(unknown()),
+    }
+}
+
+/// Semver compatibility with `WIT_VERSION`: same major, and for 0.x the same
+/// minor; a plugin may not need a newer minor than the host has.
+fn compatible(version: &str) -> bool {
+    let mut parts = version
+        .split('.')
+        .map(|p| p.split(['-', '+']).next().unwrap_or(p).parse::<u64>());
+    let (Some(Ok(major)), Some(Ok(minor)), Some(Ok(_patch)), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    let (host_major, host_minor, _) = WIT_VERSION;
+    if host_major == 0 {
+        major == 0 && minor == host_minor
+    } else {
+        major == host_major && minor <= host_minor
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_declared_version_matches_the_wit_file() {
+        let wit = include_str!("../../../wit/generator.wit");
+        let (a, b, c) = WIT_VERSION;
+        assert!(wit.contains(&format!("package {WIT_PACKAGE}@{a}.{b}.{c};")));
+    }
+
+    #[test]
+    fn checks_imports_against_grants_and_versions() {
+        let none = BTreeSet::new();
+        let random: BTreeSet<_> = [Capability::Random].into();
+        let ok = |i: &str, g: &BTreeSet<Capability>| check_import("t", i, g).is_ok();
+        assert!(ok("wasi:io/streams@0.2.6", &none));
+        assert!(ok("kontain:generator/images@0.1.0", &none));
+        assert!(ok("kontain:generator/images@0.1.7", &none));
+        assert!(ok("kontain:generator/random@0.1.0", &random));
+        assert!(matches!(
+            check_import("t", "kontain:generator/random@0.1.0", &none),
+            Err(LoadError::NotGranted { .. })
+        ));
+        assert!(matches!(
+            check_import("t", "kontain:generator/images@0.2.0", &none),
+            Err(LoadError::IncompatibleVersion { .. })
+        ));
+        assert!(matches!(
+            check_import("t", "kontain:generator/images@1.0.0", &none),
+            Err(LoadError::IncompatibleVersion { .. })
+        ));
+        assert!(matches!(
+            check_import("t", "evil:thing/x@1.0.0", &none),
+            Err(LoadError::UnknownImport { .. })
+        ));
+        assert!(matches!(
+            check_import("t", "kontain:generator/secret@0.1.0", &none),
+            Err(LoadError::UnknownImport { .. })
+        ));
+    }
+}

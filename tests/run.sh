@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Runs kontain's whole test suite: formatting, lints, unit tests, in-process
+# HTTP tests and end-to-end pulls with real clients (a private dockerd and
+# skopeo). When run as root it installs what is missing (Debian packages and
+# the wasm32-wasip2 target); otherwise it says exactly what to install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+
+# Debian packages the suite needs: docker.io (dockerd + docker), skopeo.
+missing=()
+command -v dockerd >/dev/null || missing+=(docker.io)
+command -v skopeo >/dev/null || missing+=(skopeo)
+if ((${#missing[@]})); then
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+        log "installing ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+        echo "missing: ${missing[*]}; run: sudo apt-get install ${missing[*]}" >&2
+        exit 1
+    fi
+fi
+
+# The toolchain is pinned in rust-toolchain.toml; its wasm target may not be
+# installed (and rustup may be told not to install things on its own).
+if command -v rustup >/dev/null; then
+    rustup target list --installed | grep -qx wasm32-wasip2 || {
+        log "adding the wasm32-wasip2 target"
+        rustup target add wasm32-wasip2
+    }
+fi
+
+log "cargo fmt --check"
+cargo fmt --all --check
+(cd plugins && cargo fmt --all --check)
+
+# One profile (release) for everything: wasmtime compiled in debug mode is
+# slow at run time, and one profile means one build of it.
+log "cargo clippy"
+cargo clippy --release --all-targets --locked -- -D warnings
+(cd plugins && cargo clippy --release --locked --target wasm32-wasip2 --target-dir ../target/plugins -- -D warnings)
+
+log "plugin unit tests"
+(cd plugins && cargo test --release --locked -p random --target-dir ../target/plugins-native)
+
+log "cargo test"
+cargo test --release --locked -- "$@"

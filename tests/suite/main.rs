@@ -1,0 +1,23 @@
+//! kontain's integration suite: one binary, run by libtest-mimic so that it
+//! can start the processes it needs (the real server, dockerd) once, share
+//! them between trials, and stop them at the end.
+//!
+//! `cargo test --release --test suite -- <filter>` runs a subset.
+
+mod http;
+mod plugins;
+mod pull;
+mod support;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args = libtest_mimic::Arguments::from_args();
+    let trials = [http::trials(), plugins::trials(), pull::trials()]
+        .into_iter()
+        .flatten()
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    support::teardown();
+    conclusion.exit_code()
+}

@@ -1,0 +1,404 @@
+//! The one shared test-support module: an in-process registry, the real
+//! server binary, dockerd and skopeo, and an HTTP client, each started on
+//! first use and stopped by `teardown`.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use kontain::config::{Config, Origin};
+use kontain::registry::Registry;
+use libtest_mimic::Trial;
+
+/// A trial whose body returns `anyhow::Result`, its error printed in full.
+pub fn trial(name: &str, test: fn() -> anyhow::Result<()>) -> Trial {
+    Trial::test(name, move || test().map_err(|e| format!("{e:?}").into()))
+}
+
+/// The async runtime every trial shares.
+pub fn rt() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    })
+}
+
+/// A compiled plugin from `plugins/` (fixtures included).
+pub fn plugin_path(crate_name: &str) -> PathBuf {
+    Path::new(env!("KONTAIN_PLUGINS_DIR")).join(format!("{}.wasm", crate_name.replace('-', "_")))
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    pub fn json(&self) -> anyhow::Result<serde_json::Value> {
+        serde_json::from_slice(&self.body)
+            .with_context(|| format!("body is not JSON: {:?}", self.body))
+    }
+
+    /// The first OCI error's code and message.
+    pub fn error(&self) -> anyhow::Result<(String, String)> {
+        let v = self.json()?;
+        let e = &v["errors"][0];
+        Ok((
+            e["code"].as_str().context("no error code")?.to_owned(),
+            e["message"]
+                .as_str()
+                .context("no error message")?
+                .to_owned(),
+        ))
+    }
+}
+
+/// A registry built from a config, answering requests without a socket.
+pub struct InProcess {
+    pub registry: Arc<Registry>,
+    /// Holds the storage directory for as long as the registry lives.
+    _dir: tempfile::TempDir,
+}
+
+impl InProcess {
+    /// `generators` is TOML for the `[generators.*]` tables; storage goes in a
+    /// temporary directory and `kontain.test` is the routing domain.
+    pub fn new(generators: &str) -> anyhow::Result<InProcess> {
+        let dir = tempfile::tempdir()?;
+        let text = format!(
+            "[server]\ndomains = [\"kontain.test\"]\n[storage]\nbackend = \"filesystem\"\npath = {:?}\n{generators}",
+            dir.path().join("data")
+        );
+        let config = Config::parse(&text, Origin::BuiltIn)?;
+        let registry = rt().block_on(kontain::build(&config))?;
+        Ok(InProcess {
+            registry,
+            _dir: dir,
+        })
+    }
+
+    /// The built-in `random` generator as the default config has it.
+    pub fn random() -> anyhow::Result<InProcess> {
+        InProcess::new("[generators.random]\nsource = \"builtin:random\"\ngrants = [\"random\"]\n")
+    }
+
+    pub fn request(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<Reply> {
+        let mut builder = Request::builder().method(method).uri(path);
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let request = builder.body(())?;
+        rt().block_on(async {
+            let response = self.registry.handle(request).await;
+            let (parts, body) = response.into_parts();
+            let body = body.collect().await?.to_bytes();
+            Ok(Reply {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        })
+    }
+
+    pub fn get(&self, path: &str) -> anyhow::Result<Reply> {
+        self.request(Method::GET, path, &[])
+    }
+
+    pub fn head(&self, path: &str) -> anyhow::Result<Reply> {
+        self.request(Method::HEAD, path, &[])
+    }
+}
+
+/// An HTTP/1.1 request to a real server.
+pub fn http(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<Reply> {
+    rt().block_on(async {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", addr.to_string());
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let response = sender
+            .send_request(builder.body(Empty::<Bytes>::new())?)
+            .await?;
+        let (parts, body) = response.into_parts();
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await?.to_bytes(),
+        })
+    })
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn wait_for_port(addr: SocketAddr, child: &mut Child, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if TcpStream::connect(addr).is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("{what} exited with {status} before listening on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{what} did not listen on {addr} within 60s")
+}
+
+/// The real `kontain` binary, stopped when dropped.
+pub struct Server {
+    pub addr: SocketAddr,
+    child: Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts the binary in a fresh directory. With `config`, that TOML is
+    /// written to `kontain.toml` there (and found as `./kontain.toml`);
+    /// without, the built-in default is used. `PORT` picks the port.
+    pub fn start(config: Option<&str>) -> anyhow::Result<Server> {
+        let dir = tempfile::tempdir()?;
+        if let Some(config) = config {
+            std::fs::write(dir.path().join("kontain.toml"), config)?;
+        }
+        let port = free_port()?;
+        let log = std::fs::File::create(dir.path().join("server.log"))?;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kontain"))
+            .current_dir(dir.path())
+            .env("PORT", port.to_string())
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting kontain")?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        if let Err(e) = wait_for_port(addr, &mut child, "kontain") {
+            let _ = child.kill();
+            let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+            bail!("{e}\nserver log:\n{log}");
+        }
+        Ok(Server { addr, child, dir })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    pub fn head(&self, path: &str) -> anyhow::Result<Reply> {
+        http(self.addr, Method::HEAD, path, &[])
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One server with the built-in default config, shared by the pull trials.
+pub fn shared_server() -> anyhow::Result<&'static Server> {
+    static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
+    let server = SERVER.get_or_init(|| {
+        register_cleanup(Box::new(|| {
+            if let Some(Ok(server)) = SERVER.get() {
+                // Statics are never dropped: stop the process explicitly.
+                let _ = Command::new("kill").arg(server.pid().to_string()).status();
+            }
+        }));
+        Server::start(None).map_err(|e| format!("{e:?}"))
+    });
+    server.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// A private dockerd, as the brief prescribes: vfs storage, no iptables, no
+/// bridge, every path under a temporary directory.
+pub struct Docker {
+    dir: tempfile::TempDir,
+    child: Mutex<Child>,
+}
+
+impl Docker {
+    fn start() -> anyhow::Result<Docker> {
+        let dir = tempfile::Builder::new()
+            .prefix("kontain-dockerd")
+            .tempdir()?;
+        let d = dir.path();
+        std::fs::write(d.join("daemon.json"), "{}")?;
+        let log = std::fs::File::create(d.join("dockerd.log"))?;
+        let mut child = Command::new("dockerd")
+            .arg("--config-file")
+            .arg(d.join("daemon.json"))
+            .args([
+                "--storage-driver=vfs",
+                "--iptables=false",
+                "--ip6tables=false",
+                "--bridge=none",
+            ])
+            .arg("--data-root")
+            .arg(d.join("data"))
+            .arg("--exec-root")
+            .arg(d.join("exec"))
+            .arg("--pidfile")
+            .arg(d.join("dockerd.pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", d.join("docker.sock").display()))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting dockerd (apt-get install docker.io)")?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let docker = loop {
+            if let Some(status) = child.try_wait()? {
+                let log = std::fs::read_to_string(d.join("dockerd.log")).unwrap_or_default();
+                bail!("dockerd exited with {status}:\n{log}");
+            }
+            let probe = Command::new("docker")
+                .arg("-H")
+                .arg(format!("unix://{}", d.join("docker.sock").display()))
+                .arg("version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()?;
+            if probe.success() {
+                break Docker {
+                    dir,
+                    child: Mutex::new(child),
+                };
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "dockerd did not come up within 60s"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        Ok(docker)
+    }
+
+    /// Runs `docker <args>` against this daemon; its stdout, or an error with
+    /// its stderr.
+    pub fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new("docker")
+            .arg("-H")
+            .arg(format!(
+                "unix://{}",
+                self.dir.path().join("docker.sock").display()
+            ))
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "docker {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn stop(&self) {
+        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = Command::new("kill").arg(child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+pub fn docker() -> anyhow::Result<&'static Docker> {
+    static DOCKER: OnceLock<Result<Docker, String>> = OnceLock::new();
+    let docker = DOCKER.get_or_init(|| {
+        register_cleanup(Box::new(|| {
+            if let Some(Ok(docker)) = DOCKER.get() {
+                docker.stop();
+            }
+        }));
+        Docker::start().map_err(|e| format!("{e:?}"))
+    });
+    docker.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Runs `skopeo <args>`; its stdout, or an error with its stderr.
+pub fn skopeo(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("skopeo")
+        .args(args)
+        .output()
+        .context("running skopeo (apt-get install skopeo)")?;
+    if !out.status.success() {
+        bail!(
+            "skopeo {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+type Cleanup = Box<dyn FnOnce() + Send>;
+
+fn cleanups() -> &'static Mutex<Vec<Cleanup>> {
+    static CLEANUPS: OnceLock<Mutex<Vec<Cleanup>>> = OnceLock::new();
+    CLEANUPS.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+fn register_cleanup(f: Cleanup) {
+    cleanups().lock().unwrap_or_else(|p| p.into_inner()).push(f);
+}
+
+/// Stops everything the trials started.
+pub fn teardown() {
+    let list = std::mem::take(&mut *cleanups().lock().unwrap_or_else(|p| p.into_inner()));
+    for f in list {
+        f();
+    }
+}
+
+/// sha256 of bytes, as `sha256:<hex>`.
+pub fn sha256(bytes: &[u8]) -> String {
+    kontain::oci::Digest::sha256(bytes).to_string()
+}
