@@ -6,6 +6,7 @@
 //! Must not depend on wasmtime (`runtime`) or HTTP (`registry`): plugins reach
 //! these functions through the runtime, which translates handles.
 
+pub mod gzip;
 pub mod image;
 pub mod random;
 

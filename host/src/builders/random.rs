@@ -1,17 +1,16 @@
 //! Layers of random bytes: RNG → tar → gzip → sha256 → storage, in one pass.
 //!
-//! Random data does not compress, so gzip runs at level 0 (stored blocks): the
-//! output is still a valid gzip stream, produced at memory speed instead of
+//! Random data does not compress, so the gzip stream is made of stored blocks
+//! (see `gzip`): valid for every reader, produced at memory speed instead of
 //! spending a core per layer failing to find matches.
 
 use std::io::Write;
 
-use flate2::Compression;
-use flate2::write::GzEncoder;
 use futures_util::future::try_join_all;
 use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 
+use super::gzip::StoredGzip;
 use super::{BuildError, Builders, Cancel, LayerBlob, io_error};
 use crate::oci::Sha256Writer;
 use crate::storage::Storage;
@@ -41,6 +40,18 @@ impl Builders {
     }
 }
 
+/// Fills `buf` with random bytes a word at a time: three times faster than
+/// `fill_bytes`, which this RNG implements byte-chunk by byte-chunk.
+fn fill_random(rng: &mut SmallRng, buf: &mut [u8]) {
+    let mut words = buf.chunks_exact_mut(8);
+    for word in &mut words {
+        word.copy_from_slice(&rng.next_u64().to_le_bytes());
+    }
+    let tail = words.into_remainder();
+    let last = rng.next_u64().to_le_bytes();
+    tail.copy_from_slice(&last[..tail.len()]);
+}
+
 /// The most a layer of `size` bytes can grow to in tar and stored gzip
 /// blocks: 5 bytes per 64 KiB block, tar headers and padding, gzip framing.
 fn layer_size_bound(size: u64) -> u64 {
@@ -56,7 +67,7 @@ pub fn write_random_layer(
     cancel: &Cancel,
 ) -> Result<LayerBlob, BuildError> {
     let blob = storage.blob_writer(layer_size_bound(size))?;
-    let gzip = GzEncoder::new(blob, Compression::none());
+    let gzip = StoredGzip::new(blob);
     let mut tar = Sha256Writer::new(gzip);
 
     let mut header = tar::Header::new_ustar();
@@ -79,7 +90,7 @@ pub fn write_random_layer(
     while left > 0 {
         cancel.check()?;
         let step = left.min(CHUNK as u64) as usize;
-        rng.fill_bytes(&mut buf[..step]);
+        fill_random(&mut rng, &mut buf[..step]);
         tar.write_all(&buf[..step])
             .map_err(io_error("writing layer"))?;
         left -= step as u64;

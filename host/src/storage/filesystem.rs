@@ -6,6 +6,7 @@
 use std::fs;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -15,6 +16,10 @@ use tokio_util::io::ReaderStream;
 
 use super::{BlobContent, BlobInfo, BlobWriter, ByteRange, Storage, StorageError, StoredManifest};
 use crate::oci::{Digest, MAX_MANIFEST_BYTES, MediaType, Sha256Writer};
+
+/// Temporary files older than this were left by a process that died while
+/// writing; younger ones may belong to another process sharing the directory.
+const ABANDONED_AFTER: Duration = Duration::from_secs(3600);
 
 /// Read blobs in chunks this large: big enough that per-chunk overhead
 /// disappears, small enough that many concurrent downloads stay cheap.
@@ -39,7 +44,26 @@ impl FilesystemStorage {
             let path = root.join(dir);
             fs::create_dir_all(&path).map_err(io_err(&path))?;
         }
-        Ok(FilesystemStorage { root })
+        let storage = FilesystemStorage { root };
+        storage.remove_abandoned_temporaries();
+        Ok(storage)
+    }
+
+    /// Deletes half-written blobs that a crashed process left in `tmp/`.
+    fn remove_abandoned_temporaries(&self) {
+        let Ok(entries) = fs::read_dir(self.tmp_dir()) else {
+            return;
+        };
+        let now = SystemTime::now();
+        for entry in entries.flatten() {
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > ABANDONED_AFTER);
+            if old && fs::remove_file(entry.path()).is_ok() {
+                tracing::info!(path = %entry.path().display(), "removed an abandoned temporary file");
+            }
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -307,6 +331,26 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    #[test]
+    fn opening_removes_old_abandoned_temporaries_only() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(FilesystemStorage::open(dir.path()).unwrap());
+        let old = dir.path().join("tmp/old");
+        let new = dir.path().join("tmp/new");
+        fs::write(&old, b"x").unwrap();
+        fs::write(&new, b"x").unwrap();
+        let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
+        fs::File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(two_hours_ago)
+            .unwrap();
+        drop(FilesystemStorage::open(dir.path()).unwrap());
+        assert!(!old.exists());
+        assert!(new.exists());
     }
 
     #[tokio::test]

@@ -29,6 +29,8 @@ impl Generator for Random {
         let (count, size) = parse_tag(&request.reference)?;
         let layers = random::layers(count, size)?;
         let mut config = Config::for_platform("linux", "amd64");
+        // Every pull is a new image, so its creation time is now.
+        config.created = Some(kontain_sdk::now_rfc3339());
         config.history = (1..=count)
             .map(|n| History {
                 created_by: format!("kontain random: {size} random bytes"),
