@@ -63,11 +63,13 @@ fn main() {
     }
     let out = target_dir.join("wasm32-wasip2").join("release");
     // The built-in generators embedded by src/runtime/plugin.rs.
-    let random = out.join("random.wasm");
-    assert!(
-        random.is_file(),
-        "plugins build did not produce {}",
-        random.display()
-    );
+    for built_in in ["random.wasm", "mirror.wasm"] {
+        let path = out.join(built_in);
+        assert!(
+            path.is_file(),
+            "plugins build did not produce {}",
+            path.display()
+        );
+    }
     println!("cargo:rustc-env=KONTAIN_PLUGINS_DIR={}", out.display());
 }

@@ -8,10 +8,14 @@ cd "$(dirname "$0")/.."
 
 log() { printf '\n==> %s\n' "$*"; }
 
-# Debian packages the suite needs: docker.io (dockerd + docker), skopeo.
+# Debian packages the suite needs: docker.io (dockerd + docker), skopeo,
+# docker-registry (the upstream for mirror tests), busybox-static (a static
+# binary for runnable test images).
 missing=()
 command -v dockerd >/dev/null || missing+=(docker.io)
 command -v skopeo >/dev/null || missing+=(skopeo)
+command -v docker-registry >/dev/null || missing+=(docker-registry)
+dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
         log "installing ${missing[*]}"

@@ -61,6 +61,7 @@ pub struct Config {
     pub origin: Origin,
     pub server: ServerConfig,
     pub storage: StorageConfig,
+    pub upstream: UpstreamConfig,
     pub generators: BTreeMap<String, GeneratorConfig>,
 }
 
@@ -72,7 +73,99 @@ struct RawConfig {
     #[serde(default)]
     storage: StorageConfig,
     #[serde(default)]
+    upstream: UpstreamConfig,
+    #[serde(default)]
     generators: BTreeMap<String, GeneratorConfig>,
+}
+
+/// Other registries: where kontain may connect, named upstreams, credentials.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Hosts (`name`, `*.domain`, optionally `:port`) the upstream client may
+    /// contact: registries, their token services and their blob CDNs.
+    pub allow: Vec<String>,
+    /// The largest blob that will be fetched and cached.
+    pub max_blob_bytes: ByteSize,
+    /// Named upstreams: `mirror/<name>/<repository>` reaches `url`.
+    pub registries: BTreeMap<String, NamedUpstream>,
+    /// Credentials per registry host (`registry-1.docker.io`, `ghcr.io`).
+    pub credentials: BTreeMap<String, CredentialsConfig>,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            allow: DEFAULT_UPSTREAMS.iter().map(|s| (*s).to_owned()).collect(),
+            max_blob_bytes: ByteSize(10 << 30),
+            registries: BTreeMap::new(),
+            credentials: BTreeMap::new(),
+        }
+    }
+}
+
+/// Public registries, their token services and the CDNs they redirect blob
+/// downloads to. Private and metadata addresses stay refused whatever a name
+/// here resolves to.
+pub const DEFAULT_UPSTREAMS: &[&str] = &[
+    "registry-1.docker.io",
+    "auth.docker.io",
+    "production.cloudflare.docker.com",
+    "*.r2.cloudflarestorage.com",
+    "ghcr.io",
+    "pkg-containers.githubusercontent.com",
+    "quay.io",
+    "*.quay.io",
+    "gcr.io",
+    "*.gcr.io",
+    "*.pkg.dev",
+    "storage.googleapis.com",
+    "registry.k8s.io",
+    "*.amazonaws.com",
+    "public.ecr.aws",
+    "*.cloudfront.net",
+    "mcr.microsoft.com",
+    "*.data.mcr.microsoft.com",
+    "cgr.dev",
+    "*.cgr.dev",
+];
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedUpstream {
+    /// `https://host[:port]` or `http://…` (plain HTTP, e.g. a local registry).
+    pub url: url::Url,
+    /// Allow this exact host (and port) even though it is a loopback or
+    /// private address. Only for registries you run yourself.
+    #[serde(default)]
+    pub allow_private: bool,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub password_env: Option<String>,
+}
+
+impl NamedUpstream {
+    pub fn credentials(&self) -> Option<CredentialsConfig> {
+        self.username.as_ref().map(|username| CredentialsConfig {
+            username: username.clone(),
+            password: self.password.clone(),
+            password_env: self.password_env.clone(),
+        })
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsConfig {
+    pub username: String,
+    /// The password itself, or `password_env` naming the variable holding it.
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub password_env: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -189,22 +282,23 @@ impl Default for Limits {
 pub enum Capability {
     /// `kontain:generator/random`: layers of random bytes.
     Random,
+    /// `kontain:generator/upstream`: other registries, through the allowlist.
+    Upstream,
 }
 
 impl Capability {
-    pub const ALL: &'static [Capability] = &[Capability::Random];
+    pub const ALL: &'static [Capability] = &[Capability::Random, Capability::Upstream];
 
     pub fn name(self) -> &'static str {
         match self {
             Capability::Random => "random",
+            Capability::Upstream => "upstream",
         }
     }
 
     /// The WIT interface (without package) this capability grants.
     pub fn interface(self) -> &'static str {
-        match self {
-            Capability::Random => "random",
-        }
+        self.name()
     }
 }
 
@@ -300,6 +394,7 @@ impl Config {
             origin,
             server: raw.server,
             storage: raw.storage,
+            upstream: raw.upstream,
             generators: raw.generators,
         };
         config.validate()?;
@@ -372,6 +467,40 @@ impl Config {
                 return Err(self.invalid(format!("{key}.limits.memory"), "must be at least 1MiB"));
             }
         }
+        for (name, upstream) in &self.upstream.registries {
+            let key = format!("upstream.registries.{name}");
+            if name.parse::<crate::oci::RepositoryName>().is_err() || name.contains('/') {
+                return Err(self.invalid(
+                    &key,
+                    "upstream names must be valid repository path components",
+                ));
+            }
+            let url = &upstream.url;
+            if !matches!(url.scheme(), "http" | "https")
+                || url.host_str().is_none()
+                || url.path() != "/"
+            {
+                return Err(self.invalid(
+                    format!("{key}.url"),
+                    format!("{url} must be http(s)://host[:port] with no path"),
+                ));
+            }
+        }
+        let credentials = self
+            .upstream
+            .credentials
+            .iter()
+            .map(|(host, c)| (format!("upstream.credentials.\"{host}\""), c))
+            .map(|(key, c)| (key, c.clone()))
+            .chain(self.upstream.registries.iter().filter_map(|(name, u)| {
+                u.credentials()
+                    .map(|c| (format!("upstream.registries.{name}"), c))
+            }));
+        for (key, c) in credentials {
+            if c.password.is_some() == c.password_env.is_some() {
+                return Err(self.invalid(key, "give exactly one of password and password_env"));
+            }
+        }
         Ok(())
     }
 
@@ -425,6 +554,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("generators.b.path"), "{err}");
+    }
+
+    #[test]
+    fn named_upstreams_need_a_bare_http_url() {
+        let ok =
+            "[upstream.registries.local]\nurl = \"http://127.0.0.1:5000\"\nallow_private = true\n";
+        let c = Config::parse(ok, Origin::BuiltIn).unwrap();
+        assert!(c.upstream.registries["local"].allow_private);
+        assert!(c.upstream.allow.contains(&"ghcr.io".to_owned()));
+        let bad = "[upstream.registries.local]\nurl = \"ftp://127.0.0.1/x\"\n";
+        let err = Config::parse(bad, Origin::BuiltIn).unwrap_err().to_string();
+        assert!(err.contains("upstream.registries.local.url"), "{err}");
+        let creds = "[upstream.credentials.\"ghcr.io\"]\nusername = \"u\"\n";
+        assert!(Config::parse(creds, Origin::BuiltIn).is_err());
     }
 
     #[test]

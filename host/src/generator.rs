@@ -7,8 +7,9 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::builders::BuildError;
-use crate::oci::{Reference, RepositoryName};
-use crate::storage::{StorageError, StoredManifest};
+use crate::oci::{Digest, Reference, RepositoryName};
+use crate::storage::{BlobInfo, StorageError, StoredManifest};
+use crate::upstream::UpstreamError;
 
 /// Which generator a request reaches, and the repository name it sees.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,6 +35,9 @@ pub trait Generators: Send + Sync + 'static {
 
     /// The manifest for a tag, or for a digest storage did not have.
     async fn resolve(&self, request: ResolveRequest) -> Result<StoredManifest, GeneratorError>;
+
+    /// A blob storage did not have, if the generator can produce it.
+    async fn fetch_blob(&self, route: Route, digest: Digest) -> Result<BlobInfo, GeneratorError>;
 }
 
 /// A plugin, named the way its errors and logs name it: the configured name
@@ -89,6 +93,13 @@ pub enum GeneratorError {
         plugin: PluginId,
         #[source]
         source: BuildError,
+    },
+    /// The host failed while talking to another registry for the plugin.
+    #[error("{plugin}: {source}")]
+    Upstream {
+        plugin: PluginId,
+        #[source]
+        source: Box<UpstreamError>,
     },
     /// The plugin returned a manifest that storage no longer has.
     #[error(transparent)]

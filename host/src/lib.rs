@@ -13,6 +13,7 @@ pub mod registry;
 pub mod routing;
 pub mod runtime;
 pub mod storage;
+pub mod upstream;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -21,12 +22,15 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
+use std::collections::HashMap;
+
 use crate::builders::Builders;
-use crate::config::{Config, StorageConfig};
+use crate::config::{Config, CredentialsConfig, StorageConfig};
 use crate::registry::Registry;
-use crate::runtime::Runtime;
+use crate::runtime::{Runtime, Services};
 use crate::storage::Storage;
 use crate::storage::filesystem::FilesystemStorage;
+use crate::upstream::{Client, Credentials, Endpoint, HostPattern, Mirror, Policy, Registries};
 
 /// How long open requests may take to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -39,9 +43,61 @@ pub async fn build(config: &Config) -> anyhow::Result<Arc<Registry>> {
                 .with_context(|| format!("opening storage at {}", path.display()))?,
         ),
     };
-    let builders = Builders::new(storage.clone());
-    let runtime = Runtime::new(config, builders).await?;
+    let services = Services {
+        builders: Builders::new(storage.clone()),
+        mirror: Arc::new(mirror(config, storage.clone())?),
+    };
+    let runtime = Runtime::new(config, services).await?;
     Ok(Arc::new(Registry::new(storage, Arc::new(runtime))))
+}
+
+/// The upstream client and its cache, from `[upstream]`.
+fn mirror(config: &Config, storage: Arc<dyn Storage>) -> anyhow::Result<Mirror> {
+    let upstream = &config.upstream;
+    let credentials = |c: &CredentialsConfig| -> anyhow::Result<Credentials> {
+        let password = match (&c.password, &c.password_env) {
+            (Some(p), _) => p.clone(),
+            (None, Some(var)) => std::env::var(var)
+                .with_context(|| format!("reading the upstream password from ${var}"))?,
+            (None, None) => String::new(),
+        };
+        Ok(Credentials {
+            username: c.username.clone(),
+            password,
+        })
+    };
+    let mut named = HashMap::new();
+    let mut allow: Vec<HostPattern> = upstream.allow.iter().map(|p| HostPattern::new(p)).collect();
+    let mut private_ok = Vec::new();
+    for (name, u) in &upstream.registries {
+        let host = u.url.host_str().unwrap_or_default();
+        let port = u.url.port_or_known_default().unwrap_or(443);
+        let pattern = HostPattern::new(&format!("{host}:{port}"));
+        if u.allow_private {
+            private_ok.push(pattern);
+        } else {
+            allow.push(pattern);
+        }
+        let endpoint = Endpoint {
+            name: name.clone(),
+            base: u.url.clone(),
+            credentials: u.credentials().as_ref().map(credentials).transpose()?,
+        };
+        named.insert(name.clone(), Arc::new(endpoint));
+    }
+    let by_host = upstream
+        .credentials
+        .iter()
+        .map(|(host, c)| Ok((host.clone(), credentials(c)?)))
+        .collect::<anyhow::Result<HashMap<_, _>>>()?;
+    let policy = Arc::new(Policy::new(allow, private_ok));
+    let client = Client::new(policy).map_err(anyhow::Error::msg)?;
+    Ok(Mirror::new(
+        client,
+        Registries::new(named, by_host),
+        storage,
+        upstream.max_blob_bytes.0,
+    ))
 }
 
 /// Runs the server until `shutdown` completes.

@@ -21,7 +21,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
-use crate::generator::{Generators, ResolveRequest};
+use crate::generator::{GeneratorError, Generators, GuestError, ResolveRequest};
 use crate::oci::{Digest, Reference, RepositoryName};
 use crate::storage::{BlobContent, ByteRange, Storage, StoredManifest};
 use endpoint::Endpoint;
@@ -175,15 +175,23 @@ impl Registry {
         headers: &HeaderMap,
         head: bool,
     ) -> Result<Response<Body>, ApiError> {
-        self.route(name, headers)?;
+        let (_, route) = self.route(name, headers)?;
         let digest: Digest = digest
             .parse()
             .map_err(|e: crate::oci::DigestError| ApiError::DigestInvalid(e.into()))?;
-        let size = self
-            .storage
-            .blob_size(&digest)
-            .await?
-            .ok_or_else(|| ApiError::BlobUnknown(digest.clone()))?;
+        let size = match self.storage.blob_size(&digest).await? {
+            Some(size) => size,
+            // Not stored: a mirror fetches it now; others have nothing more.
+            None => match self.generators.fetch_blob(route, digest.clone()).await {
+                Ok(info) if info.digest == digest => info.size,
+                Ok(_)
+                | Err(GeneratorError::Reported {
+                    error: GuestError::NotFound(_),
+                    ..
+                }) => return Err(ApiError::BlobUnknown(digest)),
+                Err(e) => return Err(e.into()),
+            },
+        };
         let range = match headers.get(header::RANGE).and_then(|r| r.to_str().ok()) {
             Some(r) => parse_range(r, size)?,
             None => None,

@@ -18,15 +18,15 @@ use std::time::Duration;
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config as EngineConfig, Engine, Store, Trap};
 
-use crate::builders::Builders;
 use crate::config::Config;
 use crate::generator::{GeneratorError, Generators, GuestError, PluginId, ResolveRequest, Route};
-use crate::oci::RepositoryName;
+use crate::oci::{Digest, RepositoryName};
 use crate::routing::RouteTable;
-use crate::storage::StoredManifest;
+use crate::storage::{BlobInfo, StoredManifest};
 
 use bindings::exports::kontain::generator::generator as guest;
 use bindings::kontain::generator::types;
+pub use host::Services;
 use host::{HostFailure, HostState};
 pub use plugin::LoadError;
 use plugin::Plugin;
@@ -51,7 +51,7 @@ struct Loaded {
 pub struct Runtime {
     engine: Engine,
     linker: Linker<HostState>,
-    builders: Builders,
+    services: Services,
     loaded: RwLock<Arc<Loaded>>,
     ticker: tokio::task::JoinHandle<()>,
 }
@@ -64,7 +64,7 @@ impl Drop for Runtime {
 
 impl Runtime {
     /// Compiles every configured generator. Must run inside a tokio runtime.
-    pub async fn new(config: &Config, builders: Builders) -> Result<Self, RuntimeError> {
+    pub async fn new(config: &Config, services: Services) -> Result<Self, RuntimeError> {
         let mut engine_config = EngineConfig::new();
         engine_config
             .wasm_component_model(true)
@@ -92,7 +92,7 @@ impl Runtime {
         let runtime = Runtime {
             engine,
             linker,
-            builders,
+            services,
             loaded: RwLock::new(Arc::new(Loaded {
                 routes: RouteTable::default(),
                 plugins: HashMap::new(),
@@ -136,26 +136,37 @@ impl Runtime {
             .clone()
     }
 
-    async fn call(
+    fn plugin(&self, name: &str) -> Result<Arc<Plugin>, GeneratorError> {
+        self.current()
+            .plugins
+            .get(name)
+            .cloned()
+            .ok_or_else(|| GeneratorError::NotLoaded(name.to_owned()))
+    }
+
+    /// Runs one export of a fresh instance of `plugin` under its limits,
+    /// then turns its result into a host value with `finish`.
+    async fn call<R, T>(
         &self,
         plugin: Arc<Plugin>,
-        request: guest::Request,
-    ) -> Result<StoredManifest, GeneratorError> {
+        export: impl AsyncFnOnce(
+            &guest::Guest,
+            &mut Store<HostState>,
+        ) -> wasmtime::Result<Result<R, types::Error>>,
+        finish: impl FnOnce(&mut HostState, R) -> wasmtime::Result<T>,
+    ) -> Result<T, GeneratorError> {
         let id = plugin.id.clone();
         let limit = plugin.limits.timeout;
         let mut store = Store::new(
             &self.engine,
-            HostState::new(plugin.clone(), self.builders.clone()),
+            HostState::new(plugin.clone(), self.services.clone()),
         );
         store.limiter(|s| s.limiter());
         store.epoch_deadline_async_yield_and_update(1);
 
         let call = async {
             let instance = plugin.pre.instantiate_async(&mut store).await?;
-            instance
-                .kontain_generator_generator()
-                .call_resolve(&mut store, &request)
-                .await
+            export(instance.kontain_generator_generator(), &mut store).await
         };
         let outcome = tokio::time::timeout(limit, call).await;
         let output = store.data().output();
@@ -169,14 +180,11 @@ impl Runtime {
                 plugin: id,
                 error: guest_error(error),
             }),
-            Ok(Ok(Ok(handle))) => {
-                store
-                    .data_mut()
-                    .take_manifest(handle)
-                    .map_err(|e| GeneratorError::Trapped {
-                        plugin: id,
-                        message: format!("returned an invalid manifest handle: {e:#}"),
-                    })
+            Ok(Ok(Ok(value))) => {
+                finish(store.data_mut(), value).map_err(|e| GeneratorError::Trapped {
+                    plugin: id,
+                    message: format!("returned an invalid handle: {e:#}"),
+                })
             }
         }
     }
@@ -187,7 +195,11 @@ fn classify_trap(plugin: PluginId, error: wasmtime::Error, limit: Duration) -> G
         return GeneratorError::DeadlineExceeded { plugin, limit };
     }
     match error.downcast::<HostFailure>() {
-        Ok(HostFailure(source)) => GeneratorError::Host { plugin, source },
+        Ok(HostFailure::Build(source)) => GeneratorError::Host { plugin, source },
+        Ok(HostFailure::Upstream(source)) => GeneratorError::Upstream {
+            plugin,
+            source: Box::new(source),
+        },
         Err(error) => GeneratorError::Trapped {
             plugin,
             // The root cause first: "wasm trap: ..." or the limiter's
@@ -216,17 +228,31 @@ impl Generators for Runtime {
     }
 
     async fn resolve(&self, request: ResolveRequest) -> Result<StoredManifest, GeneratorError> {
-        let plugin = self
-            .current()
-            .plugins
-            .get(&request.route.generator)
-            .cloned()
-            .ok_or_else(|| GeneratorError::NotLoaded(request.route.generator.clone()))?;
+        let plugin = self.plugin(&request.route.generator)?;
         let guest_request = guest::Request {
             repository: request.route.repository,
             reference: request.reference.to_string(),
             accept: request.accept,
         };
-        self.call(plugin, guest_request).await
+        self.call(
+            plugin,
+            async |guest, store| guest.call_resolve(store, &guest_request).await,
+            |state, handle| state.take_manifest(handle),
+        )
+        .await
+    }
+
+    async fn fetch_blob(&self, route: Route, digest: Digest) -> Result<BlobInfo, GeneratorError> {
+        let plugin = self.plugin(&route.generator)?;
+        let guest_request = guest::BlobRequest {
+            repository: route.repository,
+            digest: digest.to_string(),
+        };
+        self.call(
+            plugin,
+            async |guest, store| guest.call_fetch_blob(store, &guest_request).await,
+            |state, handle| state.take_blob(handle),
+        )
+        .await
     }
 }

@@ -112,6 +112,13 @@ pub trait Storage: Send + Sync + 'static {
 
     /// A stored manifest, or `None`.
     async fn manifest(&self, digest: &Digest) -> Result<Option<StoredManifest>, StorageError>;
+
+    /// Remembers that `key` (a tag, in a generator's own naming) pointed at
+    /// `digest`, replacing what it pointed at before.
+    async fn put_tag(&self, key: &str, digest: &Digest) -> Result<(), StorageError>;
+
+    /// What `key` last pointed at.
+    async fn tag(&self, key: &str) -> Result<Option<Digest>, StorageError>;
 }
 
 /// Stores `bytes` as one blob from a blocking context.

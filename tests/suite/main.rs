@@ -5,6 +5,7 @@
 //! `cargo test --release --test suite -- <filter>` runs a subset.
 
 mod http;
+mod mirror;
 mod plugins;
 mod pull;
 mod support;
@@ -13,10 +14,15 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let args = libtest_mimic::Arguments::from_args();
-    let trials = [http::trials(), plugins::trials(), pull::trials()]
-        .into_iter()
-        .flatten()
-        .collect();
+    let trials = [
+        http::trials(),
+        plugins::trials(),
+        pull::trials(),
+        mirror::trials(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     let conclusion = libtest_mimic::run(&args, trials);
     support::teardown();
     conclusion.exit_code()

@@ -1,6 +1,9 @@
-//! The one shared test-support module: an in-process registry, the real
+//! The one shared test-support module (with `images` and `upstream`): an in-process registry, the real
 //! server binary, dockerd and skopeo, and an HTTP client, each started on
 //! first use and stopped by `teardown`.
+
+pub mod images;
+pub mod upstream;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -162,11 +165,11 @@ pub fn http(
     })
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn wait_for_port(addr: SocketAddr, child: &mut Child, what: &str) -> anyhow::Result<()> {
+pub fn wait_for_port(addr: SocketAddr, child: &mut Child, what: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         if TcpStream::connect(addr).is_ok() {

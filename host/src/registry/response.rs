@@ -94,7 +94,8 @@ impl ApiError {
                 GeneratorError::Reported { plugin, .. }
                 | GeneratorError::Trapped { plugin, .. }
                 | GeneratorError::DeadlineExceeded { plugin, .. }
-                | GeneratorError::Host { plugin, .. },
+                | GeneratorError::Host { plugin, .. }
+                | GeneratorError::Upstream { plugin, .. },
             ) => json!({ "generator": plugin.name, "version": plugin.version }),
             ApiError::RangeNotSatisfiable { size } => json!({ "size": size }),
             _ => serde_json::Value::Null,
@@ -149,6 +150,8 @@ fn classify_generator(e: &GeneratorError) -> (StatusCode, ErrorCode) {
             source: BuildError::LimitExceeded { .. },
             ..
         } => (StatusCode::FORBIDDEN, ErrorCode::Denied),
-        G::Host { .. } | G::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown),
+        G::Host { .. } | G::Upstream { .. } | G::Storage(_) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown)
+        }
     }
 }

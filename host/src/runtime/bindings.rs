@@ -8,5 +8,6 @@ wasmtime::component::bindgen!({
     with: {
         "kontain:generator/images.layer": super::host::LayerHandle,
         "kontain:generator/images.manifest": super::host::ManifestHandle,
+        "kontain:generator/images.blob": super::host::BlobHandle,
     },
 });

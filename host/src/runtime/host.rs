@@ -9,13 +9,14 @@ use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::bindings::kontain::generator::{images, random, types};
+use super::bindings::kontain::generator::{images, random, types, upstream};
 use super::plugin::Plugin;
 use crate::builders::{
     BuildError, Builders, HistoryEntry, ImageSpec, LayerBlob, ManifestFormat, Platform,
 };
 use crate::config::Capability;
-use crate::storage::StoredManifest;
+use crate::storage::{BlobInfo, StoredManifest};
+use crate::upstream::{Mirror, UpstreamError};
 
 /// Plugin stdout and stderr are kept (up to this much) and logged after the
 /// call, tagged with the plugin, instead of reaching the server's own output.
@@ -27,16 +28,31 @@ pub struct LayerHandle(pub LayerBlob);
 /// A manifest a plugin holds (and may return).
 pub struct ManifestHandle(pub StoredManifest);
 
+/// Any other blob a plugin holds (and may return).
+pub struct BlobHandle(pub BlobInfo);
+
 /// A host failure while serving a plugin: not the plugin's fault, so it is not
 /// shown to the plugin as an error value but ends the call as a trap that the
 /// runtime recognises and reports as a server error.
 #[derive(Debug, thiserror::Error)]
-#[error(transparent)]
-pub struct HostFailure(pub BuildError);
+pub enum HostFailure {
+    #[error(transparent)]
+    Build(BuildError),
+    #[error(transparent)]
+    Upstream(UpstreamError),
+}
+
+/// The host's services a plugin's calls reach.
+#[derive(Clone)]
+pub struct Services {
+    pub builders: Builders,
+    pub mirror: Arc<Mirror>,
+}
 
 pub struct HostState {
     plugin: Arc<Plugin>,
     builders: Builders,
+    mirror: Arc<Mirror>,
     wasi: WasiCtx,
     table: ResourceTable,
     limits: StoreLimits,
@@ -46,7 +62,7 @@ pub struct HostState {
 }
 
 impl HostState {
-    pub fn new(plugin: Arc<Plugin>, builders: Builders) -> Self {
+    pub fn new(plugin: Arc<Plugin>, services: Services) -> Self {
         let output = MemoryOutputPipe::new(OUTPUT_CAPTURE);
         // No preopened directories, no environment, no network: a plugin
         // reaches the outside world only through the kontain interfaces.
@@ -63,7 +79,8 @@ impl HostState {
             .build();
         HostState {
             plugin,
-            builders,
+            builders: services.builders,
+            mirror: services.mirror,
             wasi,
             table: ResourceTable::new(),
             limits,
@@ -86,6 +103,11 @@ impl HostState {
         &mut self,
         handle: Resource<ManifestHandle>,
     ) -> wasmtime::Result<StoredManifest> {
+        Ok(self.table.delete(handle)?.0)
+    }
+
+    /// Takes the blob a plugin returned out of the table.
+    pub fn take_blob(&mut self, handle: Resource<BlobHandle>) -> wasmtime::Result<BlobInfo> {
         Ok(self.table.delete(handle)?.0)
     }
 
@@ -123,8 +145,24 @@ fn guest_error(e: BuildError) -> wasmtime::Result<types::Error> {
         BuildError::InvalidImage(m) => Ok(types::Error::InvalidReference(format!(
             "invalid image: {m}"
         ))),
-        other => Err(HostFailure(other).into()),
+        other => Err(HostFailure::Build(other).into()),
     }
+}
+
+fn upstream_error(e: UpstreamError) -> wasmtime::Result<types::Error> {
+    let message = e.to_string();
+    Ok(match e {
+        UpstreamError::InvalidImage(_) => types::Error::InvalidName(message),
+        UpstreamError::Refused(_) | UpstreamError::Unauthorized { .. } => {
+            types::Error::Denied(message)
+        }
+        UpstreamError::NotFound { .. } => types::Error::NotFound(message),
+        UpstreamError::TooLarge { .. } => types::Error::LimitExceeded(message),
+        UpstreamError::Failing { .. }
+        | UpstreamError::Unreachable { .. }
+        | UpstreamError::DigestMismatch { .. } => types::Error::Unavailable(message),
+        UpstreamError::Storage(_) => return Err(HostFailure::Upstream(e).into()),
+    })
 }
 
 impl types::Host for HostState {}
@@ -164,6 +202,55 @@ impl images::HostManifest for HostState {
     async fn drop(&mut self, this: Resource<ManifestHandle>) -> wasmtime::Result<()> {
         self.table.delete(this)?;
         Ok(())
+    }
+}
+
+impl images::HostBlob for HostState {
+    async fn digest(&mut self, this: Resource<BlobHandle>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&this)?.0.digest.to_string())
+    }
+
+    async fn size(&mut self, this: Resource<BlobHandle>) -> wasmtime::Result<u64> {
+        Ok(self.table.get(&this)?.0.size)
+    }
+
+    async fn drop(&mut self, this: Resource<BlobHandle>) -> wasmtime::Result<()> {
+        self.table.delete(this)?;
+        Ok(())
+    }
+}
+
+impl upstream::Host for HostState {
+    async fn fetch_manifest(
+        &mut self,
+        image: String,
+        reference: String,
+        accept: Vec<String>,
+    ) -> wasmtime::Result<Result<Resource<ManifestHandle>, types::Error>> {
+        if let Err(denied) = self.require(Capability::Upstream) {
+            return Ok(Err(denied));
+        }
+        match self.mirror.manifest(&image, &reference, &accept).await {
+            Ok(manifest) => Ok(Ok(self.table.push(ManifestHandle(manifest))?)),
+            Err(e) => Ok(Err(upstream_error(e)?)),
+        }
+    }
+
+    async fn fetch_blob(
+        &mut self,
+        image: String,
+        digest: String,
+    ) -> wasmtime::Result<Result<Resource<BlobHandle>, types::Error>> {
+        if let Err(denied) = self.require(Capability::Upstream) {
+            return Ok(Err(denied));
+        }
+        match self.mirror.blob(&image, &digest).await {
+            Ok(blob) => {
+                self.produced += blob.size;
+                Ok(Ok(self.table.push(BlobHandle(blob))?))
+            }
+            Err(e) => Ok(Err(upstream_error(e)?)),
+        }
     }
 }
 

@@ -19,10 +19,16 @@ pub const WIT_PACKAGE: &str = "kontain:generator";
 pub const WIT_VERSION: (u64, u64, u64) = (0, 1, 0);
 
 /// Built-in generators, embedded at build time (see `build.rs`).
-const BUILT_IN: &[(&str, &[u8])] = &[(
-    "random",
-    include_bytes!(concat!(env!("KONTAIN_PLUGINS_DIR"), "/random.wasm")),
-)];
+const BUILT_IN: &[(&str, &[u8])] = &[
+    (
+        "random",
+        include_bytes!(concat!(env!("KONTAIN_PLUGINS_DIR"), "/random.wasm")),
+    ),
+    (
+        "mirror",
+        include_bytes!(concat!(env!("KONTAIN_PLUGINS_DIR"), "/mirror.wasm")),
+    ),
+];
 
 pub struct Plugin {
     pub id: PluginId,

@@ -1,6 +1,7 @@
 //! The filesystem backend: `blobs/<algorithm>/<hex>` holds bytes,
 //! `manifests/<algorithm>/<hex>` marks a blob as a manifest and holds its media
-//! type, `tmp/` holds blobs being written. Publishing is a `rename` within one
+//! type, `tags/<sha256 of key>` holds the digest a tag key points at, `tmp/`
+//! holds files being written. Publishing is a `rename` within one
 //! filesystem, so readers see a whole, verified blob or nothing.
 
 use std::fs;
@@ -40,7 +41,7 @@ impl FilesystemStorage {
     /// Opens (creating if needed) a store rooted at `root`.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, StorageError> {
         let root = root.into();
-        for dir in ["blobs/sha256", "manifests/sha256", "tmp"] {
+        for dir in ["blobs/sha256", "manifests/sha256", "tags", "tmp"] {
             let path = root.join(dir);
             fs::create_dir_all(&path).map_err(io_err(&path))?;
         }
@@ -87,6 +88,38 @@ impl FilesystemStorage {
     fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
     }
+
+    /// Runs blocking file work off the async threads.
+    async fn blocking(
+        &self,
+        work: impl FnOnce() -> Result<(), StorageError> + Send + 'static,
+    ) -> Result<(), StorageError> {
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|e| StorageError::Io {
+                path: self.root.clone(),
+                source: io::Error::other(e),
+            })?
+    }
+
+    fn tag_path(&self, key: &str) -> PathBuf {
+        // Keys are arbitrary text; hashing makes them safe file names.
+        self.root
+            .join("tags")
+            .join(Digest::sha256(key.as_bytes()).hex())
+    }
+}
+
+/// Writes `content` to `path` by way of a temporary file in `tmp_dir`, so
+/// that readers see the old file or the whole new one.
+fn write_atomically(tmp_dir: &Path, path: &Path, content: &[u8]) -> Result<(), StorageError> {
+    let mut tmp = NamedTempFile::new_in(tmp_dir).map_err(io_err(tmp_dir))?;
+    tmp.write_all(content).map_err(io_err(path))?;
+    tmp.persist(path).map_err(|e| StorageError::Io {
+        path: path.to_owned(),
+        source: e.error,
+    })?;
+    Ok(())
 }
 
 struct FileBlobWriter {
@@ -209,25 +242,15 @@ impl Storage for FilesystemStorage {
         let body = bytes.clone();
         // Blob first, then the marker: a manifest is visible only when its
         // bytes already are.
-        tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
+        self.blocking(move || {
             for (path, content) in [(&blob_path, &body[..]), (&manifest_path, media.as_bytes())] {
-                if path.exists() {
-                    continue;
+                if !path.exists() {
+                    write_atomically(&tmp_dir, path, content)?;
                 }
-                let mut tmp = NamedTempFile::new_in(&tmp_dir).map_err(io_err(&tmp_dir))?;
-                tmp.write_all(content).map_err(io_err(path))?;
-                tmp.persist(path).map_err(|e| StorageError::Io {
-                    path: path.clone(),
-                    source: e.error,
-                })?;
             }
             Ok(())
         })
-        .await
-        .map_err(|e| StorageError::Io {
-            path: self.root.clone(),
-            source: io::Error::other(e),
-        })??;
+        .await?;
         Ok(StoredManifest {
             digest,
             media_type: media_type.clone(),
@@ -258,6 +281,24 @@ impl Storage for FilesystemStorage {
             media_type,
             bytes,
         }))
+    }
+
+    async fn put_tag(&self, key: &str, digest: &Digest) -> Result<(), StorageError> {
+        let path = self.tag_path(key);
+        let tmp_dir = self.tmp_dir();
+        let content = digest.to_string();
+        // Replacing is atomic: readers see the old digest or the new one.
+        self.blocking(move || write_atomically(&tmp_dir, &path, content.as_bytes()))
+            .await
+    }
+
+    async fn tag(&self, key: &str) -> Result<Option<Digest>, StorageError> {
+        let path = self.tag_path(key);
+        match tokio::fs::read_to_string(&path).await {
+            Ok(s) => Ok(s.trim().parse().ok()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&path)(e)),
+        }
     }
 }
 
@@ -330,6 +371,22 @@ mod tests {
                 .unwrap()
                 .count(),
             0
+        );
+    }
+
+    #[tokio::test]
+    async fn tags_point_at_the_last_digest_put() {
+        let (_dir, s) = store();
+        assert_eq!(s.tag("mirror x:latest").await.unwrap(), None);
+        s.put_tag("mirror x:latest", &Digest::sha256(b"1"))
+            .await
+            .unwrap();
+        s.put_tag("mirror x:latest", &Digest::sha256(b"2"))
+            .await
+            .unwrap();
+        assert_eq!(
+            s.tag("mirror x:latest").await.unwrap(),
+            Some(Digest::sha256(b"2"))
         );
     }
 

@@ -37,17 +37,27 @@ pub mod bindings {
     });
 }
 
-pub use bindings::exports::kontain::generator::generator::Request;
+pub use bindings::exports::kontain::generator::generator::{BlobRequest, Request};
 pub use bindings::kontain::generator::images::{
-    self, Config, History, Layer, Manifest, ManifestFormat, Platform,
+    self, Blob, Config, History, Layer, Manifest, ManifestFormat, Platform,
 };
-pub use bindings::kontain::generator::random;
 pub use bindings::kontain::generator::types::Error;
+pub use bindings::kontain::generator::{random, upstream};
 
 /// A generator: turns a request for a tag (or an unknown digest) into a
 /// manifest the host has stored.
 pub trait Generator {
     fn resolve(request: Request) -> Result<Manifest, Error>;
+
+    /// A blob that one of this generator's manifests refers to but the host
+    /// does not have. Generators that store every blob while making the
+    /// manifest (most of them) keep this default.
+    fn fetch_blob(request: BlobRequest) -> Result<Blob, Error> {
+        Err(Error::NotFound(format!(
+            "blob {} is not stored",
+            request.digest
+        )))
+    }
 }
 
 impl Request {
@@ -138,6 +148,12 @@ macro_rules! export_generator {
                 request: $crate::Request,
             ) -> ::core::result::Result<$crate::Manifest, $crate::Error> {
                 <$ty as $crate::Generator>::resolve(request)
+            }
+
+            fn fetch_blob(
+                request: $crate::BlobRequest,
+            ) -> ::core::result::Result<$crate::Blob, $crate::Error> {
+                <$ty as $crate::Generator>::fetch_blob(request)
             }
         }
 

@@ -1,0 +1,382 @@
+//! The registry protocol, client side: manifests and blobs over HTTP(S), the
+//! `401` → Bearer token exchange (anonymous, or with configured credentials),
+//! Basic auth, and every URL — redirects and token realms included — checked
+//! by the [`Policy`] before a connection is made.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use reqwest::{Method, Response, StatusCode};
+use url::Url;
+
+use super::UpstreamError;
+use super::image::UpstreamImage;
+use super::policy::{CheckedResolver, Policy, Refusal};
+use crate::oci::{Digest, MAX_MANIFEST_BYTES};
+
+const MAX_REDIRECTS: usize = 10;
+/// Tokens without `expires_in` last 60 s per the token spec; renew a little early.
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(50);
+
+#[derive(Clone)]
+enum Auth {
+    Bearer(String),
+    Basic { username: String, password: String },
+}
+
+pub struct Client {
+    http: reqwest::Client,
+    policy: Arc<Policy>,
+    tokens: Mutex<HashMap<String, (Auth, Instant)>>,
+}
+
+/// What a manifest `HEAD` told us.
+pub struct ManifestHead {
+    pub digest: Option<Digest>,
+}
+
+impl Client {
+    pub fn new(policy: Arc<Policy>) -> Result<Client, String> {
+        // reqwest is built without a default crypto provider; pick ring once
+        // per process (a second install is harmlessly refused).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let redirect_policy = policy.clone();
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .user_agent(concat!("kontain/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(60))
+            .dns_resolver(Arc::new(CheckedResolver {
+                policy: policy.clone(),
+            }))
+            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() >= MAX_REDIRECTS {
+                    return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
+                }
+                match redirect_policy.check_url(attempt.url()) {
+                    Ok(()) => attempt.follow(),
+                    Err(refusal) => attempt.error(refusal),
+                }
+            }))
+            .build()
+            .map_err(|e| format!("cannot build the upstream HTTP client: {e}"))?;
+        Ok(Client {
+            http,
+            policy,
+            tokens: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// `HEAD` a manifest by tag or digest.
+    pub async fn head_manifest(
+        &self,
+        image: &UpstreamImage,
+        reference: &str,
+        accept: &[String],
+    ) -> Result<ManifestHead, UpstreamError> {
+        let url = image
+            .url("manifests", reference)
+            .map_err(|e| invalid(image, e))?;
+        let response = self.send(image, Method::HEAD, url, accept).await?;
+        let response = check_status(image, reference, response)?;
+        let digest = response
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        Ok(ManifestHead { digest })
+    }
+
+    /// `GET` a manifest's exact bytes and media type (at most 4 MiB).
+    pub async fn get_manifest(
+        &self,
+        image: &UpstreamImage,
+        reference: &str,
+        accept: &[String],
+    ) -> Result<(Bytes, String), UpstreamError> {
+        let url = image
+            .url("manifests", reference)
+            .map_err(|e| invalid(image, e))?;
+        let response = self.send(image, Method::GET, url, accept).await?;
+        let mut response = check_status(image, reference, response)?;
+        let too_large = || UpstreamError::TooLarge {
+            image: image.to_string(),
+            what: "manifest",
+            limit: MAX_MANIFEST_BYTES,
+        };
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_MANIFEST_BYTES)
+        {
+            return Err(too_large());
+        }
+        let header_type = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or(v).trim().to_owned());
+        let mut body = BytesMut::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| self.transport(image, e))?
+        {
+            if (body.len() + chunk.len()) as u64 > MAX_MANIFEST_BYTES {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let body = body.freeze();
+        // Registries must send the type; fall back to the document's own
+        // `mediaType` for those that send `application/json`.
+        let media_type = match header_type {
+            Some(t) if t != "application/json" && !t.is_empty() => t,
+            _ => serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["mediaType"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| crate::oci::MediaType::OCI_MANIFEST.to_owned()),
+        };
+        Ok((body, media_type))
+    }
+
+    /// `GET` a blob; the body is left to stream.
+    pub async fn get_blob(
+        &self,
+        image: &UpstreamImage,
+        digest: &Digest,
+    ) -> Result<Response, UpstreamError> {
+        let url = image
+            .url("blobs", &digest.to_string())
+            .map_err(|e| invalid(image, e))?;
+        let response = self.send(image, Method::GET, url, &[]).await?;
+        check_status(image, &digest.to_string(), response)
+    }
+
+    /// Sends a request, answering one authentication challenge.
+    async fn send(
+        &self,
+        image: &UpstreamImage,
+        method: Method,
+        url: Url,
+        accept: &[String],
+    ) -> Result<Response, UpstreamError> {
+        self.policy
+            .check_url(&url)
+            .map_err(UpstreamError::Refused)?;
+        let scope = format!("repository:{}:pull", image.repository);
+        let key = format!("{} {scope}", image.endpoint.base);
+        let mut auth = self.cached(&key);
+        for attempt in 0..2 {
+            let mut request = self.http.request(method.clone(), url.clone());
+            if !accept.is_empty() {
+                request = request.header(ACCEPT, accept.join(", "));
+            }
+            request = match &auth {
+                Some(Auth::Bearer(token)) => {
+                    request.header(AUTHORIZATION, format!("Bearer {token}"))
+                }
+                Some(Auth::Basic { username, password }) => {
+                    request.basic_auth(username, Some(password))
+                }
+                None => request,
+            };
+            let response = request.send().await.map_err(|e| self.transport(image, e))?;
+            if response.status() != StatusCode::UNAUTHORIZED || attempt > 0 {
+                return Ok(response);
+            }
+            let challenge = response
+                .headers()
+                .get(WWW_AUTHENTICATE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            auth = Some(self.authenticate(image, &challenge, &scope, &key).await?);
+        }
+        Err(UpstreamError::Unauthorized {
+            image: image.to_string(),
+        })
+    }
+
+    fn cached(&self, key: &str) -> Option<Auth> {
+        let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        tokens
+            .get(key)
+            .filter(|(_, expires)| *expires > Instant::now())
+            .map(|(auth, _)| auth.clone())
+    }
+
+    async fn authenticate(
+        &self,
+        image: &UpstreamImage,
+        challenge: &str,
+        scope: &str,
+        key: &str,
+    ) -> Result<Auth, UpstreamError> {
+        let (scheme, params) = parse_challenge(challenge);
+        let credentials = image.endpoint.credentials.clone();
+        let unauthorized = || UpstreamError::Unauthorized {
+            image: image.to_string(),
+        };
+        let (auth, lifetime) = match scheme.to_ascii_lowercase().as_str() {
+            "basic" => {
+                let c = credentials.ok_or_else(unauthorized)?;
+                let auth = Auth::Basic {
+                    username: c.username,
+                    password: c.password,
+                };
+                (auth, Duration::from_secs(3600))
+            }
+            "bearer" => {
+                let realm = params.get("realm").ok_or_else(unauthorized)?;
+                let mut realm = Url::parse(realm).map_err(|_| unauthorized())?;
+                // The token service is a connection like any other.
+                self.policy
+                    .check_url(&realm)
+                    .map_err(UpstreamError::Refused)?;
+                {
+                    let mut query = realm.query_pairs_mut();
+                    if let Some(service) = params.get("service") {
+                        query.append_pair("service", service);
+                    }
+                    query.append_pair("scope", params.get("scope").map_or(scope, String::as_str));
+                }
+                let mut request = self.http.get(realm);
+                if let Some(c) = &credentials {
+                    request = request.basic_auth(&c.username, Some(&c.password));
+                }
+                let response = request.send().await.map_err(|e| self.transport(image, e))?;
+                if !response.status().is_success() {
+                    return Err(unauthorized());
+                }
+                let body = response
+                    .bytes()
+                    .await
+                    .map_err(|e| self.transport(image, e))?;
+                let body: serde_json::Value =
+                    serde_json::from_slice(&body).map_err(|_| unauthorized())?;
+                let token = body["token"]
+                    .as_str()
+                    .or_else(|| body["access_token"].as_str())
+                    .ok_or_else(unauthorized)?
+                    .to_owned();
+                let lifetime = body["expires_in"]
+                    .as_u64()
+                    .map(|s| Duration::from_secs(s.saturating_sub(10).max(10)))
+                    .unwrap_or(DEFAULT_TOKEN_LIFETIME);
+                (Auth::Bearer(token), lifetime)
+            }
+            _ => return Err(unauthorized()),
+        };
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        tokens.insert(key.to_owned(), (auth.clone(), Instant::now() + lifetime));
+        Ok(auth)
+    }
+
+    /// Classifies a failed exchange: a policy refusal anywhere in the chain
+    /// (resolver, redirect) is `Refused`; anything else means unreachable.
+    fn transport(&self, image: &UpstreamImage, error: reqwest::Error) -> UpstreamError {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+        while let Some(e) = source {
+            if let Some(refusal) = e.downcast_ref::<Refusal>() {
+                return UpstreamError::Refused(refusal.clone());
+            }
+            source = e.source();
+        }
+        UpstreamError::Unreachable {
+            image: image.to_string(),
+            message: error_chain(&error),
+        }
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        message.push_str(": ");
+        message.push_str(&e.to_string());
+        source = e.source();
+    }
+    message
+}
+
+fn invalid(image: &UpstreamImage, e: url::ParseError) -> UpstreamError {
+    UpstreamError::InvalidImage(format!("{image}: {e}"))
+}
+
+fn check_status(
+    image: &UpstreamImage,
+    reference: &str,
+    response: Response,
+) -> Result<Response, UpstreamError> {
+    let status = response.status();
+    match status {
+        s if s.is_success() => Ok(response),
+        StatusCode::NOT_FOUND => Err(UpstreamError::NotFound {
+            image: image.to_string(),
+            reference: reference.to_owned(),
+        }),
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(UpstreamError::Unauthorized {
+            image: image.to_string(),
+        }),
+        s => Err(UpstreamError::Failing {
+            image: image.to_string(),
+            status: s.as_u16(),
+        }),
+    }
+}
+
+/// Parses `Bearer realm="…",service="…",scope="…"` into its scheme and
+/// parameters; quoted values may contain commas.
+fn parse_challenge(header: &str) -> (String, HashMap<String, String>) {
+    let header = header.trim();
+    let (scheme, rest) = header.split_once(' ').unwrap_or((header, ""));
+    let mut params = HashMap::new();
+    let mut chars = rest.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if key.is_empty() {
+            break;
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next()),
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+        } else {
+            value = chars.by_ref().take_while(|c| *c != ',').collect();
+        }
+        params.insert(key.trim().to_ascii_lowercase(), value.trim().to_owned());
+    }
+    (scheme.to_owned(), params)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_bearer_challenges_with_commas_in_quotes() {
+        let (scheme, p) = parse_challenge(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/busybox:pull,push""#,
+        );
+        assert_eq!(scheme, "Bearer");
+        assert_eq!(p["realm"], "https://auth.docker.io/token");
+        assert_eq!(p["service"], "registry.docker.io");
+        assert_eq!(p["scope"], "repository:library/busybox:pull,push");
+        let (scheme, p) = parse_challenge(r#"Basic realm="basic-realm""#);
+        assert_eq!(scheme, "Basic");
+        assert_eq!(p["realm"], "basic-realm");
+    }
+}

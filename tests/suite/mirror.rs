@@ -1,0 +1,405 @@
+//! `mirror` against a real upstream (Debian's docker-registry) behind a
+//! fault-injecting proxy, pulled by docker and skopeo.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+
+use http::{Method, StatusCode};
+use libtest_mimic::Trial;
+
+use crate::support::images::{self, Entry, Image};
+use crate::support::upstream::{ConnectionCounter, Proxy, UpstreamRegistry};
+use crate::support::{InProcess, Reply, Server, docker, http, skopeo, trial};
+
+pub fn trials() -> Vec<Trial> {
+    vec![
+        trial(
+            "mirror::docker_pulls_the_upstream_digest_and_runs_it",
+            docker_pull_and_run,
+        ),
+        trial(
+            "mirror::skopeo_copies_every_platform_of_an_index_unchanged",
+            index_copy,
+        ),
+        trial(
+            "mirror::docker_and_oci_media_types_are_served_unchanged",
+            media_types,
+        ),
+        trial(
+            "mirror::a_cached_tag_pulls_while_the_upstream_is_down",
+            upstream_down,
+        ),
+        trial(
+            "mirror::a_corrupted_blob_fails_the_pull_and_is_not_cached",
+            corrupted_blob,
+        ),
+        trial(
+            "mirror::ten_concurrent_cold_pulls_fetch_each_blob_once",
+            concurrent_pulls,
+        ),
+        trial(
+            "mirror::refusals_are_denied_before_any_connection",
+            refusals,
+        ),
+    ]
+}
+
+/// The shared upstream registry, seeded once.
+struct World {
+    registry: UpstreamRegistry,
+}
+
+const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+
+fn world() -> anyhow::Result<&'static World> {
+    static WORLD: OnceLock<Result<World, String>> = OnceLock::new();
+    WORLD
+        .get_or_init(|| seed().map_err(|e| format!("{e:?}")))
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn seed() -> anyhow::Result<World> {
+    let registry = UpstreamRegistry::start()?;
+    let dir = tempfile::tempdir()?;
+    let busybox = dir.path().join("busybox");
+    images::single(
+        &busybox,
+        "latest",
+        &images::busybox(&["/bin/echo", "hello from the mirror"], "amd64")?,
+    )?;
+    registry.push(&busybox, "latest", "busybox", Some("v2s2"))?;
+
+    let small = |content: &[u8]| -> anyhow::Result<Image> {
+        Ok(Image {
+            layers: vec![images::layer(&[
+                Entry::Dir("etc"),
+                Entry::File("etc/greeting", content, 0o644),
+                Entry::Hardlink("etc/greeting.link", "etc/greeting"),
+            ])?],
+            cmd: vec!["/bin/true".into()],
+            architecture: "amd64",
+        })
+    };
+    let oci = dir.path().join("oci");
+    images::single(&oci, "v1", &small(b"oci")?)?;
+    registry.push(&oci, "v1", "oci-image", Some("oci"))?;
+
+    let multi = dir.path().join("multi");
+    let mut arm = small(b"arm64")?;
+    arm.architecture = "arm64";
+    images::index(&multi, "latest", &[small(b"amd64")?, arm])?;
+    registry.push(&multi, "latest", "multi", None)?;
+    Ok(World { registry })
+}
+
+/// The upstream's own digest for `repo:tag`.
+fn upstream_digest(addr: SocketAddr, repo: &str, tag: &str) -> anyhow::Result<String> {
+    let reply = http(
+        addr,
+        Method::HEAD,
+        &format!("/v2/{repo}/manifests/{tag}"),
+        &[("accept", ACCEPT_ALL)],
+    )?;
+    anyhow::ensure!(
+        reply.status == StatusCode::OK,
+        "upstream HEAD {repo}:{tag}: {}",
+        reply.status
+    );
+    Ok(reply.header("docker-content-digest").to_owned())
+}
+
+/// A kontain server mirroring through `proxy` as the named upstream `local`.
+fn mirror_server(proxy: &Proxy) -> anyhow::Result<Server> {
+    Server::start(Some(&format!(
+        "[storage]\nbackend = \"filesystem\"\npath = \"data\"\n\
+         [upstream.registries.local]\nurl = \"http://{}\"\nallow_private = true\n\
+         [generators.mirror]\nsource = \"builtin:mirror\"\ngrants = [\"upstream\"]\n",
+        proxy.addr
+    )))
+}
+
+/// `skopeo copy` of `source` (`host/repo:tag`) into an OCI layout at `dest`;
+/// `all` copies every platform with digests preserved.
+fn pull_to_layout(source: &str, dest: &std::path::Path, all: bool) -> anyhow::Result<String> {
+    let src = format!("docker://{source}");
+    let dest = format!("oci:{}:x", dest.display());
+    let mut args = vec!["copy", "--src-tls-verify=false"];
+    if all {
+        args.extend(["--all", "--preserve-digests"]);
+    }
+    args.extend([src.as_str(), dest.as_str()]);
+    skopeo(&args)
+}
+
+fn head(server: &Server, path: &str) -> anyhow::Result<Reply> {
+    http(server.addr, Method::HEAD, path, &[("accept", ACCEPT_ALL)])
+}
+
+fn docker_pull_and_run() -> anyhow::Result<()> {
+    let world = world()?;
+    let proxy = Proxy::start(world.registry.addr)?;
+    let server = mirror_server(&proxy)?;
+    let docker = docker()?;
+    let image = format!("{}/mirror/local/busybox:latest", server.addr);
+    let pulled = docker.run(&["pull", &image])?;
+    let want = upstream_digest(world.registry.addr, "busybox", "latest")?;
+    assert!(
+        pulled.contains(&want),
+        "docker pull printed {pulled:?}, upstream digest {want}"
+    );
+    let output = docker.run(&["run", "--rm", "--network", "none", &image])?;
+    assert_eq!(output.trim(), "hello from the mirror");
+    docker.run(&["rmi", &image])?;
+    Ok(())
+}
+
+fn index_copy() -> anyhow::Result<()> {
+    let world = world()?;
+    let proxy = Proxy::start(world.registry.addr)?;
+    let server = mirror_server(&proxy)?;
+    let dir = tempfile::tempdir()?;
+    let from_mirror = dir.path().join("mirror");
+    let from_upstream = dir.path().join("upstream");
+    pull_to_layout(
+        &format!("{}/mirror/local/multi:latest", server.addr),
+        &from_mirror,
+        true,
+    )?;
+    pull_to_layout(
+        &format!("{}/multi:latest", world.registry.addr),
+        &from_upstream,
+        true,
+    )?;
+    let index = |dir: &std::path::Path| -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::from_slice(&std::fs::read(
+            dir.join("index.json"),
+        )?)?)
+    };
+    let (a, b) = (index(&from_mirror)?, index(&from_upstream)?);
+    assert_eq!(
+        a["manifests"][0]["digest"], b["manifests"][0]["digest"],
+        "index digest"
+    );
+    let mut blobs_a: Vec<_> = std::fs::read_dir(from_mirror.join("blobs/sha256"))?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    let mut blobs_b: Vec<_> = std::fs::read_dir(from_upstream.join("blobs/sha256"))?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    blobs_a.sort();
+    blobs_b.sort();
+    assert_eq!(
+        blobs_a, blobs_b,
+        "every platform's manifests, configs and layers, identical"
+    );
+    assert_eq!(
+        blobs_a.len(),
+        1 + 2 * 3,
+        "an index, and a manifest, config and layer per platform"
+    );
+    Ok(())
+}
+
+fn media_types() -> anyhow::Result<()> {
+    let world = world()?;
+    let proxy = Proxy::start(world.registry.addr)?;
+    let server = mirror_server(&proxy)?;
+    for (repo, tag, media_type) in [
+        (
+            "busybox",
+            "latest",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        ),
+        (
+            "oci-image",
+            "v1",
+            "application/vnd.oci.image.manifest.v1+json",
+        ),
+        ("multi", "latest", "application/vnd.oci.image.index.v1+json"),
+    ] {
+        let reply = head(&server, &format!("/v2/mirror/local/{repo}/manifests/{tag}"))?;
+        assert_eq!(reply.status, StatusCode::OK, "{repo}");
+        assert_eq!(reply.header("content-type"), media_type, "{repo}");
+        assert_eq!(
+            reply.header("docker-content-digest"),
+            upstream_digest(world.registry.addr, repo, tag)?
+        );
+    }
+    Ok(())
+}
+
+fn upstream_down() -> anyhow::Result<()> {
+    let world = world()?;
+    let proxy = Proxy::start(world.registry.addr)?;
+    let server = mirror_server(&proxy)?;
+    let dir = tempfile::tempdir()?;
+    let copy = |tag: &str, n: u32| {
+        pull_to_layout(
+            &format!("{}/mirror/local/{tag}", server.addr),
+            &dir.path().join(format!("out{n}")),
+            false,
+        )
+    };
+    copy("oci-image:v1", 1)?;
+    proxy.set_down(true);
+    copy("oci-image:v1", 2)
+        .map_err(|e| anyhow::anyhow!("a cached tag must pull while upstream is down: {e}"))?;
+    copy("busybox:latest", 3).expect_err("an uncached tag cannot be served");
+    let reply = http(
+        server.addr,
+        Method::GET,
+        "/v2/mirror/local/busybox/manifests/latest",
+        &[],
+    )?;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    let (code, message) = reply.error()?;
+    assert_eq!(code, "UNAVAILABLE");
+    assert!(message.contains("unreachable"), "{message}");
+    assert!(
+        server.log().contains("serving the cached tag"),
+        "the stale serve is logged"
+    );
+    Ok(())
+}
+
+fn corrupted_blob() -> anyhow::Result<()> {
+    let world = world()?;
+    let proxy = Proxy::start(world.registry.addr)?;
+    let server = mirror_server(&proxy)?;
+    let dir = tempfile::tempdir()?;
+    let copy = |n: u32| {
+        pull_to_layout(
+            &format!("{}/mirror/local/oci-image:v1", server.addr),
+            &dir.path().join(format!("out{n}")),
+            false,
+        )
+    };
+    proxy.set_corrupt_blobs(true);
+    copy(1).expect_err("a corrupted blob must fail the pull");
+    // What the client was told, first hand.
+    let manifest = http(
+        server.addr,
+        Method::GET,
+        "/v2/mirror/local/oci-image/manifests/v1",
+        &[("accept", ACCEPT_ALL)],
+    )?;
+    let layer = manifest.json()?["layers"][0]["digest"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let blob = http(
+        server.addr,
+        Method::GET,
+        &format!("/v2/mirror/local/oci-image/blobs/{layer}"),
+        &[],
+    )?;
+    let (code, message) = blob.error()?;
+    assert_eq!(blob.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(code, "UNAVAILABLE");
+    assert!(
+        message.contains("digest") && message.contains("nothing was cached"),
+        "{message}"
+    );
+    let data = server.dir.path().join("data");
+    assert_eq!(
+        std::fs::read_dir(data.join("tmp"))?.count(),
+        0,
+        "no partial blob is left behind"
+    );
+    let stored = data
+        .join("blobs/sha256")
+        .join(layer.trim_start_matches("sha256:"));
+    assert!(!stored.exists(), "the corrupt blob is not stored");
+    proxy.set_corrupt_blobs(false);
+    copy(2)?;
+    assert!(stored.exists(), "the good blob is cached");
+    Ok(())
+}
+
+fn concurrent_pulls() -> anyhow::Result<()> {
+    let world = world()?;
+    let proxy = Proxy::start(world.registry.addr)?;
+    let server = mirror_server(&proxy)?;
+    let dir = tempfile::tempdir()?;
+    std::thread::scope(|s| {
+        let pulls: Vec<_> = (0..10)
+            .map(|n| {
+                let dest = dir.path().join(format!("out{n}"));
+                let src = format!("{}/mirror/local/busybox:latest", server.addr);
+                s.spawn(move || pull_to_layout(&src, &dest, false))
+            })
+            .collect();
+        for pull in pulls {
+            pull.join()
+                .map_err(|_| anyhow::anyhow!("a pull thread panicked"))??;
+        }
+        anyhow::Ok(())
+    })?;
+    let counts = proxy.blob_gets();
+    assert_eq!(counts.len(), 2, "a config and a layer: {counts:?}");
+    assert!(
+        counts.values().all(|n| *n == 1),
+        "each blob fetched once: {counts:?}"
+    );
+    Ok(())
+}
+
+fn refusals() -> anyhow::Result<()> {
+    let world = world()?;
+    let proxy = Proxy::start(world.registry.addr)?;
+    let forbidden = ConnectionCounter::start()?;
+    let r = InProcess::new(&format!(
+        "[upstream]\nallow = [\"localhost\", \"registry-1.docker.io\"]\n\
+         [upstream.registries.local]\nurl = \"http://{}\"\nallow_private = true\n\
+         [generators.mirror]\nsource = \"builtin:mirror\"\ngrants = [\"upstream\"]\n",
+        proxy.addr
+    ))?;
+    for (path, rule) in [
+        (
+            "/v2/mirror/example.com/x/manifests/latest",
+            "not on the upstream allowlist",
+        ),
+        (
+            "/v2/mirror/169.254.169.254/x/manifests/latest",
+            "not on the upstream allowlist",
+        ),
+        (
+            "/v2/mirror/localhost/x/manifests/latest",
+            "loopback, private",
+        ),
+    ] {
+        let reply = r.get(path)?;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{path}");
+        let (code, message) = reply.error()?;
+        assert_eq!(code, "DENIED", "{path}");
+        assert!(message.contains(rule), "{path}: {message}");
+    }
+    // A redirect from the allowed upstream to a loopback address is refused
+    // before it is followed.
+    let manifest = r.request(
+        Method::GET,
+        "/v2/mirror/local/oci-image/manifests/v1",
+        &[("accept", ACCEPT_ALL)],
+    )?;
+    assert_eq!(manifest.status, StatusCode::OK);
+    let layer = manifest.json()?["layers"][0]["digest"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    proxy.redirect_blobs_to(Some(format!("http://localhost:{}", forbidden.addr.port())));
+    let reply = r.get(&format!("/v2/mirror/local/oci-image/blobs/{layer}"))?;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    assert_eq!(reply.error()?.0, "DENIED");
+    proxy.redirect_blobs_to(Some(format!("http://127.0.0.1:{}", forbidden.addr.port())));
+    let reply = r.get(&format!("/v2/mirror/local/oci-image/blobs/{layer}"))?;
+    assert_eq!(
+        reply.status,
+        StatusCode::FORBIDDEN,
+        "another port of the allowed host is not allowed"
+    );
+    assert_eq!(forbidden.connections(), 0, "no connection was attempted");
+    Ok(())
+}

@@ -1,0 +1,243 @@
+//! The upstream side of mirror tests: Debian's `docker-registry` on loopback,
+//! and a proxy in front of it that counts blob downloads and injects faults
+//! (a flipped byte, a dead upstream, a redirect to somewhere forbidden).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+
+use super::{free_port, rt, skopeo, wait_for_port};
+
+/// A `docker-registry` process with its own storage, stopped when dropped.
+pub struct UpstreamRegistry {
+    pub addr: SocketAddr,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl UpstreamRegistry {
+    pub fn start() -> anyhow::Result<UpstreamRegistry> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        );
+        std::fs::write(dir.path().join("config.yml"), config)?;
+        let log = std::fs::File::create(dir.path().join("registry.log"))?;
+        let mut child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting docker-registry (apt-get install docker-registry)")?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        wait_for_port(addr, &mut child, "docker-registry")?;
+        Ok(UpstreamRegistry {
+            addr,
+            child,
+            _dir: dir,
+        })
+    }
+
+    /// Pushes an OCI layout's `tag` as `repo:tag`; `format` is skopeo's
+    /// `--format` (`oci` or `v2s2`), `None` keeps it as written (and copies
+    /// every platform of an index).
+    pub fn push(
+        &self,
+        layout: &std::path::Path,
+        tag: &str,
+        repo: &str,
+        format: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let src = format!("oci:{}:{tag}", layout.display());
+        let dest = format!("docker://{}/{repo}:{tag}", self.addr);
+        let mut args = vec!["copy", "--dest-tls-verify=false"];
+        match format {
+            Some(f) => args.extend(["--format", f]),
+            None => args.extend(["--all", "--preserve-digests"]),
+        }
+        args.extend([src.as_str(), dest.as_str()]);
+        skopeo(&args).map(drop)
+    }
+}
+
+impl Drop for UpstreamRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Default)]
+struct ProxyState {
+    blob_gets: Mutex<HashMap<String, usize>>,
+    corrupt_blobs: AtomicBool,
+    down: AtomicBool,
+    redirect_blobs_to: Mutex<Option<String>>,
+}
+
+/// A loopback HTTP proxy in front of an upstream registry.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    state: Arc<ProxyState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub fn start(upstream: SocketAddr) -> anyhow::Result<Proxy> {
+        let state = Arc::new(ProxyState::default());
+        let listener = rt().block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let addr = listener.local_addr()?;
+        let shared = state.clone();
+        let task = rt().spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                if shared.down.load(Ordering::SeqCst) {
+                    drop(stream); // as good as a dead upstream
+                    continue;
+                }
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| forward(state.clone(), upstream, req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(Proxy { addr, state, task })
+    }
+
+    /// How many times each blob digest was downloaded (GET) through the proxy.
+    pub fn blob_gets(&self) -> HashMap<String, usize> {
+        self.state
+            .blob_gets
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn set_corrupt_blobs(&self, on: bool) {
+        self.state.corrupt_blobs.store(on, Ordering::SeqCst);
+    }
+
+    pub fn set_down(&self, down: bool) {
+        self.state.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Answer blob GETs with a redirect to `base` + the original path.
+    pub fn redirect_blobs_to(&self, base: Option<String>) {
+        if let Ok(mut r) = self.state.redirect_blobs_to.lock() {
+            *r = base;
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn forward(
+    state: Arc<ProxyState>,
+    upstream: SocketAddr,
+    req: Request<hyper::body::Incoming>,
+) -> anyhow::Result<Response<Full<Bytes>>> {
+    if state.down.load(Ordering::SeqCst) {
+        // Also on connections opened before the upstream "went down".
+        anyhow::bail!("upstream is down");
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    let is_blob_get = req.method() == http::Method::GET && path.contains("/blobs/sha256:");
+    if is_blob_get {
+        let redirect = state.redirect_blobs_to.lock().ok().and_then(|r| r.clone());
+        if let Some(base) = redirect {
+            return Ok(Response::builder()
+                .status(StatusCode::TEMPORARY_REDIRECT)
+                .header("location", format!("{base}{path}"))
+                .body(Full::new(Bytes::new()))?);
+        }
+        let digest = path.rsplit('/').next().unwrap_or_default().to_owned();
+        if let Ok(mut counts) = state.blob_gets.lock() {
+            *counts.entry(digest).or_default() += 1;
+        }
+    }
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await?.to_bytes();
+    let stream = tokio::net::TcpStream::connect(upstream).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut out = Request::builder().method(parts.method).uri(&path);
+    for (k, v) in &parts.headers {
+        if k != "host" {
+            out = out.header(k, v);
+        }
+    }
+    let response = sender
+        .send_request(
+            out.header("host", upstream.to_string())
+                .body(Full::new(body))?,
+        )
+        .await?;
+    let (parts, body) = response.into_parts();
+    let mut body = body.collect().await?.to_bytes().to_vec();
+    if is_blob_get
+        && parts.status == StatusCode::OK
+        && state.corrupt_blobs.load(Ordering::SeqCst)
+        && let Some(last) = body.last_mut()
+    {
+        *last ^= 0xff;
+    }
+    Ok(Response::from_parts(parts, Full::new(Bytes::from(body))))
+}
+
+/// A listener that only counts connections, to prove none were made.
+pub struct ConnectionCounter {
+    pub addr: SocketAddr,
+    count: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ConnectionCounter {
+    pub fn start() -> anyhow::Result<ConnectionCounter> {
+        let listener = rt().block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let addr = listener.local_addr()?;
+        let count = Arc::new(AtomicUsize::new(0));
+        let counted = count.clone();
+        let task = rt().spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+        Ok(ConnectionCounter { addr, count, task })
+    }
+
+    pub fn connections(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for ConnectionCounter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
