@@ -77,8 +77,9 @@ pids+=($!)
 export DOCKER_HOST="unix://$work/docker/sock"
 for _ in $(seq 100); do docker version >/dev/null 2>&1 && break; sleep 0.2; done
 
-pull() { # image → seconds
-    docker rmi -f "$1" >/dev/null 2>&1 || true
+pull() { # image → seconds, starting from an empty local image store
+    local ids; ids=$(docker images -aq)
+    [[ -n $ids ]] && docker rmi -f $ids >/dev/null 2>&1 || true
     local t; t=$(now); docker pull -q "$1" >/dev/null; elapsed "$t"
 }
 
