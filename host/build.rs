@@ -63,7 +63,7 @@ fn main() {
     }
     let out = target_dir.join("wasm32-wasip2").join("release");
     // The built-in generators embedded by src/runtime/plugin.rs.
-    for built_in in ["random.wasm", "mirror.wasm"] {
+    for built_in in ["random.wasm", "mirror.wasm", "flatten.wasm"] {
         let path = out.join(built_in);
         assert!(
             path.is_file(),

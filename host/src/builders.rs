@@ -6,6 +6,7 @@
 //! Must not depend on wasmtime (`runtime`) or HTTP (`registry`): plugins reach
 //! these functions through the runtime, which translates handles.
 
+pub mod flatten;
 pub mod gzip;
 pub mod image;
 pub mod random;
@@ -33,8 +34,12 @@ pub enum BuildError {
     },
     #[error("this request would produce {requested} bytes, over the generator's limit of {limit}")]
     LimitExceeded { requested: u64, limit: u64 },
-    #[error("invalid image description: {0}")]
+    #[error("invalid image: {0}")]
     InvalidImage(String),
+    #[error("{what}: more than the limit of {limit} bytes")]
+    TooLarge { what: &'static str, limit: u64 },
+    #[error(transparent)]
+    Upstream(Box<crate::upstream::UpstreamError>),
     #[error("the request was cancelled")]
     Cancelled,
     #[error("a build task failed: {0}")]
@@ -55,6 +60,12 @@ pub struct LayerBlob {
 pub struct Builders {
     storage: Arc<dyn Storage>,
     cpu: Arc<Semaphore>,
+}
+
+impl From<crate::upstream::UpstreamError> for BuildError {
+    fn from(e: crate::upstream::UpstreamError) -> Self {
+        BuildError::Upstream(Box::new(e))
+    }
 }
 
 impl Builders {
@@ -130,6 +141,19 @@ impl Drop for CancelOnDrop {
             c.0.store(true, Ordering::Relaxed);
         }
     }
+}
+
+/// Publishes a finished layer blob whose uncompressed tar hashed to `diff_id`.
+pub(crate) fn publish_layer(
+    diff_id: Digest,
+    blob: Box<dyn crate::storage::BlobWriter>,
+) -> Result<LayerBlob, BuildError> {
+    let info = blob.commit(None)?;
+    Ok(LayerBlob {
+        digest: info.digest,
+        diff_id,
+        size: info.size,
+    })
 }
 
 pub(crate) fn io_error(what: &'static str) -> impl FnOnce(io::Error) -> BuildError {

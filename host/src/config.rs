@@ -284,15 +284,22 @@ pub enum Capability {
     Random,
     /// `kontain:generator/upstream`: other registries, through the allowlist.
     Upstream,
+    /// `kontain:generator/flatten`: images squashed to one layer.
+    Flatten,
 }
 
 impl Capability {
-    pub const ALL: &'static [Capability] = &[Capability::Random, Capability::Upstream];
+    pub const ALL: &'static [Capability] = &[
+        Capability::Random,
+        Capability::Upstream,
+        Capability::Flatten,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Capability::Random => "random",
             Capability::Upstream => "upstream",
+            Capability::Flatten => "flatten",
         }
     }
 

@@ -4,6 +4,7 @@
 //!
 //! `cargo test --release --test suite -- <filter>` runs a subset.
 
+mod flatten;
 mod http;
 mod mirror;
 mod plugins;
@@ -19,6 +20,7 @@ fn main() -> ExitCode {
         plugins::trials(),
         pull::trials(),
         mirror::trials(),
+        flatten::trials(),
     ]
     .into_iter()
     .flatten()

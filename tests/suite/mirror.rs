@@ -45,13 +45,13 @@ pub fn trials() -> Vec<Trial> {
 }
 
 /// The shared upstream registry, seeded once.
-struct World {
-    registry: UpstreamRegistry,
+pub struct World {
+    pub registry: UpstreamRegistry,
 }
 
-const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+pub const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
 
-fn world() -> anyhow::Result<&'static World> {
+pub fn world() -> anyhow::Result<&'static World> {
     static WORLD: OnceLock<Result<World, String>> = OnceLock::new();
     WORLD
         .get_or_init(|| seed().map_err(|e| format!("{e:?}")))
@@ -88,13 +88,30 @@ fn seed() -> anyhow::Result<World> {
     let multi = dir.path().join("multi");
     let mut arm = small(b"arm64")?;
     arm.architecture = "arm64";
-    images::index(&multi, "latest", &[small(b"amd64")?, arm])?;
+    // Stands for an attestation manifest, which indexes list as unknown/unknown.
+    let mut attestation = small(b"attestation")?;
+    attestation.architecture = "unknown";
+    images::index(&multi, "latest", &[small(b"amd64")?, arm, attestation])?;
     registry.push(&multi, "latest", "multi", None)?;
+
+    let layered = dir.path().join("layered");
+    images::single(&layered, "v1", &crate::flatten::layered_image()?)?;
+    registry.push(&layered, "v1", "layered", Some("oci"))?;
+
+    let bomb = dir.path().join("bomb");
+    let zeros = vec![0u8; 8 << 20];
+    let bomb_image = Image {
+        layers: vec![images::layer(&[Entry::File("zeros", &zeros, 0o644)])?],
+        cmd: vec!["/bin/true".into()],
+        architecture: "amd64",
+    };
+    images::single(&bomb, "v1", &bomb_image)?;
+    registry.push(&bomb, "v1", "bomb", Some("oci"))?;
     Ok(World { registry })
 }
 
 /// The upstream's own digest for `repo:tag`.
-fn upstream_digest(addr: SocketAddr, repo: &str, tag: &str) -> anyhow::Result<String> {
+pub fn upstream_digest(addr: SocketAddr, repo: &str, tag: &str) -> anyhow::Result<String> {
     let reply = http(
         addr,
         Method::HEAD,
@@ -110,11 +127,18 @@ fn upstream_digest(addr: SocketAddr, repo: &str, tag: &str) -> anyhow::Result<St
 }
 
 /// A kontain server mirroring through `proxy` as the named upstream `local`.
-fn mirror_server(proxy: &Proxy) -> anyhow::Result<Server> {
+pub fn mirror_server(proxy: &Proxy) -> anyhow::Result<Server> {
+    mirror_server_with(proxy, "20GiB")
+}
+
+/// As [`mirror_server`], with `flatten` too, its unpacking capped at `flatten_max`.
+pub fn mirror_server_with(proxy: &Proxy, flatten_max: &str) -> anyhow::Result<Server> {
     Server::start(Some(&format!(
         "[storage]\nbackend = \"filesystem\"\npath = \"data\"\n\
          [upstream.registries.local]\nurl = \"http://{}\"\nallow_private = true\n\
-         [generators.mirror]\nsource = \"builtin:mirror\"\ngrants = [\"upstream\"]\n",
+         [generators.mirror]\nsource = \"builtin:mirror\"\ngrants = [\"upstream\"]\n\
+         [generators.flatten]\nsource = \"builtin:flatten\"\ngrants = [\"upstream\", \"flatten\"]\n\
+         [generators.flatten.limits]\nmax_bytes = \"{flatten_max}\"\n",
         proxy.addr
     )))
 }
@@ -197,7 +221,7 @@ fn index_copy() -> anyhow::Result<()> {
     );
     assert_eq!(
         blobs_a.len(),
-        1 + 2 * 3,
+        1 + 3 * 3,
         "an index, and a manifest, config and layer per platform"
     );
     Ok(())

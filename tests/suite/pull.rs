@@ -39,14 +39,7 @@ fn docker_4x100() -> anyhow::Result<()> {
     let docker = docker()?;
     let image = format!("{}/random:4x100", server.addr);
     docker.run(&["pull", &image])?;
-    let layers = docker.run(&[
-        "image",
-        "inspect",
-        "--format",
-        "{{len .RootFS.Layers}}",
-        &image,
-    ])?;
-    assert_eq!(layers.trim(), "4");
+    assert_eq!(docker.layer_count(&image)?, 4);
 
     let dir = tempfile::tempdir()?;
     let saved = dir.path().join("image.tar");

@@ -338,6 +338,18 @@ impl Docker {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// How many layers a pulled image has.
+    pub fn layer_count(&self, image: &str) -> anyhow::Result<usize> {
+        let n = self.run(&[
+            "image",
+            "inspect",
+            "--format",
+            "{{len .RootFS.Layers}}",
+            image,
+        ])?;
+        Ok(n.trim().parse()?)
+    }
+
     fn stop(&self) {
         let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
         let _ = Command::new("kill").arg(child.id().to_string()).status();

@@ -11,7 +11,7 @@ use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 
 use super::gzip::StoredGzip;
-use super::{BuildError, Builders, Cancel, LayerBlob, io_error};
+use super::{BuildError, Builders, Cancel, LayerBlob, io_error, publish_layer};
 use crate::oci::Sha256Writer;
 use crate::storage::Storage;
 
@@ -103,12 +103,7 @@ pub fn write_random_layer(
 
     let (diff_id, _, gzip) = tar.finish();
     let blob = gzip.finish().map_err(io_error("finishing gzip"))?;
-    let info = blob.commit(None)?;
-    Ok(LayerBlob {
-        digest: info.digest,
-        diff_id,
-        size: info.size,
-    })
+    publish_layer(diff_id, blob)
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::bindings::kontain::generator::{images, random, types, upstream};
+use super::bindings::kontain::generator::{flatten, images, random, types, upstream};
 use super::plugin::Plugin;
 use crate::builders::{
     BuildError, Builders, HistoryEntry, ImageSpec, LayerBlob, ManifestFormat, Platform,
@@ -142,9 +142,9 @@ impl WasiView for HostState {
 fn guest_error(e: BuildError) -> wasmtime::Result<types::Error> {
     match e {
         BuildError::LimitExceeded { .. } => Ok(types::Error::LimitExceeded(e.to_string())),
-        BuildError::InvalidImage(m) => Ok(types::Error::InvalidReference(format!(
-            "invalid image: {m}"
-        ))),
+        BuildError::InvalidImage(_) => Ok(types::Error::InvalidReference(e.to_string())),
+        BuildError::TooLarge { .. } => Ok(types::Error::LimitExceeded(e.to_string())),
+        BuildError::Upstream(upstream) => upstream_error(*upstream),
         other => Err(HostFailure::Build(other).into()),
     }
 }
@@ -250,6 +250,31 @@ impl upstream::Host for HostState {
                 Ok(Ok(self.table.push(BlobHandle(blob))?))
             }
             Err(e) => Ok(Err(upstream_error(e)?)),
+        }
+    }
+}
+
+impl flatten::Host for HostState {
+    async fn image(
+        &mut self,
+        image: String,
+        source: Resource<ManifestHandle>,
+        accept: Vec<String>,
+    ) -> wasmtime::Result<Result<Resource<ManifestHandle>, types::Error>> {
+        for capability in [Capability::Flatten, Capability::Upstream] {
+            if let Err(denied) = self.require(capability) {
+                return Ok(Err(denied));
+            }
+        }
+        let source = self.table.get(&source)?.0.clone();
+        let limit = self.budget();
+        match self
+            .builders
+            .flatten(&self.mirror, &image, &source, &accept, limit)
+            .await
+        {
+            Ok(manifest) => Ok(Ok(self.table.push(ManifestHandle(manifest))?)),
+            Err(e) => Ok(Err(guest_error(e)?)),
         }
     }
 }

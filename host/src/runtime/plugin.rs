@@ -28,6 +28,10 @@ const BUILT_IN: &[(&str, &[u8])] = &[
         "mirror",
         include_bytes!(concat!(env!("KONTAIN_PLUGINS_DIR"), "/mirror.wasm")),
     ),
+    (
+        "flatten",
+        include_bytes!(concat!(env!("KONTAIN_PLUGINS_DIR"), "/flatten.wasm")),
+    ),
 ];
 
 pub struct Plugin {
