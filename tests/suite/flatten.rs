@@ -61,6 +61,8 @@ pub fn layered_image() -> anyhow::Result<Image> {
     image.layers.push(images::layer(&[
         Entry::Dir("etc"),
         Entry::File("etc/keep", b"keep v2\n", 0o644),
+        Entry::Raw("../escaped", b"outside\n"),
+        Entry::Raw("etc/../../escaped-too", b"outside\n"),
     ])?);
     Ok(image)
 }
@@ -157,6 +159,11 @@ fn merged_tree() -> anyhow::Result<()> {
         "symlink kept"
     );
     assert!(matches!(file("bin/busybox"), Some(('f', _))));
+    assert!(
+        files.keys().all(|p| !p.contains("escaped")),
+        "entries leaving the root are dropped: {:?}",
+        files.keys().collect::<Vec<_>>()
+    );
 
     // The config is kept, with the new rootfs and a history naming the source.
     let config_digest = manifest["config"]["digest"].as_str().unwrap_or_default();

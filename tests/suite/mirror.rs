@@ -9,7 +9,7 @@ use libtest_mimic::Trial;
 
 use crate::support::images::{self, Entry, Image};
 use crate::support::upstream::{ConnectionCounter, Proxy, UpstreamRegistry};
-use crate::support::{InProcess, Reply, Server, docker, http, skopeo, trial};
+use crate::support::{InProcess, Reply, Server, docker, http, sha256, skopeo, trial};
 
 pub fn trials() -> Vec<Trial> {
     vec![
@@ -36,6 +36,10 @@ pub fn trials() -> Vec<Trial> {
         trial(
             "mirror::ten_concurrent_cold_pulls_fetch_each_blob_once",
             concurrent_pulls,
+        ),
+        trial(
+            "mirror::a_bearer_token_is_fetched_from_the_realm_and_reused",
+            bearer_token,
         ),
         trial(
             "mirror::refusals_are_denied_before_any_connection",
@@ -231,6 +235,8 @@ fn media_types() -> anyhow::Result<()> {
     let world = world()?;
     let proxy = Proxy::start(world.registry.addr)?;
     let server = mirror_server(&proxy)?;
+    // A second server with nothing cached, asked by digest only.
+    let by_digest_only = mirror_server(&proxy)?;
     for (repo, tag, media_type) in [
         (
             "busybox",
@@ -247,10 +253,17 @@ fn media_types() -> anyhow::Result<()> {
         let reply = head(&server, &format!("/v2/mirror/local/{repo}/manifests/{tag}"))?;
         assert_eq!(reply.status, StatusCode::OK, "{repo}");
         assert_eq!(reply.header("content-type"), media_type, "{repo}");
-        assert_eq!(
-            reply.header("docker-content-digest"),
-            upstream_digest(world.registry.addr, repo, tag)?
-        );
+        let digest = upstream_digest(world.registry.addr, repo, tag)?;
+        assert_eq!(reply.header("docker-content-digest"), digest);
+        // By digest, uncached: fetched from upstream by that digest.
+        let by_digest = http(
+            by_digest_only.addr,
+            Method::GET,
+            &format!("/v2/mirror/local/{repo}/manifests/{digest}"),
+            &[("accept", ACCEPT_ALL)],
+        )?;
+        assert_eq!(by_digest.status, StatusCode::OK, "{repo}@{digest}");
+        assert_eq!(sha256(&by_digest.body), digest);
     }
     Ok(())
 }
@@ -425,5 +438,43 @@ fn refusals() -> anyhow::Result<()> {
         "another port of the allowed host is not allowed"
     );
     assert_eq!(forbidden.connections(), 0, "no connection was attempted");
+    Ok(())
+}
+
+fn bearer_token() -> anyhow::Result<()> {
+    let world = world()?;
+    let proxy = Proxy::start(world.registry.addr)?;
+    proxy.require_token(Some(format!("http://{}/token", proxy.addr)));
+    let server = mirror_server(&proxy)?;
+    let dir = tempfile::tempdir()?;
+    pull_to_layout(
+        &format!("{}/mirror/local/oci-image:v1", server.addr),
+        &dir.path().join("out"),
+        false,
+    )?;
+    assert_eq!(
+        proxy.tokens_issued(),
+        1,
+        "one token, reused for the manifest and blobs"
+    );
+
+    // A realm the policy forbids is refused like any other connection.
+    let forbidden = ConnectionCounter::start()?;
+    proxy.require_token(Some(format!(
+        "http://localhost:{}/token",
+        forbidden.addr.port()
+    )));
+    let fresh = mirror_server(&proxy)?;
+    let reply = http(
+        fresh.addr,
+        Method::GET,
+        "/v2/mirror/local/oci-image/manifests/v1",
+        &[("accept", ACCEPT_ALL)],
+    )?;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    let (code, message) = reply.error()?;
+    assert_eq!(code, "DENIED");
+    assert!(message.contains("localhost"), "{message}");
+    assert_eq!(forbidden.connections(), 0);
     Ok(())
 }

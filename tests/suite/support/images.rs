@@ -15,6 +15,9 @@ pub enum Entry<'a> {
     File(&'a str, &'a [u8], u32),
     Symlink(&'a str, &'a str),
     Hardlink(&'a str, &'a str),
+    /// A regular file whose raw name may escape the root (`../x`): written
+    /// byte for byte, since tar writers rightly refuse such names.
+    Raw(&'a str, &'a [u8]),
 }
 
 /// An uncompressed layer tar of `entries`, mtimes 0.
@@ -43,6 +46,16 @@ pub fn layer(entries: &[Entry<'_>]) -> anyhow::Result<Vec<u8>> {
                 header.set_mode(0o777);
                 header.set_size(0);
                 builder.append_link(&mut header, path, target)?;
+            }
+            Entry::Raw(name, data) => {
+                header.set_entry_type(tar::EntryType::Regular);
+                header.set_mode(0o644);
+                header.set_size(data.len() as u64);
+                let raw = &mut header.as_old_mut().name;
+                raw.fill(0);
+                raw[..name.len()].copy_from_slice(name.as_bytes());
+                header.set_cksum();
+                builder.append(&header, *data)?;
             }
             Entry::Hardlink(path, target) => {
                 header.set_entry_type(tar::EntryType::Link);

@@ -85,7 +85,13 @@ struct ProxyState {
     corrupt_blobs: AtomicBool,
     down: AtomicBool,
     redirect_blobs_to: Mutex<Option<String>>,
+    /// When set, requests need `Bearer <TOKEN>`; 401s name this realm.
+    token_realm: Mutex<Option<String>>,
+    tokens_issued: AtomicUsize,
 }
+
+/// The one token the proxy's token service issues.
+const TOKEN: &str = "kontain-test-token";
 
 /// A loopback HTTP proxy in front of an upstream registry.
 pub struct Proxy {
@@ -138,6 +144,18 @@ impl Proxy {
         self.state.down.store(down, Ordering::SeqCst);
     }
 
+    /// Demand a Bearer token, obtained from `realm` (`None`: no auth). The
+    /// proxy serves a token service itself at `/token`.
+    pub fn require_token(&self, realm: Option<String>) {
+        if let Ok(mut r) = self.state.token_realm.lock() {
+            *r = realm;
+        }
+    }
+
+    pub fn tokens_issued(&self) -> usize {
+        self.state.tokens_issued.load(Ordering::SeqCst)
+    }
+
     /// Answer blob GETs with a redirect to `base` + the original path.
     pub fn redirect_blobs_to(&self, base: Option<String>) {
         if let Ok(mut r) = self.state.redirect_blobs_to.lock() {
@@ -160,6 +178,29 @@ async fn forward(
     if state.down.load(Ordering::SeqCst) {
         // Also on connections opened before the upstream "went down".
         anyhow::bail!("upstream is down");
+    }
+    if req.uri().path() == "/token" {
+        state.tokens_issued.fetch_add(1, Ordering::SeqCst);
+        let body = format!(r#"{{"token":"{TOKEN}","expires_in":300}}"#);
+        return Ok(Response::new(Full::new(Bytes::from(body))));
+    }
+    let realm = state.token_realm.lock().ok().and_then(|r| r.clone());
+    let authorized = req
+        .headers()
+        .get("authorization")
+        .is_some_and(|v| v.as_bytes() == format!("Bearer {TOKEN}").as_bytes());
+    if let Some(realm) = realm
+        && !authorized
+    {
+        return Ok(Response::builder()
+            .status(StatusCode::UNAUTHORIZED)
+            .header(
+                "www-authenticate",
+                format!(
+                    r#"Bearer realm="{realm}",service="kontain-test",scope="repository:x:pull""#
+                ),
+            )
+            .body(Full::new(Bytes::from_static(b"{}")))?);
     }
     let path = req
         .uri()
