@@ -94,7 +94,7 @@ skopeo copy -q --src-tls-verify=false "docker://127.0.0.1:$port/mirror/local/ben
 
 accept='application/vnd.oci.image.manifest.v1+json'
 flatten_once() {
-    rm -rf "$work/kontain/data/tags"/* # forget earlier results; keep the source blobs
+    rm -rf "$work/kontain/data/values"/* # forget earlier results; keep the source blobs
     curl -sf -o /dev/null -I -H "Accept: $accept" -w '%{time_total}\n' \
         "http://127.0.0.1:$port/v2/flatten/local/bench/manifests/latest"
 }

@@ -47,7 +47,7 @@ cargo clippy --release --all-targets --locked -- -D warnings
 (cd plugins && cargo clippy --release --locked --target wasm32-wasip2 --target-dir ../target/plugins -- -D warnings)
 
 log "plugin unit tests"
-(cd plugins && cargo test --release --locked -p random -p kontain-sdk --target-dir ../target/plugins-native)
+(cd plugins && cargo test --release --locked -p random -p kontain-sdk -p wait --target-dir ../target/plugins-native)
 
 log "cargo test"
 cargo test --release --locked -- "$@"

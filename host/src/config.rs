@@ -286,6 +286,8 @@ pub enum Capability {
     Upstream,
     /// `kontain:generator/flatten`: images squashed to one layer.
     Flatten,
+    /// `kontain:generator/cache`: a private key-value store.
+    Cache,
 }
 
 impl Capability {
@@ -293,6 +295,7 @@ impl Capability {
         Capability::Random,
         Capability::Upstream,
         Capability::Flatten,
+        Capability::Cache,
     ];
 
     pub fn name(self) -> &'static str {
@@ -300,6 +303,7 @@ impl Capability {
             Capability::Random => "random",
             Capability::Upstream => "upstream",
             Capability::Flatten => "flatten",
+            Capability::Cache => "cache",
         }
     }
 

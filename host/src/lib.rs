@@ -14,6 +14,7 @@ pub mod routing;
 pub mod runtime;
 pub mod storage;
 pub mod upstream;
+pub mod watch;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use tokio::net::TcpListener;
 use std::collections::HashMap;
 
 use crate::builders::Builders;
-use crate::config::{Config, CredentialsConfig, StorageConfig};
+use crate::config::{Config, CredentialsConfig, Origin, StorageConfig};
 use crate::registry::Registry;
 use crate::runtime::{Runtime, Services};
 use crate::storage::Storage;
@@ -35,8 +36,14 @@ use crate::upstream::{Client, Credentials, Endpoint, HostPattern, Mirror, Policy
 /// How long open requests may take to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// A built server: the registry, and the runtime behind it (for reloads).
+pub struct App {
+    pub registry: Arc<Registry>,
+    pub runtime: Arc<Runtime>,
+}
+
 /// Builds the registry that `config` describes.
-pub async fn build(config: &Config) -> anyhow::Result<Arc<Registry>> {
+pub async fn build(config: &Config) -> anyhow::Result<App> {
     let storage: Arc<dyn Storage> = match &config.storage {
         StorageConfig::Filesystem { path } => Arc::new(
             FilesystemStorage::open(path)
@@ -47,8 +54,9 @@ pub async fn build(config: &Config) -> anyhow::Result<Arc<Registry>> {
         builders: Builders::new(storage.clone()),
         mirror: Arc::new(mirror(config, storage.clone())?),
     };
-    let runtime = Runtime::new(config, services).await?;
-    Ok(Arc::new(Registry::new(storage, Arc::new(runtime))))
+    let runtime = Arc::new(Runtime::new(config, services).await?);
+    let registry = Arc::new(Registry::new(storage, runtime.clone()));
+    Ok(App { registry, runtime })
 }
 
 /// The upstream client and its cache, from `[upstream]`.
@@ -102,7 +110,18 @@ fn mirror(config: &Config, storage: Arc<dyn Storage>) -> anyhow::Result<Mirror> 
 
 /// Runs the server until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let registry = build(&config).await?;
+    let App { registry, runtime } = build(&config).await?;
+    // Generators reload live when their config file or components change.
+    let _watch = match &config.origin {
+        Origin::File(path) => match watch::spawn(path, &config, runtime) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "hot reload is off: cannot watch the config");
+                None
+            }
+        },
+        Origin::BuiltIn => None,
+    };
     let listener = TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("listening on {}", config.server.listen))?;

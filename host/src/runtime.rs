@@ -11,14 +11,14 @@ mod bindings;
 mod host;
 mod plugin;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config as EngineConfig, Engine, Store, Trap};
 
-use crate::config::Config;
+use crate::config::{Config, GeneratorConfig};
 use crate::generator::{GeneratorError, Generators, GuestError, PluginId, ResolveRequest, Route};
 use crate::oci::{Digest, RepositoryName};
 use crate::routing::RouteTable;
@@ -99,34 +99,105 @@ impl Runtime {
             })),
             ticker,
         };
-        let loaded = runtime.load_all(config).await?;
+        let loaded = runtime.load_all(config, None).await?;
         *runtime.loaded.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(loaded);
         Ok(runtime)
     }
 
-    async fn load_all(&self, config: &Config) -> Result<Loaded, RuntimeError> {
+    /// Loads every generator of `config`. With `previous` (a reload), a
+    /// generator whose component, limits and grants are unchanged keeps its
+    /// compiled plugin, and one that fails to load keeps its previous version
+    /// (or stays absent) while the error is logged; at start-up any failure
+    /// is fatal.
+    async fn load_all(
+        &self,
+        config: &Config,
+        previous: Option<&Loaded>,
+    ) -> Result<Loaded, RuntimeError> {
         let mut plugins = HashMap::new();
         for (name, generator) in &config.generators {
-            let bytes = plugin::read_source(name, &generator.source)?;
-            let (engine, linker) = (self.engine.clone(), self.linker.clone());
-            let (name_owned, generator_owned) = (name.clone(), generator.clone());
-            // Compiling is CPU-heavy; keep it off the async threads.
-            let loaded = tokio::task::spawn_blocking(move || {
-                plugin::load(&engine, &linker, &name_owned, &generator_owned, &bytes)
-            })
-            .await
-            .map_err(|e| RuntimeError::Engine(e.to_string()))??;
-            tracing::info!(plugin = %loaded.id, grants = ?loaded.grants, "loaded generator");
-            plugins.insert(name.clone(), Arc::new(loaded));
+            let old = previous.and_then(|p| p.plugins.get(name));
+            match self.load_one(name, generator, old).await {
+                Ok(plugin) => {
+                    plugins.insert(name.clone(), plugin);
+                }
+                Err(e) if previous.is_some() => {
+                    tracing::error!(generator = %name, error = %e, "not loaded; the previous version, if any, keeps serving");
+                    if let Some(old) = old {
+                        plugins.insert(name.clone(), old.clone());
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
         let routes = RouteTable::new(
             &config.server.domains,
             config
                 .generators
                 .iter()
+                .filter(|(name, _)| plugins.contains_key(*name))
                 .map(|(name, g)| (name.as_str(), &g.hosts[..], g.path_prefix(name))),
         );
         Ok(Loaded { routes, plugins })
+    }
+
+    async fn load_one(
+        &self,
+        name: &str,
+        generator: &GeneratorConfig,
+        old: Option<&Arc<Plugin>>,
+    ) -> Result<Arc<Plugin>, RuntimeError> {
+        let bytes = plugin::read_source(name, &generator.source)?;
+        let digest = Digest::sha256(&bytes);
+        let grants: BTreeSet<_> = generator.grants.iter().copied().collect();
+        if let Some(old) = old
+            && old.digest == digest
+            && old.limits == generator.limits
+            && old.grants == grants
+        {
+            return Ok(old.clone());
+        }
+        let (engine, linker) = (self.engine.clone(), self.linker.clone());
+        let (name_owned, generator_owned) = (name.to_owned(), generator.clone());
+        // Compiling is CPU-heavy; keep it off the async threads.
+        let loaded = tokio::task::spawn_blocking(move || {
+            plugin::load(&engine, &linker, &name_owned, &generator_owned, &bytes)
+        })
+        .await
+        .map_err(|e| RuntimeError::Engine(e.to_string()))??;
+        tracing::info!(plugin = %loaded.id, digest = %loaded.digest, grants = ?loaded.grants, "loaded generator");
+        Ok(Arc::new(loaded))
+    }
+
+    /// Applies a changed config: generators added, removed, re-routed or
+    /// rebuilt take effect at once, atomically; requests already running
+    /// finish on the version they started with.
+    pub async fn reload(&self, config: &Config) {
+        let previous = self.current();
+        let loaded = match self.load_all(config, Some(&previous)).await {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                tracing::error!(error = %e, "reload failed; the previous generators keep serving");
+                return;
+            }
+        };
+        for (name, plugin) in &loaded.plugins {
+            let changed = previous
+                .plugins
+                .get(name)
+                .is_none_or(|old| !Arc::ptr_eq(old, plugin));
+            if changed {
+                tracing::info!(plugin = %plugin.id, digest = %plugin.digest, "swapped in generator");
+            }
+        }
+        for name in previous
+            .plugins
+            .keys()
+            .filter(|n| !loaded.plugins.contains_key(*n))
+        {
+            tracing::info!(generator = %name, "removed generator");
+        }
+        *self.loaded.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(loaded);
     }
 
     fn current(&self) -> Arc<Loaded> {

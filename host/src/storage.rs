@@ -113,12 +113,23 @@ pub trait Storage: Send + Sync + 'static {
     /// A stored manifest, or `None`.
     async fn manifest(&self, digest: &Digest) -> Result<Option<StoredManifest>, StorageError>;
 
+    /// Sets a small named value (a tag's digest, a plugin's cache entry),
+    /// replacing what it held before, atomically.
+    async fn put_value(&self, key: &str, value: &str) -> Result<(), StorageError>;
+
+    /// The value last set for `key`.
+    async fn value(&self, key: &str) -> Result<Option<String>, StorageError>;
+
     /// Remembers that `key` (a tag, in a generator's own naming) pointed at
     /// `digest`, replacing what it pointed at before.
-    async fn put_tag(&self, key: &str, digest: &Digest) -> Result<(), StorageError>;
+    async fn put_tag(&self, key: &str, digest: &Digest) -> Result<(), StorageError> {
+        self.put_value(key, &digest.to_string()).await
+    }
 
     /// What `key` last pointed at.
-    async fn tag(&self, key: &str) -> Result<Option<Digest>, StorageError>;
+    async fn tag(&self, key: &str) -> Result<Option<Digest>, StorageError> {
+        Ok(self.value(key).await?.and_then(|v| v.trim().parse().ok()))
+    }
 }
 
 /// Stores `bytes` as one blob from a blocking context.

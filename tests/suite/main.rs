@@ -9,6 +9,7 @@ mod http;
 mod mirror;
 mod plugins;
 mod pull;
+mod reload;
 mod support;
 
 use std::process::ExitCode;
@@ -21,6 +22,7 @@ fn main() -> ExitCode {
         pull::trials(),
         mirror::trials(),
         flatten::trials(),
+        reload::trials(),
     ]
     .into_iter()
     .flatten()

@@ -90,7 +90,7 @@ impl InProcess {
             dir.path().join("data")
         );
         let config = Config::parse(&text, Origin::BuiltIn)?;
-        let registry = rt().block_on(kontain::build(&config))?;
+        let registry = rt().block_on(kontain::build(&config))?.registry;
         Ok(InProcess {
             registry,
             _dir: dir,

@@ -9,7 +9,7 @@ use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::bindings::kontain::generator::{flatten, images, random, types, upstream};
+use super::bindings::kontain::generator::{cache, flatten, images, random, types, upstream};
 use super::plugin::Plugin;
 use crate::builders::{
     BuildError, Builders, HistoryEntry, ImageSpec, LayerBlob, ManifestFormat, Platform,
@@ -250,6 +250,50 @@ impl upstream::Host for HostState {
                 Ok(Ok(self.table.push(BlobHandle(blob))?))
             }
             Err(e) => Ok(Err(upstream_error(e)?)),
+        }
+    }
+}
+
+/// Longest value a plugin may keep in its cache.
+const MAX_CACHE_VALUE: usize = 4096;
+
+impl HostState {
+    /// Cache keys are namespaced by generator, so plugins cannot read or
+    /// overwrite each other's entries.
+    fn cache_key(&self, key: &str) -> String {
+        format!("plugin-cache {} {key}", self.plugin.id.name)
+    }
+}
+
+impl cache::Host for HostState {
+    async fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        if self.require(Capability::Cache).is_err() {
+            return Ok(None);
+        }
+        let key = self.cache_key(&key);
+        match self.builders.storage().value(&key).await {
+            Ok(value) => Ok(value),
+            Err(e) => Err(HostFailure::Build(BuildError::Storage(e)).into()),
+        }
+    }
+
+    async fn set(
+        &mut self,
+        key: String,
+        value: String,
+    ) -> wasmtime::Result<Result<(), types::Error>> {
+        if let Err(denied) = self.require(Capability::Cache) {
+            return Ok(Err(denied));
+        }
+        if value.len() > MAX_CACHE_VALUE {
+            return Ok(Err(types::Error::LimitExceeded(format!(
+                "cache values are at most {MAX_CACHE_VALUE} bytes"
+            ))));
+        }
+        let key = self.cache_key(&key);
+        match self.builders.storage().put_value(&key, &value).await {
+            Ok(()) => Ok(Ok(())),
+            Err(e) => Err(HostFailure::Build(BuildError::Storage(e)).into()),
         }
     }
 }

@@ -36,6 +36,8 @@ const BUILT_IN: &[(&str, &[u8])] = &[
 
 pub struct Plugin {
     pub id: PluginId,
+    /// The sha256 of the component's bytes.
+    pub digest: Digest,
     pub limits: Limits,
     pub grants: BTreeSet<Capability>,
     pub pre: PluginPre<HostState>,
@@ -135,6 +137,7 @@ pub fn load(
     })?;
     Ok(Plugin {
         id,
+        digest,
         limits: config.limits,
         grants,
         pre,

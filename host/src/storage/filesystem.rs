@@ -1,6 +1,6 @@
 //! The filesystem backend: `blobs/<algorithm>/<hex>` holds bytes,
 //! `manifests/<algorithm>/<hex>` marks a blob as a manifest and holds its media
-//! type, `tags/<sha256 of key>` holds the digest a tag key points at, `tmp/`
+//! type, `values/<sha256 of key>` holds small named values (tag digests, plugin caches), `tmp/`
 //! holds files being written. Publishing is a `rename` within one
 //! filesystem, so readers see a whole, verified blob or nothing.
 
@@ -41,7 +41,7 @@ impl FilesystemStorage {
     /// Opens (creating if needed) a store rooted at `root`.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, StorageError> {
         let root = root.into();
-        for dir in ["blobs/sha256", "manifests/sha256", "tags", "tmp"] {
+        for dir in ["blobs/sha256", "manifests/sha256", "values", "tmp"] {
             let path = root.join(dir);
             fs::create_dir_all(&path).map_err(io_err(&path))?;
         }
@@ -102,10 +102,10 @@ impl FilesystemStorage {
             })?
     }
 
-    fn tag_path(&self, key: &str) -> PathBuf {
+    fn value_path(&self, key: &str) -> PathBuf {
         // Keys are arbitrary text; hashing makes them safe file names.
         self.root
-            .join("tags")
+            .join("values")
             .join(Digest::sha256(key.as_bytes()).hex())
     }
 }
@@ -283,19 +283,19 @@ impl Storage for FilesystemStorage {
         }))
     }
 
-    async fn put_tag(&self, key: &str, digest: &Digest) -> Result<(), StorageError> {
-        let path = self.tag_path(key);
+    async fn put_value(&self, key: &str, value: &str) -> Result<(), StorageError> {
+        let path = self.value_path(key);
         let tmp_dir = self.tmp_dir();
-        let content = digest.to_string();
-        // Replacing is atomic: readers see the old digest or the new one.
+        let content = value.to_owned();
+        // Replacing is atomic: readers see the old value or the new one.
         self.blocking(move || write_atomically(&tmp_dir, &path, content.as_bytes()))
             .await
     }
 
-    async fn tag(&self, key: &str) -> Result<Option<Digest>, StorageError> {
-        let path = self.tag_path(key);
+    async fn value(&self, key: &str) -> Result<Option<String>, StorageError> {
+        let path = self.value_path(key);
         match tokio::fs::read_to_string(&path).await {
-            Ok(s) => Ok(s.trim().parse().ok()),
+            Ok(s) => Ok(Some(s)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err(&path)(e)),
         }
