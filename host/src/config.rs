@@ -225,6 +225,11 @@ pub struct GeneratorConfig {
     /// Host capabilities this plugin may use.
     #[serde(default)]
     pub grants: Vec<Capability>,
+    /// With the `upstream` grant: the registries this generator may reach,
+    /// by the names image references use (`docker.io`, `ghcr.io`, a named
+    /// upstream such as `local`). Absent: any that `[upstream]` allows.
+    #[serde(default)]
+    pub upstreams: Option<Vec<String>>,
 }
 
 impl GeneratorConfig {

@@ -54,7 +54,9 @@ pub async fn build(config: &Config) -> anyhow::Result<App> {
         builders: Builders::new(storage.clone()),
         mirror: Arc::new(mirror(config, storage.clone())?),
     };
-    let runtime = Arc::new(Runtime::new(config, services).await?);
+    let StorageConfig::Filesystem { path } = &config.storage;
+    let compiled = Some(path.join("compiled"));
+    let runtime = Arc::new(Runtime::new(config, services, compiled).await?);
     let registry = Arc::new(Registry::new(storage, runtime.clone()));
     Ok(App { registry, runtime })
 }

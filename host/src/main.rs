@@ -15,6 +15,8 @@ fn main() -> anyhow::Result<()> {
         Command::Serve { config } => config,
     };
     tracing_subscriber::fmt()
+        // Colours only for people: log files and collectors get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,wasmtime=warn,cranelift=warn".into()),

@@ -12,6 +12,7 @@ mod host;
 mod plugin;
 
 use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -52,6 +53,8 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<HostState>,
     services: Services,
+    /// Where compiled components are cached, if anywhere.
+    cache_dir: Option<PathBuf>,
     loaded: RwLock<Arc<Loaded>>,
     ticker: tokio::task::JoinHandle<()>,
 }
@@ -64,7 +67,11 @@ impl Drop for Runtime {
 
 impl Runtime {
     /// Compiles every configured generator. Must run inside a tokio runtime.
-    pub async fn new(config: &Config, services: Services) -> Result<Self, RuntimeError> {
+    pub async fn new(
+        config: &Config,
+        services: Services,
+        cache_dir: Option<PathBuf>,
+    ) -> Result<Self, RuntimeError> {
         let mut engine_config = EngineConfig::new();
         engine_config
             .wasm_component_model(true)
@@ -93,6 +100,7 @@ impl Runtime {
             engine,
             linker,
             services,
+            cache_dir,
             loaded: RwLock::new(Arc::new(Loaded {
                 routes: RouteTable::default(),
                 plugins: HashMap::new(),
@@ -154,14 +162,23 @@ impl Runtime {
             && old.digest == digest
             && old.limits == generator.limits
             && old.grants == grants
+            && old.upstreams == generator.upstreams
         {
             return Ok(old.clone());
         }
         let (engine, linker) = (self.engine.clone(), self.linker.clone());
         let (name_owned, generator_owned) = (name.to_owned(), generator.clone());
+        let cache = self.cache_dir.clone();
         // Compiling is CPU-heavy; keep it off the async threads.
         let loaded = tokio::task::spawn_blocking(move || {
-            plugin::load(&engine, &linker, &name_owned, &generator_owned, &bytes)
+            plugin::load(
+                &engine,
+                &linker,
+                &name_owned,
+                &generator_owned,
+                &bytes,
+                cache.as_deref(),
+            )
         })
         .await
         .map_err(|e| RuntimeError::Engine(e.to_string()))??;

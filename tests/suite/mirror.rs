@@ -391,7 +391,8 @@ fn refusals() -> anyhow::Result<()> {
     let r = InProcess::new(&format!(
         "[upstream]\nallow = [\"localhost\", \"registry-1.docker.io\"]\n\
          [upstream.registries.local]\nurl = \"http://{}\"\nallow_private = true\n\
-         [generators.mirror]\nsource = \"builtin:mirror\"\ngrants = [\"upstream\"]\n",
+         [generators.mirror]\nsource = \"builtin:mirror\"\ngrants = [\"upstream\"]\n\
+         [generators.narrow]\nsource = \"builtin:mirror\"\ngrants = [\"upstream\"]\nupstreams = [\"docker.io\"]\n",
         proxy.addr
     ))?;
     for (path, rule) in [
@@ -414,6 +415,15 @@ fn refusals() -> anyhow::Result<()> {
         assert_eq!(code, "DENIED", "{path}");
         assert!(message.contains(rule), "{path}: {message}");
     }
+    // A generator's own registry allowlist is enforced at run time.
+    let reply = r.get("/v2/narrow/local/oci-image/manifests/v1")?;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    let (code, message) = reply.error()?;
+    assert_eq!(code, "DENIED");
+    assert!(
+        message.contains("may not reach the registry \"local\""),
+        "{message}"
+    );
     // A redirect from the allowed upstream to a loopback address is refused
     // before it is followed.
     let manifest = r.request(

@@ -31,6 +31,10 @@ pub fn trials() -> Vec<Trial> {
             "plugins::a_config_pointing_at_a_missing_wasm_file_fails_clearly",
             missing_file,
         ),
+        trial(
+            "plugins::a_restart_with_a_warm_cache_compiles_no_component",
+            warm_restart,
+        ),
     ]
 }
 
@@ -134,6 +138,31 @@ fn missing_file() -> anyhow::Result<()> {
     assert!(
         message.contains("generator x") && message.contains("/nonexistent/x.wasm"),
         "{message}"
+    );
+    Ok(())
+}
+
+fn warm_restart() -> anyhow::Result<()> {
+    let cold = crate::support::Server::start(None)?;
+    let log = cold.log();
+    assert!(log.contains(" compiled"), "a cold start compiles:\n{log}");
+    let warm = cold.restart()?;
+    let log = warm.log();
+    let generators = ["random", "mirror", "flatten"];
+    for g in generators {
+        assert!(
+            log.contains(&format!("plugin={g}@"))
+                && log.contains("loaded from the precompiled cache"),
+            "{g} from the cache:\n{log}"
+        );
+    }
+    assert!(
+        !log.contains(" compiled"),
+        "a warm start compiles nothing:\n{log}"
+    );
+    assert_eq!(
+        warm.head("/v2/random/manifests/1x10")?.status,
+        StatusCode::OK
     );
     Ok(())
 }

@@ -199,6 +199,20 @@ impl Server {
         if let Some(config) = config {
             std::fs::write(dir.path().join("kontain.toml"), config)?;
         }
+        Server::start_in(dir)
+    }
+
+    /// Stops the server and starts it again in the same directory (same
+    /// config, same storage), with a fresh log.
+    pub fn restart(mut self) -> anyhow::Result<Server> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = tempfile::TempDir::new()?;
+        let dir = std::mem::replace(&mut self.dir, dir);
+        Server::start_in(dir)
+    }
+
+    fn start_in(dir: tempfile::TempDir) -> anyhow::Result<Server> {
         let port = free_port()?;
         let log = std::fs::File::create(dir.path().join("server.log"))?;
         let mut child = Command::new(env!("CARGO_BIN_EXE_kontain"))

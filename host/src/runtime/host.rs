@@ -123,6 +123,27 @@ impl HostState {
         }
     }
 
+    /// Checks the upstream grant and this plugin's own registry allowlist.
+    fn require_upstream(&self, image: &str) -> Result<(), types::Error> {
+        self.require(Capability::Upstream)?;
+        let Some(allowed) = &self.plugin.upstreams else {
+            return Ok(());
+        };
+        let registry = match self.mirror.parse(image) {
+            Ok(upstream) => upstream.endpoint.name.clone(),
+            Err(e) => return Err(types::Error::InvalidName(e.to_string())),
+        };
+        if allowed.contains(&registry) {
+            Ok(())
+        } else {
+            Err(types::Error::Denied(format!(
+                "generator {} may not reach the registry {registry:?} (its `upstreams` in kontain.toml: {})",
+                self.plugin.id.name,
+                allowed.join(", ")
+            )))
+        }
+    }
+
     fn budget(&self) -> u64 {
         self.plugin.limits.max_bytes.0.saturating_sub(self.produced)
     }
@@ -227,7 +248,7 @@ impl upstream::Host for HostState {
         reference: String,
         accept: Vec<String>,
     ) -> wasmtime::Result<Result<Resource<ManifestHandle>, types::Error>> {
-        if let Err(denied) = self.require(Capability::Upstream) {
+        if let Err(denied) = self.require_upstream(&image) {
             return Ok(Err(denied));
         }
         match self.mirror.manifest(&image, &reference, &accept).await {
@@ -241,7 +262,7 @@ impl upstream::Host for HostState {
         image: String,
         digest: String,
     ) -> wasmtime::Result<Result<Resource<BlobHandle>, types::Error>> {
-        if let Err(denied) = self.require(Capability::Upstream) {
+        if let Err(denied) = self.require_upstream(&image) {
             return Ok(Err(denied));
         }
         match self.mirror.blob(&image, &digest).await {
@@ -305,10 +326,11 @@ impl flatten::Host for HostState {
         source: Resource<ManifestHandle>,
         accept: Vec<String>,
     ) -> wasmtime::Result<Result<Resource<ManifestHandle>, types::Error>> {
-        for capability in [Capability::Flatten, Capability::Upstream] {
-            if let Err(denied) = self.require(capability) {
-                return Ok(Err(denied));
-            }
+        if let Err(denied) = self
+            .require(Capability::Flatten)
+            .and_then(|()| self.require_upstream(&image))
+        {
+            return Ok(Err(denied));
         }
         let source = self.table.get(&source)?.0.clone();
         let limit = self.budget();

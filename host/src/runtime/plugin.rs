@@ -3,7 +3,8 @@
 //! pre-instantiate it so that each request only has to create a store.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
 
 use wasmtime::Engine;
 use wasmtime::component::{Component, Linker};
@@ -40,6 +41,8 @@ pub struct Plugin {
     pub digest: Digest,
     pub limits: Limits,
     pub grants: BTreeSet<Capability>,
+    /// Registries this plugin may reach, if restricted.
+    pub upstreams: Option<Vec<String>>,
     pub pre: PluginPre<HostState>,
 }
 
@@ -111,16 +114,31 @@ pub fn load(
     name: &str,
     config: &GeneratorConfig,
     bytes: &[u8],
+    cache: Option<&Path>,
 ) -> Result<Plugin, LoadError> {
     let digest = Digest::sha256(bytes);
     let id = PluginId {
         name: name.to_owned(),
         version: format!("{}:{}", digest.algorithm_name(), &digest.hex()[..12]),
     };
-    let component = Component::new(engine, bytes).map_err(|e| LoadError::Compile {
-        name: name.to_owned(),
-        message: format!("{e:#}"),
-    })?;
+    let cached = cache.map(|dir| dir.join(cache_file_name(engine, &digest)));
+    let component = match cached.as_deref().and_then(|file| precompiled(engine, file)) {
+        Some(component) => {
+            tracing::info!(plugin = %id, "loaded from the precompiled cache, no compilation");
+            component
+        }
+        None => {
+            let component = Component::new(engine, bytes).map_err(|e| LoadError::Compile {
+                name: name.to_owned(),
+                message: format!("{e:#}"),
+            })?;
+            tracing::info!(plugin = %id, "compiled");
+            if let Some(file) = &cached {
+                store_precompiled(&component, file);
+            }
+            component
+        }
+    };
     let grants: BTreeSet<Capability> = config.grants.iter().copied().collect();
     for (import, _) in component.component_type().imports(engine) {
         check_import(name, import, &grants)?;
@@ -140,8 +158,57 @@ pub fn load(
         digest,
         limits: config.limits,
         grants,
+        upstreams: config.upstreams.clone(),
         pre,
     })
+}
+
+/// Compiled components are cached under the sha256 of the component and the
+/// engine's compatibility hash (wasmtime version, target, settings), so that
+/// a restart compiles nothing and an upgrade never loads stale code.
+fn cache_file_name(engine: &Engine, digest: &Digest) -> String {
+    let mut hasher = std::hash::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    format!("{}-{:016x}.cwasm", digest.hex(), hasher.finish())
+}
+
+fn precompiled(engine: &Engine, file: &Path) -> Option<Component> {
+    if !file.is_file() {
+        return None;
+    }
+    // SAFETY: `Component::deserialize_file` runs the machine code in `file`.
+    // Files in the cache directory are only ever written by
+    // `store_precompiled` from components this process compiled itself, and
+    // published by atomic rename; the directory belongs to kontain (anyone
+    // who can write there could equally replace the kontain binary). The
+    // file name binds the component's digest and the engine's compatibility
+    // hash, and wasmtime checks the latter again while loading.
+    #[allow(unsafe_code)]
+    let loaded = unsafe { Component::deserialize_file(engine, file) };
+    match loaded {
+        Ok(component) => Some(component),
+        Err(e) => {
+            tracing::warn!(file = %file.display(), error = %format!("{e:#}"), "ignoring an unusable precompiled component");
+            None
+        }
+    }
+}
+
+fn store_precompiled(component: &Component, file: &Path) {
+    let write = || -> std::io::Result<()> {
+        let dir = file.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let bytes = component
+            .serialize()
+            .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        std::io::Write::write_all(&mut tmp, &bytes)?;
+        tmp.persist(file).map_err(|e| e.error)?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        tracing::warn!(file = %file.display(), error = %e, "could not cache the compiled component");
+    }
 }
 
 /// Accepts WASI imports (the context grants no files, env or network),
