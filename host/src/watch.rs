@@ -45,6 +45,9 @@ fn watched_files(config_path: &Path, config: &Config) -> BTreeSet<PathBuf> {
 
 /// Starts watching `config_path` (the file `config` was read from).
 pub fn spawn(config_path: &Path, config: &Config, runtime: Arc<Runtime>) -> notify::Result<Watch> {
+    // Read the file by the path it was first read by (so that relative paths
+    // in it resolve the same way); match events by its absolute path.
+    let read_path = config_path.to_owned();
     let config_path = std::path::absolute(config_path)?;
     let (tx, mut rx) = mpsc::unbounded_channel::<PathBuf>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -78,7 +81,7 @@ pub fn spawn(config_path: &Path, config: &Config, runtime: Arc<Runtime>) -> noti
                     Err(_) => break,
                 }
             }
-            let mut config = match Config::from_file(&config_path) {
+            let mut config = match Config::from_file(&read_path) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(error = %e, "config not reloaded; the running generators keep serving");
