@@ -1,3 +1,6 @@
+//! The `kontain` binary: parse the command line, start logging, load the
+//! config and hand it to `kontain::run`.
+
 use anyhow::Context;
 use kontain::cli::{self, Command};
 use kontain::config::Config;

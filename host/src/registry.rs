@@ -60,7 +60,15 @@ impl Registry {
         );
         async {
             let head = method == Method::HEAD;
-            let mut response = match self.dispatch(&method, &path, request.headers()).await {
+            let mut headers = request.headers().clone();
+            // HTTP/2 carries the host in the URI's authority, not a Host header.
+            if !headers.contains_key(header::HOST)
+                && let Some(authority) = request.uri().authority()
+                && let Ok(value) = authority.as_str().parse()
+            {
+                headers.insert(header::HOST, value);
+            }
+            let mut response = match self.dispatch(&method, &path, &headers).await {
                 Ok(response) => response,
                 Err(error) => error.into_response(head),
             };
@@ -175,10 +183,13 @@ impl Registry {
         headers: &HeaderMap,
         head: bool,
     ) -> Result<Response<Body>, ApiError> {
-        let (_, route) = self.route(name, headers)?;
+        let (name, route) = self.route(name, headers)?;
         let digest: Digest = digest
             .parse()
             .map_err(|e: crate::oci::DigestError| ApiError::DigestInvalid(e.into()))?;
+        let span = tracing::Span::current();
+        span.record("repository", tracing::field::display(&name));
+        span.record("reference", tracing::field::display(&digest));
         let size = match self.storage.blob_size(&digest).await? {
             Some(size) => size,
             // Not stored: a mirror fetches it now; others have nothing more.

@@ -3,9 +3,10 @@
 //! compiles changed plugins off the request path and swaps them in.
 //!
 //! Directories are watched rather than files, so that editors and deploy
-//! tools that replace a file by renaming a new one over it are seen. Only
-//! generators reload live; `[server]`, `[storage]` and `[upstream]` changes
-//! need a restart (and say so in the log).
+//! tools that replace a file by renaming a new one over it are seen.
+//! Generators and their routing (including `[server] domains`) reload live;
+//! `[server] listen`, `[storage]` and `[upstream]` need a restart (the first
+//! two are logged when they change).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

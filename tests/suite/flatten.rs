@@ -61,6 +61,9 @@ pub fn layered_image() -> anyhow::Result<Image> {
     image.layers.push(images::layer(&[
         Entry::Dir("etc"),
         Entry::File("etc/keep", b"keep v2\n", 0o644),
+        // Replaces the target of a lower layer's hardlink: the link must
+        // still unpack (written after its target) and share the new content.
+        Entry::File("etc/data", b"data v2\n", 0o644),
         Entry::Raw("../escaped", b"outside\n"),
         Entry::Raw("etc/../../escaped-too", b"outside\n"),
     ])?);
@@ -192,7 +195,7 @@ fn merged_tree() -> anyhow::Result<()> {
     docker.run(&["pull", &image])?;
     assert_eq!(docker.layer_count(&image)?, 1);
     let output = docker.run(&["run", "--rm", "--network", "none", &image])?;
-    assert_eq!(output, "keep v2\ndata\nkeep v2\n");
+    assert_eq!(output, "keep v2\ndata v2\nkeep v2\n");
     docker.run(&["rmi", &image])?;
     Ok(())
 }

@@ -7,8 +7,12 @@
 //! and what is under it, `.wh..wh..opq` hides everything lower in its
 //! directory, a non-directory hides what was under the same path), then
 //! bottom-up to write the survivors, so that directories come before their
-//! contents and hardlinks after their targets. Paths that would escape the
-//! root (`..`) are dropped. Decompressed bytes are capped against tar bombs.
+//! contents; hardlinks are written last, after every target they may name
+//! (a link to a path an upper layer replaced then shares the new content; one
+//! to a path an upper layer deleted is dropped, since it could not unpack).
+//! Paths that would escape the root (`..`) are dropped. Decompressed bytes are
+//! capped against tar bombs; a layer that is not a valid (gzipped) tar is an
+//! invalid image, not a server error.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
@@ -334,9 +338,14 @@ fn tar_error(e: io::Error) -> BuildError {
             limit: 0,
         };
     }
-    BuildError::Io {
-        what: "reading a layer",
-        source: e,
+    match e.kind() {
+        io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput | io::ErrorKind::UnexpectedEof => {
+            BuildError::InvalidImage(format!("a layer is not a valid tar stream: {e}"))
+        }
+        _ => BuildError::Io {
+            what: "reading a layer",
+            source: e,
+        },
     }
 }
 
@@ -432,14 +441,36 @@ fn merge(
     let mut out = tar::Builder::new(Sha256Writer::new(GzEncoder::new(blob, Compression::fast())));
     out.mode(tar::HeaderMode::Complete);
     let mut bottom_up = pass();
+    let mut written: HashSet<String> = HashSet::new();
+    let mut hardlinks: Vec<(tar::Header, String, String)> = Vec::new();
     for (index, layer) in layers.iter().enumerate() {
         bottom_up.entries(layer, |path, entry| {
             if winners.get(&path) != Some(&index) {
                 return Ok(());
             }
             winners.remove(&path);
+            if entry.header().entry_type() == tar::EntryType::Link {
+                // Written last: the target's surviving copy may come from a
+                // higher layer, and a link must follow its target in a tar.
+                let target = entry.link_name().ok().flatten().and_then(|t| clean(&t));
+                if let Some(target) = target {
+                    hardlinks.push((entry.header().clone(), path, target));
+                }
+                return Ok(());
+            }
+            written.insert(path.clone());
             write_entry(&mut out, path, entry)
         })?;
+    }
+    for (mut header, path, target) in hardlinks {
+        if written.contains(&target) {
+            out.append_link(&mut header, &path, &target)
+                .map_err(io_error("writing the layer"))?;
+        } else {
+            // Its target was deleted above it; the old content is gone from
+            // the merged tree, so the link would not unpack.
+            tracing::warn!(%path, %target, "dropped a hardlink whose target an upper layer removed");
+        }
     }
     let tar = out.into_inner().map_err(io_error("finishing the layer"))?;
     let (diff_id, _, gzip) = tar.finish();

@@ -18,6 +18,9 @@ use crate::storage::Storage;
 /// Bytes generated and pushed through the pipeline per step.
 const CHUNK: usize = 1 << 20;
 const TAR_BLOCK: u64 = 512;
+/// More layers than any runtime handles well (overlayfs stacks top out near
+/// 128); also bounds the work one call can queue.
+const MAX_LAYERS: u32 = 1000;
 
 impl Builders {
     /// `count` layers of `size` random bytes each, made in parallel.
@@ -28,6 +31,11 @@ impl Builders {
         size: u64,
         limit: u64,
     ) -> Result<Vec<LayerBlob>, BuildError> {
+        if count > MAX_LAYERS {
+            return Err(BuildError::InvalidImage(format!(
+                "{count} layers requested; an image may have at most {MAX_LAYERS}"
+            )));
+        }
         let requested = u64::from(count).saturating_mul(size);
         if requested > limit {
             return Err(BuildError::LimitExceeded { requested, limit });

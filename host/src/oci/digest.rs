@@ -1,3 +1,6 @@
+//! Content digests (`algorithm:hex`) and a writer that computes one while
+//! bytes pass through.
+
 use std::fmt;
 use std::io::{self, Write};
 use std::str::FromStr;

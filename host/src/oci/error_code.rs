@@ -1,3 +1,5 @@
+//! The error codes of the distribution spec.
+
 use std::fmt;
 
 /// The error codes of the distribution spec (plus Docker's `TOOMANYREQUESTS`

@@ -1,3 +1,5 @@
+//! Media types, and the ones kontain reads and writes.
+
 use std::fmt;
 use std::str::FromStr;
 

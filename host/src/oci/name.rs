@@ -1,3 +1,5 @@
+//! Repository names, tags and references, by the distribution spec grammar.
+
 use std::fmt;
 use std::str::FromStr;
 

@@ -265,9 +265,21 @@ impl upstream::Host for HostState {
         if let Err(denied) = self.require_upstream(&image) {
             return Ok(Err(denied));
         }
+        if self.budget() == 0 {
+            return Ok(Err(types::Error::LimitExceeded(format!(
+                "this request has produced {} bytes, the generator's limit",
+                self.plugin.limits.max_bytes.0
+            ))));
+        }
         match self.mirror.blob(&image, &digest).await {
             Ok(blob) => {
-                self.produced += blob.size;
+                self.produced = self.produced.saturating_add(blob.size);
+                if self.produced > self.plugin.limits.max_bytes.0 {
+                    return Ok(Err(types::Error::LimitExceeded(format!(
+                        "blob {digest} takes this request past the generator's limit of {} bytes",
+                        self.plugin.limits.max_bytes.0
+                    ))));
+                }
                 Ok(Ok(self.table.push(BlobHandle(blob))?))
             }
             Err(e) => Ok(Err(upstream_error(e)?)),

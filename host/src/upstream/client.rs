@@ -18,6 +18,8 @@ use super::policy::{CheckedResolver, Policy, Refusal};
 use crate::oci::{Digest, MAX_MANIFEST_BYTES};
 
 const MAX_REDIRECTS: usize = 10;
+/// Token responses are small JSON documents; anything bigger is hostile.
+const MAX_TOKEN_RESPONSE: u64 = 64 * 1024;
 /// Tokens without `expires_in` last 60 s per the token spec; renew a little early.
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(50);
 
@@ -56,7 +58,11 @@ impl Client {
                 if attempt.previous().len() >= MAX_REDIRECTS {
                     return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
                 }
-                match redirect_policy.check_url(attempt.url()) {
+                let checked = match attempt.previous().first() {
+                    Some(origin) => redirect_policy.check_from(origin, attempt.url()),
+                    None => redirect_policy.check_url(attempt.url()),
+                };
+                match checked {
                     Ok(()) => attempt.follow(),
                     Err(refusal) => attempt.error(refusal),
                 }
@@ -101,35 +107,20 @@ impl Client {
             .url("manifests", reference)
             .map_err(|e| invalid(image, e))?;
         let response = self.send(image, Method::GET, url, accept).await?;
-        let mut response = check_status(image, reference, response)?;
-        let too_large = || UpstreamError::TooLarge {
-            image: image.to_string(),
-            what: "manifest",
-            limit: MAX_MANIFEST_BYTES,
-        };
-        if response
-            .content_length()
-            .is_some_and(|n| n > MAX_MANIFEST_BYTES)
-        {
-            return Err(too_large());
-        }
+        let response = check_status(image, reference, response)?;
         let header_type = response
             .headers()
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(|v| v.split(';').next().unwrap_or(v).trim().to_owned());
-        let mut body = BytesMut::new();
-        while let Some(chunk) = response
-            .chunk()
+        let body = read_capped(response, MAX_MANIFEST_BYTES)
             .await
             .map_err(|e| self.transport(image, e))?
-        {
-            if (body.len() + chunk.len()) as u64 > MAX_MANIFEST_BYTES {
-                return Err(too_large());
-            }
-            body.extend_from_slice(&chunk);
-        }
-        let body = body.freeze();
+            .ok_or_else(|| UpstreamError::TooLarge {
+                image: image.to_string(),
+                what: "manifest",
+                limit: MAX_MANIFEST_BYTES,
+            })?;
         // Registries must send the type; fall back to the document's own
         // `mediaType` for those that send `application/json`.
         let media_type = match header_type {
@@ -234,7 +225,7 @@ impl Client {
                 let mut realm = Url::parse(realm).map_err(|_| unauthorized())?;
                 // The token service is a connection like any other.
                 self.policy
-                    .check_url(&realm)
+                    .check_from(&image.endpoint.base, &realm)
                     .map_err(UpstreamError::Refused)?;
                 {
                     let mut query = realm.query_pairs_mut();
@@ -251,10 +242,10 @@ impl Client {
                 if !response.status().is_success() {
                     return Err(unauthorized());
                 }
-                let body = response
-                    .bytes()
+                let body = read_capped(response, MAX_TOKEN_RESPONSE)
                     .await
-                    .map_err(|e| self.transport(image, e))?;
+                    .map_err(|e| self.transport(image, e))?
+                    .ok_or_else(unauthorized)?;
                 let body: serde_json::Value =
                     serde_json::from_slice(&body).map_err(|_| unauthorized())?;
                 let token = body["token"]
@@ -290,6 +281,22 @@ impl Client {
             message: error_chain(&error),
         }
     }
+}
+
+/// The whole body, or `None` if it is longer than `cap` bytes (reading stops
+/// there: a hostile server cannot make us buffer more).
+async fn read_capped(mut response: Response, cap: u64) -> Result<Option<Bytes>, reqwest::Error> {
+    if response.content_length().is_some_and(|n| n > cap) {
+        return Ok(None);
+    }
+    let mut body = BytesMut::new();
+    while let Some(chunk) = response.chunk().await? {
+        if (body.len() + chunk.len()) as u64 > cap {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body.freeze()))
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {

@@ -22,6 +22,10 @@ pub enum Refusal {
         "refused to contact {host}: it resolves to {ip}, a loopback, private, link-local or metadata address (allow it with `allow_private` on a named upstream)"
     )]
     SpecialAddress { host: String, ip: IpAddr },
+    #[error(
+        "refused to contact {url}: a private upstream is reached only as itself, never through another registry's redirect or token realm"
+    )]
+    PrivateFromElsewhere { url: String },
     #[error("refused to contact {url}: only http and https URLs are allowed")]
     Scheme { url: String },
     #[error("refused to contact {url}: it names no host")]
@@ -139,6 +143,31 @@ impl Policy {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Whether `url` is one of the private upstreams allowed by exception.
+    pub fn is_private_exception(&self, url: &Url) -> bool {
+        let Some(host) = url.host_str() else {
+            return false;
+        };
+        let host = normalise(host.trim_start_matches('[').trim_end_matches(']'));
+        let port = url.port_or_known_default();
+        self.private_ok.iter().any(|p| p.matches(&host, port))
+    }
+
+    /// Checks a URL reached from `origin` (a redirect or token realm): on top
+    /// of [`Policy::check_url`], a private upstream may only be reached from
+    /// itself, so a public registry cannot use kontain to read a private one.
+    pub fn check_from(&self, origin: &Url, url: &Url) -> Result<(), Refusal> {
+        self.check_url(url)?;
+        let same_origin = origin.host_str() == url.host_str()
+            && origin.port_or_known_default() == url.port_or_known_default();
+        if self.is_private_exception(url) && !same_origin {
+            return Err(Refusal::PrivateFromElsewhere {
+                url: url.to_string(),
+            });
+        }
+        Ok(())
     }
 
     /// May the client connect to `ip`, which the name `host` resolved to?
@@ -312,6 +341,13 @@ mod tests {
         assert!(matches!(
             check("file:///etc/passwd"),
             Err(Refusal::Scheme { .. })
+        ));
+        let private = Url::parse("http://127.0.0.1:5000/v2/x").unwrap();
+        let public = Url::parse("https://ghcr.io/v2/x").unwrap();
+        assert_eq!(policy().check_from(&private, &private), Ok(()));
+        assert!(matches!(
+            policy().check_from(&public, &private),
+            Err(Refusal::PrivateFromElsewhere { .. })
         ));
     }
 
