@@ -58,7 +58,17 @@ pub const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, applicati
 pub fn world() -> anyhow::Result<&'static World> {
     static WORLD: OnceLock<Result<World, String>> = OnceLock::new();
     WORLD
-        .get_or_init(|| seed().map_err(|e| format!("{e:?}")))
+        .get_or_init(|| {
+            crate::support::register_cleanup(Box::new(|| {
+                if let Some(Ok(world)) = WORLD.get() {
+                    // Statics are never dropped: stop the registry explicitly.
+                    let _ = std::process::Command::new("kill")
+                        .arg(world.registry.pid().to_string())
+                        .status();
+                }
+            }));
+            seed().map_err(|e| format!("{e:?}"))
+        })
         .as_ref()
         .map_err(|e| anyhow::anyhow!("{e}"))
 }

@@ -415,7 +415,9 @@ fn cleanups() -> &'static Mutex<Vec<Cleanup>> {
     CLEANUPS.get_or_init(|| Mutex::new(Vec::new()))
 }
 
-fn register_cleanup(f: Cleanup) {
+/// Runs `f` at the end of the suite: for processes held in statics, which
+/// are never dropped.
+pub fn register_cleanup(f: Cleanup) {
     cleanups().lock().unwrap_or_else(|p| p.into_inner()).push(f);
 }
 

@@ -72,6 +72,12 @@ impl UpstreamRegistry {
     }
 }
 
+impl UpstreamRegistry {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for UpstreamRegistry {
     fn drop(&mut self) {
         let _ = self.child.kill();
