@@ -10,12 +10,13 @@ log() { printf '\n==> %s\n' "$*"; }
 
 # Debian packages the suite needs: docker.io (dockerd + docker), skopeo,
 # docker-registry (the upstream for mirror tests), busybox-static (a static
-# binary for runnable test images).
+# binary for runnable test images), golang-go (the toolchain ko builds with).
 missing=()
 command -v dockerd >/dev/null || missing+=(docker.io)
 command -v skopeo >/dev/null || missing+=(skopeo)
 command -v docker-registry >/dev/null || missing+=(docker-registry)
 dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
+command -v go >/dev/null || missing+=(golang-go)
 if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
         log "installing ${missing[*]}"
@@ -47,7 +48,7 @@ cargo clippy --release --all-targets --locked -- -D warnings
 (cd plugins && cargo clippy --release --locked --target wasm32-wasip2 --target-dir ../target/plugins -- -D warnings)
 
 log "plugin unit tests"
-(cd plugins && cargo test --release --locked -p random -p kontain-sdk -p wait --target-dir ../target/plugins-native)
+(cd plugins && cargo test --release --locked -p random -p kontain-sdk -p wait -p ko --target-dir ../target/plugins-native)
 
 log "cargo test"
 cargo test --release --locked -- "$@"

@@ -9,6 +9,7 @@
 pub mod flatten;
 pub mod gzip;
 pub mod image;
+pub mod ko;
 pub mod random;
 
 use std::io;
@@ -40,6 +41,8 @@ pub enum BuildError {
     TooLarge { what: &'static str, limit: u64 },
     #[error(transparent)]
     Upstream(Box<crate::upstream::UpstreamError>),
+    #[error(transparent)]
+    Go(Box<crate::golang::GoError>),
     #[error("the request was cancelled")]
     Cancelled,
     #[error("a build task failed: {0}")]
@@ -60,6 +63,14 @@ pub struct LayerBlob {
 pub struct Builders {
     storage: Arc<dyn Storage>,
     cpu: Arc<Semaphore>,
+    /// Concurrent requests for the same result build it once.
+    locks: Arc<crate::upstream::KeyedLocks>,
+}
+
+impl From<crate::golang::GoError> for BuildError {
+    fn from(e: crate::golang::GoError) -> Self {
+        BuildError::Go(Box::new(e))
+    }
 }
 
 impl From<crate::upstream::UpstreamError> for BuildError {
@@ -74,6 +85,7 @@ impl Builders {
         Builders {
             storage,
             cpu: Arc::new(Semaphore::new(cores)),
+            locks: Default::default(),
         }
     }
 
@@ -158,4 +170,25 @@ pub(crate) fn publish_layer(
 
 pub(crate) fn io_error(what: &'static str) -> impl FnOnce(io::Error) -> BuildError {
     move |source| BuildError::Io { what, source }
+}
+
+pub(crate) fn invalid(message: impl Into<String>) -> BuildError {
+    BuildError::InvalidImage(message.into())
+}
+
+/// The digest of an image descriptor (`{"digest": …}`).
+pub(crate) fn digest_of(v: &serde_json::Value) -> Result<Digest, BuildError> {
+    v["digest"]
+        .as_str()
+        .ok_or_else(|| invalid("a descriptor without a digest"))?
+        .parse()
+        .map_err(|e| invalid(format!("a descriptor with a bad digest: {e}")))
+}
+
+/// JSON bytes with sorted keys (`serde_json::Value` maps are sorted), so the
+/// same document always has the same digest.
+pub(crate) fn canonical(v: &serde_json::Value) -> Result<bytes::Bytes, BuildError> {
+    serde_json::to_vec(v)
+        .map(bytes::Bytes::from)
+        .map_err(|e| invalid(e.to_string()))
 }

@@ -62,6 +62,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub storage: StorageConfig,
     pub upstream: UpstreamConfig,
+    pub go: GoConfig,
     pub generators: BTreeMap<String, GeneratorConfig>,
 }
 
@@ -75,7 +76,51 @@ struct RawConfig {
     #[serde(default)]
     upstream: UpstreamConfig,
     #[serde(default)]
+    go: GoConfig,
+    #[serde(default)]
     generators: BTreeMap<String, GeneratorConfig>,
+}
+
+/// Go builds (capability `go`): where modules come from, and the limits of
+/// one build.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GoConfig {
+    /// Module proxies, tried in order; the next is asked only when one
+    /// answers 404 or 410 (GOPROXY's `,` semantics). `https://…` proxies are
+    /// reached through the upstream client's address checks; `file:///dir`
+    /// reads a directory in proxy layout. `go build` gets the same list for
+    /// dependencies, and never `direct`.
+    pub proxies: Vec<url::Url>,
+    /// Checksum database that `go` verifies dependencies against (GOSUMDB);
+    /// `"off"` to disable.
+    pub sumdb: String,
+    /// The `go` command; looked up on PATH unless it is a path.
+    pub command: PathBuf,
+    /// Largest module zip fetched, and largest total of its unpacked files.
+    pub max_module_bytes: ByteSize,
+    /// Largest binary one build may produce.
+    pub max_binary_bytes: ByteSize,
+    /// Wall time for one `go build` (one platform).
+    #[serde(with = "humantime_serde_compat")]
+    pub build_timeout: Duration,
+    /// Where modules are unpacked and builds run, with the shared module and
+    /// build caches. Default: `go/` in the filesystem storage directory.
+    pub scratch: Option<PathBuf>,
+}
+
+impl Default for GoConfig {
+    fn default() -> Self {
+        GoConfig {
+            proxies: vec![url::Url::parse("https://proxy.golang.org").expect("a valid URL")],
+            sumdb: "sum.golang.org".to_owned(),
+            command: PathBuf::from("go"),
+            max_module_bytes: ByteSize(500 << 20),
+            max_binary_bytes: ByteSize(500 << 20),
+            build_timeout: Duration::from_secs(600),
+            scratch: None,
+        }
+    }
 }
 
 /// Other registries: where kontain may connect, named upstreams, credentials.
@@ -230,6 +275,10 @@ pub struct GeneratorConfig {
     /// upstream such as `local`). Absent: any that `[upstream]` allows.
     #[serde(default)]
     pub upstreams: Option<Vec<String>>,
+    /// Free-form settings the plugin reads with `settings.get` (a default
+    /// base image, say). Not secrets: plugins may log them.
+    #[serde(default)]
+    pub settings: BTreeMap<String, String>,
 }
 
 impl GeneratorConfig {
@@ -293,6 +342,8 @@ pub enum Capability {
     Flatten,
     /// `kontain:generator/cache`: a private key-value store.
     Cache,
+    /// `kontain:generator/go`: Go modules fetched and built natively.
+    Go,
 }
 
 impl Capability {
@@ -301,6 +352,7 @@ impl Capability {
         Capability::Upstream,
         Capability::Flatten,
         Capability::Cache,
+        Capability::Go,
     ];
 
     pub fn name(self) -> &'static str {
@@ -309,6 +361,7 @@ impl Capability {
             Capability::Upstream => "upstream",
             Capability::Flatten => "flatten",
             Capability::Cache => "cache",
+            Capability::Go => "go",
         }
     }
 
@@ -411,6 +464,7 @@ impl Config {
             server: raw.server,
             storage: raw.storage,
             upstream: raw.upstream,
+            go: raw.go,
             generators: raw.generators,
         };
         config.validate()?;
@@ -512,6 +566,25 @@ impl Config {
                 u.credentials()
                     .map(|c| (format!("upstream.registries.{name}"), c))
             }));
+        for (i, proxy) in self.go.proxies.iter().enumerate() {
+            let ok = match proxy.scheme() {
+                "https" | "http" => proxy.host_str().is_some(),
+                "file" => proxy.to_file_path().is_ok(),
+                _ => false,
+            };
+            if !ok {
+                return Err(self.invalid(
+                    format!("go.proxies[{i}]"),
+                    format!("{proxy} must be an http(s):// URL or file:///absolute/dir"),
+                ));
+            }
+        }
+        if self.go.proxies.is_empty() {
+            return Err(self.invalid("go.proxies", "name at least one module proxy"));
+        }
+        if self.go.build_timeout.is_zero() {
+            return Err(self.invalid("go.build_timeout", "must be more than zero"));
+        }
         for (key, c) in credentials {
             if c.password.is_some() == c.password_env.is_some() {
                 return Err(self.invalid(key, "give exactly one of password and password_env"));
@@ -528,6 +601,14 @@ impl Config {
         let StorageConfig::Filesystem { path } = &mut self.storage;
         if path.is_relative() {
             *path = base.join(&*path);
+        }
+        if let Some(scratch) = &mut self.go.scratch
+            && scratch.is_relative()
+        {
+            *scratch = base.join(&*scratch);
+        }
+        if self.go.command.components().count() > 1 && self.go.command.is_relative() {
+            self.go.command = base.join(&self.go.command);
         }
         for g in self.generators.values_mut() {
             if let Source::File(p) = &mut g.source

@@ -8,6 +8,7 @@ pub mod builders;
 pub mod cli;
 pub mod config;
 pub mod generator;
+pub mod golang;
 pub mod oci;
 pub mod registry;
 pub mod routing;
@@ -27,6 +28,7 @@ use std::collections::HashMap;
 
 use crate::builders::Builders;
 use crate::config::{Config, CredentialsConfig, Origin, StorageConfig};
+use crate::golang::Go;
 use crate::registry::Registry;
 use crate::runtime::{Runtime, Services};
 use crate::storage::Storage;
@@ -50,11 +52,21 @@ pub async fn build(config: &Config) -> anyhow::Result<App> {
                 .with_context(|| format!("opening storage at {}", path.display()))?,
         ),
     };
+    let mirror = Arc::new(mirror(config, storage.clone())?);
+    let StorageConfig::Filesystem { path } = &config.storage;
+    let scratch = config.go.scratch.clone().unwrap_or_else(|| path.join("go"));
+    let go = Go::new(
+        &config.go,
+        scratch,
+        mirror.client().clone(),
+        storage.clone(),
+    )
+    .map_err(anyhow::Error::msg)?;
     let services = Services {
         builders: Builders::new(storage.clone()),
-        mirror: Arc::new(mirror(config, storage.clone())?),
+        mirror,
+        go: Arc::new(go),
     };
-    let StorageConfig::Filesystem { path } = &config.storage;
     let compiled = Some(path.join("compiled"));
     let runtime = Arc::new(Runtime::new(config, services, compiled).await?);
     let registry = Arc::new(Registry::new(storage, runtime.clone()));
@@ -78,6 +90,13 @@ fn mirror(config: &Config, storage: Arc<dyn Storage>) -> anyhow::Result<Mirror> 
     };
     let mut named = HashMap::new();
     let mut allow: Vec<HostPattern> = upstream.allow.iter().map(|p| HostPattern::new(p)).collect();
+    // Module proxies named in [go] are allowed as exactly themselves (still
+    // never at a private address).
+    for proxy in &config.go.proxies {
+        if let (Some(host), Some(port)) = (proxy.host_str(), proxy.port_or_known_default()) {
+            allow.push(HostPattern::new(&format!("{host}:{port}")));
+        }
+    }
     let mut private_ok = Vec::new();
     for (name, u) in &upstream.registries {
         let host = u.url.host_str().unwrap_or_default();
@@ -101,7 +120,7 @@ fn mirror(config: &Config, storage: Arc<dyn Storage>) -> anyhow::Result<Mirror> 
         .map(|(host, c)| Ok((host.clone(), credentials(c)?)))
         .collect::<anyhow::Result<HashMap<_, _>>>()?;
     let policy = Arc::new(Policy::new(allow, private_ok));
-    let client = Client::new(policy).map_err(anyhow::Error::msg)?;
+    let client = Arc::new(Client::new(policy).map_err(anyhow::Error::msg)?);
     Ok(Mirror::new(
         client,
         Registries::new(named, by_host),

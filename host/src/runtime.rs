@@ -163,6 +163,7 @@ impl Runtime {
             && old.limits == generator.limits
             && old.grants == grants
             && old.upstreams == generator.upstreams
+            && old.settings == generator.settings
         {
             return Ok(old.clone());
         }
@@ -284,6 +285,10 @@ fn classify_trap(plugin: PluginId, error: wasmtime::Error, limit: Duration) -> G
     }
     match error.downcast::<HostFailure>() {
         Ok(HostFailure::Build(source)) => GeneratorError::Host { plugin, source },
+        Ok(HostFailure::Go(source)) => GeneratorError::Host {
+            plugin,
+            source: source.into(),
+        },
         Ok(HostFailure::Upstream(source)) => GeneratorError::Upstream {
             plugin,
             source: Box::new(source),

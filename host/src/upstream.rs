@@ -20,7 +20,7 @@ use tokio::sync::OwnedMutexGuard;
 
 use crate::oci::{Digest, MediaType, Reference};
 use crate::storage::{BlobInfo, Storage, StorageError, StoredManifest};
-pub use client::Client;
+pub use client::{Client, PlainError};
 pub use image::{Credentials, DOCKER_HUB, Endpoint, Registries, UpstreamImage};
 pub use policy::{HostPattern, Policy, Refusal};
 
@@ -78,10 +78,10 @@ impl From<StorageError> for UpstreamError {
 /// One lock per key, so that concurrent requests for the same manifest or
 /// blob make one upstream fetch while the others wait for its result.
 #[derive(Default)]
-struct KeyedLocks(Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>);
+pub(crate) struct KeyedLocks(Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>);
 
 impl KeyedLocks {
-    async fn lock(&self, key: String) -> OwnedMutexGuard<()> {
+    pub(crate) async fn lock(&self, key: String) -> OwnedMutexGuard<()> {
         let lock = {
             let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
             if map.len() > 4096 {
@@ -102,7 +102,7 @@ impl KeyedLocks {
 
 /// The caching front of the upstream client.
 pub struct Mirror {
-    client: Client,
+    client: Arc<Client>,
     registries: Registries,
     storage: Arc<dyn Storage>,
     locks: KeyedLocks,
@@ -111,7 +111,7 @@ pub struct Mirror {
 
 impl Mirror {
     pub fn new(
-        client: Client,
+        client: Arc<Client>,
         registries: Registries,
         storage: Arc<dyn Storage>,
         max_blob_bytes: u64,
@@ -123,6 +123,11 @@ impl Mirror {
             locks: KeyedLocks::default(),
             max_blob_bytes,
         }
+    }
+
+    /// The policy-checked HTTP client, for other protocols (Go module proxies).
+    pub fn client(&self) -> &Arc<Client> {
+        &self.client
     }
 
     pub fn parse(&self, image: &str) -> Result<UpstreamImage, UpstreamError> {

@@ -82,7 +82,7 @@ fn get(server: &Server, path: &str) -> anyhow::Result<Reply> {
 }
 
 /// Entry type and content (or link target) per path of a gzipped layer.
-fn tree(gzipped: &[u8]) -> anyhow::Result<BTreeMap<String, (char, Vec<u8>)>> {
+pub fn tree(gzipped: &[u8]) -> anyhow::Result<BTreeMap<String, (char, Vec<u8>)>> {
     let mut tar = Vec::new();
     flate2::read::GzDecoder::new(gzipped).read_to_end(&mut tar)?;
     let mut out = BTreeMap::new();

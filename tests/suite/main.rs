@@ -6,6 +6,7 @@
 
 mod flatten;
 mod http;
+mod ko;
 mod mirror;
 mod plugins;
 mod pull;
@@ -22,6 +23,7 @@ fn main() -> ExitCode {
         pull::trials(),
         mirror::trials(),
         flatten::trials(),
+        ko::trials(),
         reload::trials(),
     ]
     .into_iter()

@@ -204,11 +204,21 @@ impl Server {
 
     /// Stops the server and starts it again in the same directory (same
     /// config, same storage), with a fresh log.
-    pub fn restart(mut self) -> anyhow::Result<Server> {
+    pub fn restart(self) -> anyhow::Result<Server> {
+        self.restart_after(|_| Ok(()))
+    }
+
+    /// As [`Server::restart`], running `between` on the server's directory
+    /// while it is stopped.
+    pub fn restart_after(
+        mut self,
+        between: impl FnOnce(&std::path::Path) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Server> {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let dir = tempfile::TempDir::new()?;
         let dir = std::mem::replace(&mut self.dir, dir);
+        between(dir.path())?;
         Server::start_in(dir)
     }
 

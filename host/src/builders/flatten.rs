@@ -18,7 +18,6 @@ use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
 use std::path::{Component, Path};
 
-use bytes::Bytes;
 use flate2::Compression;
 use flate2::read::MultiGzDecoder;
 use flate2::write::GzEncoder;
@@ -26,7 +25,9 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
-use super::{BuildError, Builders, Cancel, LayerBlob, io_error, publish_layer};
+use super::{
+    BuildError, Builders, Cancel, LayerBlob, canonical, digest_of, invalid, io_error, publish_layer,
+};
 use crate::oci::{Digest, MediaType, Sha256Writer};
 use crate::storage::{BlobContent, Storage, StoredManifest};
 use crate::upstream::Mirror;
@@ -35,24 +36,6 @@ use crate::upstream::Mirror;
 struct LayerInput {
     digest: Digest,
     gzipped: bool,
-}
-
-fn invalid(message: impl Into<String>) -> BuildError {
-    BuildError::InvalidImage(message.into())
-}
-
-fn digest_of(v: &Value) -> Result<Digest, BuildError> {
-    v["digest"]
-        .as_str()
-        .ok_or_else(|| invalid("a descriptor without a digest"))?
-        .parse()
-        .map_err(|e| invalid(format!("a descriptor with a bad digest: {e}")))
-}
-
-fn canonical(v: &Value) -> Result<Bytes, BuildError> {
-    serde_json::to_vec(v)
-        .map(Bytes::from)
-        .map_err(|e| invalid(e.to_string()))
 }
 
 impl Builders {
@@ -207,7 +190,7 @@ impl Builders {
     }
 
     /// A small blob's bytes (at most `cap`).
-    async fn read_blob(&self, digest: &Digest, cap: u64) -> Result<Vec<u8>, BuildError> {
+    pub(super) async fn read_blob(&self, digest: &Digest, cap: u64) -> Result<Vec<u8>, BuildError> {
         let Some(BlobContent::Stream { len, mut body }) =
             self.storage().read_blob(digest, None).await?
         else {
@@ -215,7 +198,7 @@ impl Builders {
         };
         if len > cap {
             return Err(BuildError::TooLarge {
-                what: "the image config",
+                what: "an image config",
                 limit: cap,
             });
         }

@@ -20,6 +20,15 @@ impl MediaType {
     pub const OCI_CONFIG: &'static str = "application/vnd.oci.image.config.v1+json";
     pub const OCI_LAYER_GZIP: &'static str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
+    /// Every manifest and index type kontain reads: the `Accept` list for
+    /// fetching images it builds on.
+    pub const MANIFESTS: [&'static str; 4] = [
+        Self::OCI_INDEX,
+        Self::OCI_MANIFEST,
+        Self::DOCKER_MANIFEST_LIST,
+        Self::DOCKER_MANIFEST,
+    ];
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

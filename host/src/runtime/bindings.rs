@@ -9,5 +9,6 @@ wasmtime::component::bindgen!({
         "kontain:generator/images.layer": super::host::LayerHandle,
         "kontain:generator/images.manifest": super::host::ManifestHandle,
         "kontain:generator/images.blob": super::host::BlobHandle,
+        "kontain:generator/go.module": super::host::ModuleHandle,
     },
 });

@@ -9,12 +9,16 @@ use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::bindings::kontain::generator::{cache, flatten, images, random, types, upstream};
+use super::bindings::kontain::generator::{
+    cache, flatten, go, images, random, settings, types, upstream,
+};
 use super::plugin::Plugin;
+use crate::builders::ko::KoBuild;
 use crate::builders::{
     BuildError, Builders, HistoryEntry, ImageSpec, LayerBlob, ManifestFormat, Platform,
 };
 use crate::config::Capability;
+use crate::golang::{BuildOptions, Go, GoError, ImportPath, Module};
 use crate::storage::{BlobInfo, StoredManifest};
 use crate::upstream::{Mirror, UpstreamError};
 
@@ -31,6 +35,9 @@ pub struct ManifestHandle(pub StoredManifest);
 /// Any other blob a plugin holds (and may return).
 pub struct BlobHandle(pub BlobInfo);
 
+/// A Go module version a plugin holds.
+pub struct ModuleHandle(pub Module);
+
 /// A host failure while serving a plugin: not the plugin's fault, so it is not
 /// shown to the plugin as an error value but ends the call as a trap that the
 /// runtime recognises and reports as a server error.
@@ -40,6 +47,8 @@ pub enum HostFailure {
     Build(BuildError),
     #[error(transparent)]
     Upstream(UpstreamError),
+    #[error(transparent)]
+    Go(GoError),
 }
 
 /// The host's services a plugin's calls reach.
@@ -47,12 +56,14 @@ pub enum HostFailure {
 pub struct Services {
     pub builders: Builders,
     pub mirror: Arc<Mirror>,
+    pub go: Arc<Go>,
 }
 
 pub struct HostState {
     plugin: Arc<Plugin>,
     builders: Builders,
     mirror: Arc<Mirror>,
+    go: Arc<Go>,
     wasi: WasiCtx,
     table: ResourceTable,
     limits: StoreLimits,
@@ -81,6 +92,7 @@ impl HostState {
             plugin,
             builders: services.builders,
             mirror: services.mirror,
+            go: services.go,
             wasi,
             table: ResourceTable::new(),
             limits,
@@ -166,8 +178,29 @@ fn guest_error(e: BuildError) -> wasmtime::Result<types::Error> {
         BuildError::InvalidImage(_) => Ok(types::Error::InvalidReference(e.to_string())),
         BuildError::TooLarge { .. } => Ok(types::Error::LimitExceeded(e.to_string())),
         BuildError::Upstream(upstream) => upstream_error(*upstream),
+        BuildError::Go(go) => go_error(*go),
         other => Err(HostFailure::Build(other).into()),
     }
+}
+
+fn go_error(e: GoError) -> wasmtime::Result<types::Error> {
+    let message = e.to_string();
+    Ok(match e {
+        GoError::InvalidPath(_) => types::Error::InvalidName(message),
+        GoError::NotFound { .. } | GoError::NoPackage { .. } => types::Error::NotFound(message),
+        GoError::Refused(_) | GoError::UnsafeModule { .. } | GoError::BadOptions { .. } => {
+            types::Error::Denied(message)
+        }
+        GoError::TooLarge { .. } | GoError::Timeout { .. } => types::Error::LimitExceeded(message),
+        // The name asks for a program that does not compile: the client's
+        // request cannot succeed as it is, and retrying will not help.
+        GoError::BuildFailed { .. } => types::Error::InvalidName(message),
+        GoError::Unreachable { .. }
+        | GoError::Failing { .. }
+        | GoError::BadProxy { .. }
+        | GoError::NoGo { .. } => types::Error::Unavailable(message),
+        GoError::Io { .. } | GoError::Storage(_) => return Err(HostFailure::Go(e).into()),
+    })
 }
 
 fn upstream_error(e: UpstreamError) -> wasmtime::Result<types::Error> {
@@ -430,5 +463,116 @@ impl random::Host for HostState {
             handles.push(self.table.push(LayerHandle(blob))?);
         }
         Ok(Ok(handles))
+    }
+}
+
+impl settings::Host for HostState {
+    async fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        Ok(self.plugin.settings.get(&key).cloned())
+    }
+}
+
+/// The repository part of `name[:tag][@digest]`.
+fn strip_reference(image: &str) -> &str {
+    let image = image.split('@').next().unwrap_or(image);
+    let last = image.rfind('/').map_or(0, |i| i + 1);
+    match image[last..].find(':') {
+        Some(i) => &image[..last + i],
+        None => image,
+    }
+}
+
+/// Text files a plugin may read from a module (`.ko.yaml`).
+const MAX_MODULE_FILE: u64 = 64 * 1024;
+
+impl go::HostModule for HostState {
+    async fn path(&mut self, this: Resource<ModuleHandle>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&this)?.0.path.clone())
+    }
+
+    async fn version(&mut self, this: Resource<ModuleHandle>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&this)?.0.version.clone())
+    }
+
+    async fn read_file(
+        &mut self,
+        this: Resource<ModuleHandle>,
+        path: String,
+    ) -> wasmtime::Result<Option<String>> {
+        let module = self.table.get(&this)?.0.clone();
+        Ok(tokio::task::spawn_blocking(move || module.read_file(&path, MAX_MODULE_FILE)).await?)
+    }
+
+    async fn drop(&mut self, this: Resource<ModuleHandle>) -> wasmtime::Result<()> {
+        self.table.delete(this)?;
+        Ok(())
+    }
+}
+
+impl go::Host for HostState {
+    async fn resolve(
+        &mut self,
+        import_path: String,
+        version: String,
+    ) -> wasmtime::Result<Result<Resource<ModuleHandle>, types::Error>> {
+        if let Err(denied) = self.require(Capability::Go) {
+            return Ok(Err(denied));
+        }
+        match self.go.resolve(&import_path, &version).await {
+            Ok(module) => Ok(Ok(self.table.push(ModuleHandle(module))?)),
+            Err(e) => Ok(Err(go_error(e)?)),
+        }
+    }
+
+    async fn image(
+        &mut self,
+        module: Resource<ModuleHandle>,
+        package: String,
+        options: go::BuildOptions,
+        base_image: String,
+        base: Resource<ManifestHandle>,
+        platforms: Vec<String>,
+    ) -> wasmtime::Result<Result<Resource<ManifestHandle>, types::Error>> {
+        // `name[:tag|@digest]`: the name reaches the upstream; the whole
+        // reference is what the image's annotations record.
+        let base_name = strip_reference(&base_image);
+        if let Err(denied) = self
+            .require(Capability::Go)
+            .and_then(|()| self.require_upstream(base_name))
+        {
+            return Ok(Err(denied));
+        }
+        let module = self.table.get(&module)?.0.clone();
+        let base = self.table.get(&base)?.0.clone();
+        let package = match ImportPath::parse(&package) {
+            Ok(p) if p.relative_to(&module.path).is_some() => p,
+            Ok(p) => {
+                return Ok(Err(types::Error::InvalidName(format!(
+                    "{p} is not a package of module {}",
+                    module.path
+                ))));
+            }
+            Err(e) => return Ok(Err(types::Error::InvalidName(e))),
+        };
+        let options = BuildOptions {
+            env: options.env,
+            flags: options.flags,
+            ldflags: options.ldflags,
+        };
+        let accept = crate::oci::MediaType::MANIFESTS.map(str::to_owned).to_vec();
+        let build = KoBuild {
+            module: &module,
+            package: &package,
+            options: &options,
+            base_image: base_name,
+            base_reference: &base_image,
+            base: &base,
+            platforms: &platforms,
+            accept: &accept,
+        };
+        match self.builders.ko(&self.go, &self.mirror, build).await {
+            Ok(manifest) => Ok(Ok(self.table.push(ManifestHandle(manifest))?)),
+            Err(e) => Ok(Err(guest_error(e)?)),
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! imports against its grants and our WIT version, compile it, and
 //! pre-instantiate it so that each request only has to create a store.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
@@ -33,6 +33,10 @@ const BUILT_IN: &[(&str, &[u8])] = &[
         "flatten",
         include_bytes!(concat!(env!("KONTAIN_PLUGINS_DIR"), "/flatten.wasm")),
     ),
+    (
+        "ko",
+        include_bytes!(concat!(env!("KONTAIN_PLUGINS_DIR"), "/ko.wasm")),
+    ),
 ];
 
 pub struct Plugin {
@@ -43,6 +47,8 @@ pub struct Plugin {
     pub grants: BTreeSet<Capability>,
     /// Registries this plugin may reach, if restricted.
     pub upstreams: Option<Vec<String>>,
+    /// The generator's `settings` table.
+    pub settings: BTreeMap<String, String>,
     pub pre: PluginPre<HostState>,
 }
 
@@ -159,6 +165,7 @@ pub fn load(
         limits: config.limits,
         grants,
         upstreams: config.upstreams.clone(),
+        settings: config.settings.clone(),
         pre,
     })
 }
@@ -247,7 +254,7 @@ fn check_import(name: &str, import: &str, grants: &BTreeSet<Capability>) -> Resu
     }
     match interface {
         // Always available: the vocabulary every generator needs.
-        "types" | "images" => Ok(()),
+        "types" | "images" | "settings" => Ok(()),
         _ => Err(unknown()),
     }
 }

@@ -269,18 +269,41 @@ impl Client {
     /// Classifies a failed exchange: a policy refusal anywhere in the chain
     /// (resolver, redirect) is `Refused`; anything else means unreachable.
     fn transport(&self, image: &UpstreamImage, error: reqwest::Error) -> UpstreamError {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
-        while let Some(e) = source {
-            if let Some(refusal) = e.downcast_ref::<Refusal>() {
-                return UpstreamError::Refused(refusal.clone());
-            }
-            source = e.source();
-        }
-        UpstreamError::Unreachable {
-            image: image.to_string(),
-            message: error_chain(&error),
+        match plain_error(error) {
+            PlainError::Refused(refusal) => UpstreamError::Refused(refusal),
+            PlainError::Transport(message) => UpstreamError::Unreachable {
+                image: image.to_string(),
+                message,
+            },
         }
     }
+
+    /// A plain `GET` of `url` for other protocols that share this client's
+    /// connection policy (Go module proxies): the response once its status
+    /// is in. The URL, every redirect and every resolved address are checked
+    /// as for registries.
+    pub async fn get(&self, url: Url) -> Result<Response, PlainError> {
+        self.policy.check_url(&url).map_err(PlainError::Refused)?;
+        self.http.get(url).send().await.map_err(plain_error)
+    }
+}
+
+/// Why a plain `GET` failed.
+#[derive(Debug)]
+pub enum PlainError {
+    Refused(Refusal),
+    Transport(String),
+}
+
+fn plain_error(error: reqwest::Error) -> PlainError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    while let Some(e) = source {
+        if let Some(refusal) = e.downcast_ref::<Refusal>() {
+            return PlainError::Refused(refusal.clone());
+        }
+        source = e.source();
+    }
+    PlainError::Transport(error_chain(&error))
 }
 
 /// The whole body, or `None` if it is longer than `cap` bytes (reading stops

@@ -42,7 +42,7 @@ pub use bindings::kontain::generator::images::{
     self, Blob, Config, History, Layer, Manifest, ManifestFormat, Platform,
 };
 pub use bindings::kontain::generator::types::Error;
-pub use bindings::kontain::generator::{cache, flatten, random, upstream};
+pub use bindings::kontain::generator::{cache, flatten, go, random, settings, upstream};
 
 /// A generator: turns a request for a tag (or an unknown digest) into a
 /// manifest the host has stored.

@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# Benchmark of the `ko` generator (not a test: it asserts nothing).
+#
+# Fixture: a main module importing a second module, published in a file://
+# module proxy; a two-platform (amd64 + arm64) busybox base index in a
+# loopback docker-registry. Measured in the same run:
+#   - kontain, first pull (HEAD of the index): resolve, fetch and check the
+#     module, go build for both platforms, layer, store; Go caches empty;
+#   - baseline: plain `go build` of the same module for the same two
+#     platforms, from an unpacked copy, with empty Go caches too;
+#   - a cached pull (the image exists: resolve + lookup, no build).
+#
+# usage: bench/ko.sh [runs]     (default 3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+runs=${1:-3}
+
+command -v go >/dev/null || { echo "needs go (apt-get install golang-go)" >&2; exit 1; }
+cargo build --release --quiet --bin kontain
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    chmod -R u+w "$work" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() { for _ in $(seq 200); do curl -sf -o /dev/null "$1" && return 0; sleep 0.1; done; echo "no answer from $1" >&2; exit 1; }
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { print b - a }'; }
+
+# The module proxy and the base image layout.
+python3 - "$work" <<'PY'
+import gzip, hashlib, io, json, os, sys, tarfile, zipfile
+work = sys.argv[1]
+proxy = os.path.join(work, "proxy")
+def publish(module, version, files):
+    d = os.path.join(proxy, module, "@v"); os.makedirs(d, exist_ok=True)
+    with zipfile.ZipFile(os.path.join(d, version + ".zip"), "w", zipfile.ZIP_DEFLATED) as z:
+        for name, text in files.items():
+            z.writestr(f"{module}@{version}/{name}", text)
+    open(os.path.join(d, version + ".mod"), "w").write(files["go.mod"])
+    open(os.path.join(d, version + ".info"), "w").write(json.dumps({"Version": version, "Time": "2026-01-01T00:00:00Z"}))
+    open(os.path.join(d, "list"), "a").write(version + "\n")
+publish("example.com/greeting", "v1.0.0", {
+    "go.mod": "module example.com/greeting\n\ngo 1.19\n",
+    "greeting.go": 'package greeting\n\nfunc Hello() string { return "hello from greeting" }\n'})
+publish("example.com/hello", "v1.0.0", {
+    "go.mod": "module example.com/hello\n\ngo 1.19\n\nrequire example.com/greeting v1.0.0\n",
+    "main.go": 'package main\n\nimport (\n\t"fmt"\n\t"net/http"\n\n\t"example.com/greeting"\n)\n\n'
+               'func main() { fmt.Println(greeting.Hello(), http.StatusOK) }\n',
+    "kodata/message.txt": "hi\n"})
+
+layout = os.path.join(work, "layout"); os.makedirs(os.path.join(layout, "blobs/sha256"))
+def blob(data):
+    d = hashlib.sha256(data).hexdigest()
+    open(os.path.join(layout, "blobs/sha256", d), "wb").write(data)
+    return "sha256:" + d, len(data)
+buf = io.BytesIO()
+with tarfile.open(fileobj=buf, mode="w") as t:
+    t.add("/bin/busybox", arcname="bin/busybox")
+tar = buf.getvalue()
+layer, layer_size = blob(gzip.compress(tar, mtime=0))
+children = []
+for arch in ["amd64", "arm64"]:
+    config = {"architecture": arch, "os": "linux", "config": {"Env": ["PATH=/bin"]},
+              "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(tar).hexdigest()]}}
+    cd, cn = blob(json.dumps(config).encode())
+    m = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cn},
+         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer, "size": layer_size}]}
+    md, mn = blob(json.dumps(m).encode())
+    children.append({"mediaType": m["mediaType"], "digest": md, "size": mn, "platform": {"os": "linux", "architecture": arch}})
+index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": children}
+idx, idn = blob(json.dumps(index).encode())
+json.dump({"schemaVersion": 2, "manifests": [{"mediaType": index["mediaType"], "digest": idx, "size": idn,
+           "annotations": {"org.opencontainers.image.ref.name": "latest"}}]},
+          open(os.path.join(layout, "index.json"), "w"))
+open(os.path.join(layout, "oci-layout"), "w").write('{"imageLayoutVersion":"1.0.0"}')
+PY
+
+up=$(free_port)
+mkdir -p "$work/upstream"
+printf 'version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:%s\n' \
+    "$work/upstream/data" "$up" > "$work/upstream/config.yml"
+docker-registry serve "$work/upstream/config.yml" > "$work/upstream/log" 2>&1 &
+pids+=($!)
+wait_http "http://127.0.0.1:$up/v2/"
+skopeo copy -q --all --preserve-digests --dest-tls-verify=false "oci:$work/layout:latest" "docker://127.0.0.1:$up/base:latest"
+
+accept='application/vnd.oci.image.index.v1+json'
+# One kontain per run, each with empty storage and empty Go caches.
+kontain_cold() {
+    local dir="$work/kontain-$1" port
+    port=$(free_port)
+    mkdir -p "$dir"
+    cat > "$dir/kontain.toml" <<TOML
+[storage]
+backend = "filesystem"
+path = "data"
+[upstream.registries.local]
+url = "http://127.0.0.1:$up"
+allow_private = true
+[go]
+proxies = ["file://$work/proxy"]
+sumdb = "off"
+[generators.ko]
+source = "builtin:ko"
+grants = ["upstream", "go"]
+[generators.ko.settings]
+base = "local/base:latest"
+TOML
+    (cd "$dir" && PORT=$port RUST_LOG=warn exec "$root/target/release/kontain") > "$dir/log" 2>&1 &
+    pids+=($!)
+    wait_http "http://127.0.0.1:$port/v2/"
+    local url="http://127.0.0.1:$port/v2/ko/example.com/hello/manifests/v1.0.0"
+    local t
+    t=$(curl -sf -o /dev/null -I -H "Accept: $accept" -w '%{time_total}' "$url")
+    echo "$t" >> "$work/cold"
+    for _ in $(seq 20); do
+        curl -sf -o /dev/null -I -H "Accept: $accept" -w '%{time_total}\n' "$url"
+    done >> "$work/cached"
+}
+go_build_cold() {
+    local dir="$work/go-$1"
+    mkdir -p "$dir/src" "$dir/home"
+    (cd "$dir/src" && python3 -c "import zipfile,sys; zipfile.ZipFile(sys.argv[1]).extractall('.')" \
+        "$work/proxy/example.com/hello/@v/v1.0.0.zip")
+    local s
+    s=$(now)
+    for arch in amd64 arm64; do
+        (cd "$dir/src/example.com/hello@v1.0.0" && env -i PATH="$PATH" HOME="$dir/home" GOPATH="$dir/gopath" \
+            GOMODCACHE="$dir/mod" GOCACHE="$dir/cache" GOPROXY="file://$work/proxy" GOSUMDB=off \
+            GOFLAGS=-mod=mod CGO_ENABLED=0 GOOS=linux GOARCH=$arch \
+            go build -trimpath -buildvcs=false -o "$dir/out-$arch" . 2>/dev/null)
+    done
+    since "$s" >> "$work/baseline"
+}
+for i in $(seq "$runs"); do
+    kontain_cold "$i"
+    go_build_cold "$i"
+done
+ours=$(median < "$work/cold")
+base=$(median < "$work/baseline")
+cached=$(median < "$work/cached")
+
+printf 'ko: example.com/hello (2 modules) for linux/amd64 + linux/arm64, empty caches (median of %d)\n' "$runs"
+printf '%-44s %8.3f s\n' "kontain first pull (HEAD of the index)" "$ours"
+printf '%-44s %8.3f s\n' "go build x2 platforms (baseline)" "$base"
+printf '%-44s %8.2f\n' "ratio (kontain / baseline)" "$(awk -v a="$ours" -v b="$base" 'BEGIN { print a / b }')"
+printf '%-44s %8.1f ms\n' "kontain cached pull (median of $((runs * 20)))" "$(awk -v c="$cached" 'BEGIN { print c * 1000 }')"

@@ -1,0 +1,586 @@
+//! ko images: a Go program built natively (`golang`) and put on a base image
+//! the way ko does it, so that images behave like `ko build`'s:
+//!
+//! - a kodata layer: `<package dir>/kodata/**` under `/var/run/ko` (with the
+//!   directories `/var`, `/var/run`, `/var/run/ko`), then a binary layer with
+//!   `/ko-app/<last element of the import path>`; modes 0555, mtimes 0;
+//! - config from the base, with `Entrypoint = ["/ko-app/<name>"]`, no `Cmd`,
+//!   `:/ko-app` added to `PATH`, `KO_DATA_PATH=/var/run/ko`, and the creation
+//!   time fixed at the epoch;
+//! - layer media types matching the base's; annotations naming the base
+//!   (`org.opencontainers.image.base.name` / `.base.digest`);
+//! - an index when the base has several platforms, a plain image for one.
+//!
+//! The same module version, package, options and base digest always give the
+//! same digest (the Go toolchain's own output is reproducible under
+//! `-trimpath`), and results are cached under exactly that key.
+
+use std::path::Path;
+
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
+
+use super::{
+    BuildError, Builders, LayerBlob, canonical, digest_of, invalid, io_error, publish_layer,
+};
+use crate::golang::{BuildOptions, Go, ImportPath, Module, Target, Workspace};
+use crate::oci::{Digest, MediaType, Sha256Writer};
+use crate::storage::{Storage, StoredManifest};
+use crate::upstream::Mirror;
+
+const EPOCH: &str = "1970-01-01T00:00:00Z";
+const KODATA_ROOT: &str = "var/run/ko";
+const APP_DIR: &str = "ko-app";
+const AUTHOR: &str = "kontain ko";
+/// Bump when the image layout changes, so cached results are not reused.
+const LAYOUT_VERSION: u32 = 1;
+
+/// One ko build request.
+pub struct KoBuild<'a> {
+    pub module: &'a Module,
+    pub package: &'a ImportPath,
+    pub options: &'a BuildOptions,
+    /// The base image's repository (`cgr.dev/chainguard/static`).
+    pub base_image: &'a str,
+    /// The base image as the request named it (`cgr.dev/chainguard/static:latest`).
+    pub base_reference: &'a str,
+    pub base: &'a StoredManifest,
+    /// `os/arch[/variant]` filters; empty for every platform of the base.
+    pub platforms: &'a [String],
+    pub accept: &'a [String],
+}
+
+/// One platform image of the base.
+struct Child {
+    /// The base index's descriptor for it (absent for a single image).
+    descriptor: Option<Value>,
+    manifest: StoredManifest,
+    target: Target,
+}
+
+fn parse_json(bytes: &[u8], what: &str) -> Result<Value, BuildError> {
+    serde_json::from_slice(bytes).map_err(|e| invalid(format!("{what} is not JSON: {e}")))
+}
+
+fn target_of(platform: &Value) -> Target {
+    let s = |k: &str| platform[k].as_str().unwrap_or_default().to_owned();
+    Target {
+        os: s("os"),
+        arch: s("architecture"),
+        variant: platform["variant"]
+            .as_str()
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned),
+    }
+}
+
+/// Whether `target` is one of `filters` (`os/arch[/variant]`); no filters
+/// means every platform.
+fn wanted(target: &Target, filters: &[String]) -> bool {
+    filters.is_empty()
+        || filters.iter().any(|f| {
+            let mut parts = f.split('/');
+            let (os, arch, variant) = (parts.next(), parts.next(), parts.next());
+            os == Some(target.os.as_str())
+                && arch == Some(target.arch.as_str())
+                && variant.is_none_or(|v| target.variant.as_deref() == Some(v))
+        })
+}
+
+impl Builders {
+    /// Builds `build.package` onto `build.base` and stores the result.
+    pub async fn ko(
+        &self,
+        go: &Go,
+        mirror: &Mirror,
+        build: KoBuild<'_>,
+    ) -> Result<StoredManifest, BuildError> {
+        let key = cache_key(&build)?;
+        let storage = self.storage();
+        if let Some(done) = self.cached(&key).await? {
+            return Ok(done);
+        }
+        let _guard = self.locks.lock(key.clone()).await;
+        if let Some(done) = self.cached(&key).await? {
+            return Ok(done);
+        }
+        let children = self.children(mirror, &build).await?;
+        let workspace = go.workspace(build.module)?;
+        let kodata = {
+            let storage = storage.clone();
+            let dir = kodata_dir(build.module, build.package);
+            self.run_blocking(move |_| kodata_layer(storage.as_ref(), dir.as_deref()))
+                .await?
+        };
+        let mut images = Vec::new();
+        for child in &children {
+            let image = self
+                .ko_image(go, mirror, &build, &workspace, &kodata, child)
+                .await?;
+            images.push(image);
+        }
+        let result = match (build.base.media_type.as_str(), images.len()) {
+            (MediaType::OCI_INDEX | MediaType::DOCKER_MANIFEST_LIST, n) if n > 1 => {
+                self.ko_index(&build, &children, &images).await?
+            }
+            _ => images.swap_remove(0),
+        };
+        storage.put_tag(&key, &result.digest).await?;
+        tracing::info!(package = %build.package, version = %build.module.version, digest = %result.digest, platforms = children.len(), "built a ko image");
+        Ok(result)
+    }
+
+    async fn cached(&self, key: &str) -> Result<Option<StoredManifest>, BuildError> {
+        let storage = self.storage();
+        match storage.tag(key).await? {
+            Some(digest) => Ok(storage.manifest(&digest).await?),
+            None => Ok(None),
+        }
+    }
+
+    /// The base's platform images that the build wants.
+    async fn children(
+        &self,
+        mirror: &Mirror,
+        build: &KoBuild<'_>,
+    ) -> Result<Vec<Child>, BuildError> {
+        let base = build.base;
+        let mut children = Vec::new();
+        match base.media_type.as_str() {
+            MediaType::OCI_INDEX | MediaType::DOCKER_MANIFEST_LIST => {
+                let index = parse_json(&base.bytes, "the base index")?;
+                for descriptor in index["manifests"].as_array().cloned().unwrap_or_default() {
+                    let target = target_of(&descriptor["platform"]);
+                    if target.os.is_empty()
+                        || target.os == "unknown"
+                        || target.arch == "unknown"
+                        || !wanted(&target, build.platforms)
+                    {
+                        continue;
+                    }
+                    let digest = digest_of(&descriptor)?;
+                    let manifest = mirror
+                        .manifest(build.base_image, &digest.to_string(), build.accept)
+                        .await?;
+                    if !matches!(
+                        manifest.media_type.as_str(),
+                        MediaType::OCI_MANIFEST | MediaType::DOCKER_MANIFEST
+                    ) {
+                        continue;
+                    }
+                    children.push(Child {
+                        descriptor: Some(descriptor),
+                        manifest,
+                        target,
+                    });
+                }
+            }
+            MediaType::OCI_MANIFEST | MediaType::DOCKER_MANIFEST => {
+                let manifest = parse_json(&base.bytes, "the base manifest")?;
+                let config = self
+                    .base_config(mirror, build.base_image, &manifest)
+                    .await?;
+                let target = Target {
+                    os: config["os"].as_str().unwrap_or("linux").to_owned(),
+                    arch: config["architecture"]
+                        .as_str()
+                        .unwrap_or("amd64")
+                        .to_owned(),
+                    variant: config["variant"].as_str().map(str::to_owned),
+                };
+                if !wanted(&target, build.platforms) {
+                    return Err(invalid(format!(
+                        "the base image {} is {target}, not one of the platforms asked for ({})",
+                        build.base_image,
+                        build.platforms.join(", ")
+                    )));
+                }
+                children.push(Child {
+                    descriptor: None,
+                    manifest: base.clone(),
+                    target,
+                });
+            }
+            other => return Err(invalid(format!("a base image cannot be a {other}"))),
+        }
+        if children.is_empty() {
+            return Err(invalid(format!(
+                "the base image {} has no platform to build for{}",
+                build.base_image,
+                if build.platforms.is_empty() {
+                    String::new()
+                } else {
+                    format!(" among {}", build.platforms.join(", "))
+                }
+            )));
+        }
+        Ok(children)
+    }
+
+    async fn base_config(
+        &self,
+        mirror: &Mirror,
+        image: &str,
+        manifest: &Value,
+    ) -> Result<Value, BuildError> {
+        let digest = digest_of(&manifest["config"])?;
+        mirror.blob(image, &digest.to_string()).await?;
+        parse_json(&self.read_blob(&digest, 1 << 22).await?, "the base config")
+    }
+
+    /// One platform: build the binary, add the two layers, edit the config.
+    async fn ko_image(
+        &self,
+        go: &Go,
+        mirror: &Mirror,
+        build: &KoBuild<'_>,
+        workspace: &Workspace,
+        kodata: &LayerBlob,
+        child: &Child,
+    ) -> Result<StoredManifest, BuildError> {
+        let mut manifest = parse_json(&child.manifest.bytes, "a base manifest")?;
+        let mut config = self
+            .base_config(mirror, build.base_image, &manifest)
+            .await?;
+        // The image refers to the base's layers: make sure storage has them.
+        for layer in manifest["layers"].as_array().cloned().unwrap_or_default() {
+            mirror
+                .blob(build.base_image, &digest_of(&layer)?.to_string())
+                .await?;
+        }
+        let binary = go
+            .build(workspace, build.package, &child.target, build.options)
+            .await?;
+        let name = app_name(build.package);
+        let app = {
+            let storage = self.storage().clone();
+            let name = name.clone();
+            self.run_blocking(move |_| binary_layer(storage.as_ref(), &binary, &name))
+                .await?
+        };
+        let app_path = format!("/{APP_DIR}/{name}");
+        ko_config(&mut config, build.package, &app_path, [kodata, &app])?;
+        let config_bytes = canonical(&config)?;
+        let config_blob = {
+            let storage = self.storage().clone();
+            let bytes = config_bytes.clone();
+            self.run_blocking(move |_| Ok(crate::storage::write_blob(storage.as_ref(), &bytes)?))
+                .await?
+        };
+        let docker = child.manifest.media_type.as_str() == MediaType::DOCKER_MANIFEST;
+        let layer_type = if docker {
+            MediaType::DOCKER_LAYER_GZIP
+        } else {
+            MediaType::OCI_LAYER_GZIP
+        };
+        manifest["config"]["digest"] = json!(config_blob.digest.to_string());
+        manifest["config"]["size"] = json!(config_bytes.len());
+        let layers = manifest["layers"]
+            .as_array_mut()
+            .ok_or_else(|| invalid("a base manifest without layers"))?;
+        for layer in [kodata, &app] {
+            layers.push(json!({
+                "mediaType": layer_type,
+                "digest": layer.digest.to_string(),
+                "size": layer.size,
+            }));
+        }
+        annotate(&mut manifest, build.base_reference, &child.manifest.digest);
+        Ok(self
+            .storage()
+            .put_manifest(&child.manifest.media_type, canonical(&manifest)?)
+            .await?)
+    }
+
+    /// An index over the platform images, in the base index's order and type.
+    async fn ko_index(
+        &self,
+        build: &KoBuild<'_>,
+        children: &[Child],
+        images: &[StoredManifest],
+    ) -> Result<StoredManifest, BuildError> {
+        let entries: Vec<Value> = children
+            .iter()
+            .zip(images)
+            .map(|(child, image)| {
+                let platform = child
+                    .descriptor
+                    .as_ref()
+                    .map(|d| d["platform"].clone())
+                    .unwrap_or(Value::Null);
+                json!({
+                    "mediaType": image.media_type.as_str(),
+                    "digest": image.digest.to_string(),
+                    "size": image.bytes.len(),
+                    "platform": platform,
+                })
+            })
+            .collect();
+        let media_type = &build.base.media_type;
+        let mut index = json!({
+            "schemaVersion": 2,
+            "mediaType": media_type.as_str(),
+            "manifests": entries,
+        });
+        if media_type.as_str() == MediaType::OCI_INDEX {
+            annotate(&mut index, build.base_reference, &build.base.digest);
+        }
+        Ok(self
+            .storage()
+            .put_manifest(media_type, canonical(&index)?)
+            .await?)
+    }
+}
+
+/// The cache key: everything that decides the result.
+fn cache_key(build: &KoBuild<'_>) -> Result<String, BuildError> {
+    let mut platforms = build.platforms.to_vec();
+    platforms.sort();
+    let key = json!({
+        "layout": LAYOUT_VERSION,
+        "module": build.module.path,
+        "version": build.module.version,
+        "package": build.package.as_str(),
+        "options": build.options,
+        "base": build.base.digest.to_string(),
+        "base_name": build.base_reference,
+        "platforms": platforms,
+    });
+    let bytes = canonical(&key)?;
+    Ok(format!("ko {}", hex::encode(Sha256::digest(&bytes))))
+}
+
+fn app_name(package: &ImportPath) -> String {
+    match package.name() {
+        "" | "." => "ko-app".to_owned(),
+        name => name.to_owned(),
+    }
+}
+
+fn kodata_dir(module: &Module, package: &ImportPath) -> Option<std::path::PathBuf> {
+    let rel = package.relative_to(&module.path)?;
+    let dir = module.dir.join(rel).join("kodata");
+    dir.is_dir().then_some(dir)
+}
+
+fn annotate(document: &mut Value, base_image: &str, base_digest: &Digest) {
+    let annotations = document
+        .as_object_mut()
+        .map(|o| o.entry("annotations").or_insert_with(|| json!({})));
+    if let Some(Value::Object(a)) = annotations {
+        a.insert(
+            "org.opencontainers.image.base.name".into(),
+            json!(base_image),
+        );
+        a.insert(
+            "org.opencontainers.image.base.digest".into(),
+            json!(base_digest.to_string()),
+        );
+    }
+}
+
+/// The base config, turned into the app's (see the module comment).
+fn ko_config(
+    config: &mut Value,
+    package: &ImportPath,
+    app_path: &str,
+    layers: [&LayerBlob; 2],
+) -> Result<(), BuildError> {
+    let root = config
+        .as_object_mut()
+        .ok_or_else(|| invalid("the base config is not an object"))?;
+    let inner = root.entry("config").or_insert_with(|| json!({}));
+    if !inner.is_object() {
+        *inner = json!({});
+    }
+    inner["Entrypoint"] = json!([app_path]);
+    if let Some(o) = inner.as_object_mut() {
+        o.remove("Cmd");
+    }
+    let mut env: Vec<String> = inner["Env"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    match env.iter_mut().find(|e| e.starts_with("PATH=")) {
+        Some(path) => path.push_str(&format!(":/{APP_DIR}")),
+        None => env.push(format!("PATH=/{APP_DIR}")),
+    }
+    env.push(format!("KO_DATA_PATH=/{KODATA_ROOT}"));
+    inner["Env"] = json!(env);
+
+    let diff_ids = root
+        .entry("rootfs")
+        .or_insert_with(|| json!({"type": "layers", "diff_ids": []}));
+    let ids = diff_ids["diff_ids"]
+        .as_array_mut()
+        .ok_or_else(|| invalid("the base config has no rootfs.diff_ids"))?;
+    for layer in layers {
+        ids.push(json!(layer.diff_id.to_string()));
+    }
+    let history = root.entry("history").or_insert_with(|| json!([]));
+    if let Some(history) = history.as_array_mut() {
+        let created_by = format!("ko build ko://{package}");
+        history.push(json!({
+            "author": AUTHOR,
+            "created": EPOCH,
+            "created_by": created_by,
+            "comment": "kodata contents, at $KO_DATA_PATH",
+        }));
+        history.push(json!({
+            "author": AUTHOR,
+            "created": EPOCH,
+            "created_by": created_by,
+            "comment": format!("go build output, at {app_path}"),
+        }));
+    }
+    root.insert("created".into(), json!(EPOCH));
+    root.insert("author".into(), json!(AUTHOR));
+    Ok(())
+}
+
+type LayerTar = tar::Builder<Sha256Writer<GzEncoder<Box<dyn crate::storage::BlobWriter>>>>;
+
+/// Writes a layer from `fill` into storage: tar, hashed (diff id), gzipped.
+fn write_layer(
+    storage: &dyn Storage,
+    fill: impl FnOnce(&mut LayerTar) -> Result<(), BuildError>,
+) -> Result<LayerBlob, BuildError> {
+    let blob = storage.blob_writer(u64::MAX)?;
+    let mut tar = tar::Builder::new(Sha256Writer::new(GzEncoder::new(blob, Compression::fast())));
+    fill(&mut tar)?;
+    let hashed = tar.into_inner().map_err(io_error("finishing a layer"))?;
+    let (diff_id, _, gzip) = hashed.finish();
+    let blob = gzip.finish().map_err(io_error("finishing gzip"))?;
+    publish_layer(diff_id, blob)
+}
+
+fn header(kind: tar::EntryType, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(0o555);
+    h.set_mtime(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_size(size);
+    h
+}
+
+fn add_dir(tar: &mut LayerTar, path: &str) -> Result<(), BuildError> {
+    tar.append_data(
+        &mut header(tar::EntryType::Directory, 0),
+        format!("{path}/"),
+        std::io::empty(),
+    )
+    .map_err(io_error("writing a layer"))
+}
+
+fn add_file(tar: &mut LayerTar, path: &str, file: &Path) -> Result<(), BuildError> {
+    let f = std::fs::File::open(file).map_err(io_error("reading a file for a layer"))?;
+    let size = f.metadata().map_err(io_error("reading a file"))?.len();
+    tar.append_data(&mut header(tar::EntryType::Regular, size), path, f)
+        .map_err(io_error("writing a layer"))
+}
+
+/// `/var/run/ko` with the package's kodata, in a fixed (sorted) order.
+fn kodata_layer(storage: &dyn Storage, dir: Option<&Path>) -> Result<LayerBlob, BuildError> {
+    write_layer(storage, |tar| {
+        for d in ["var", "var/run", KODATA_ROOT] {
+            add_dir(tar, d)?;
+        }
+        if let Some(dir) = dir {
+            add_tree(tar, dir, KODATA_ROOT)?;
+        }
+        Ok(())
+    })
+}
+
+fn add_tree(tar: &mut LayerTar, dir: &Path, prefix: &str) -> Result<(), BuildError> {
+    let mut entries = std::fs::read_dir(dir)
+        .map_err(io_error("reading kodata"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(io_error("reading kodata"))?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        let path = format!("{prefix}/{name}");
+        // Module trees hold only directories and regular files (the zip
+        // check refused the rest).
+        let kind = entry.file_type().map_err(io_error("reading kodata"))?;
+        if kind.is_dir() {
+            add_dir(tar, &path)?;
+            add_tree(tar, &entry.path(), &path)?;
+        } else if kind.is_file() {
+            add_file(tar, &path, &entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// `/ko-app/<name>`.
+fn binary_layer(storage: &dyn Storage, binary: &Path, name: &str) -> Result<LayerBlob, BuildError> {
+    write_layer(storage, |tar| {
+        add_dir(tar, APP_DIR)?;
+        add_file(tar, &format!("{APP_DIR}/{name}"), binary)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob(n: u8) -> LayerBlob {
+        let d = Digest::sha256(&[n]);
+        LayerBlob {
+            digest: d.clone(),
+            diff_id: d,
+            size: 1,
+        }
+    }
+
+    #[test]
+    fn the_config_gets_entrypoint_path_and_kodata() {
+        let mut config = json!({
+            "architecture": "amd64", "os": "linux", "created": "2024-01-01T00:00:00Z",
+            "config": {"Env": ["PATH=/usr/bin:/bin", "A=b"], "Cmd": ["sh"], "User": "65532"},
+            "rootfs": {"type": "layers", "diff_ids": ["sha256:00"]},
+            "history": [{"created_by": "base"}],
+        });
+        let package = ImportPath::parse("example.com/hello").unwrap();
+        ko_config(&mut config, &package, "/ko-app/hello", [&blob(1), &blob(2)]).unwrap();
+        assert_eq!(config["config"]["Entrypoint"], json!(["/ko-app/hello"]));
+        assert!(config["config"].get("Cmd").is_none());
+        assert_eq!(
+            config["config"]["Env"],
+            json!([
+                "PATH=/usr/bin:/bin:/ko-app",
+                "A=b",
+                "KO_DATA_PATH=/var/run/ko"
+            ])
+        );
+        assert_eq!(config["config"]["User"], "65532");
+        assert_eq!(config["rootfs"]["diff_ids"].as_array().unwrap().len(), 3);
+        assert_eq!(config["history"].as_array().unwrap().len(), 3);
+        assert_eq!(config["created"], EPOCH);
+    }
+
+    #[test]
+    fn platform_filters() {
+        let t = Target {
+            os: "linux".into(),
+            arch: "arm".into(),
+            variant: Some("v7".into()),
+        };
+        assert!(wanted(&t, &[]));
+        assert!(wanted(&t, &["linux/arm".into()]));
+        assert!(wanted(&t, &["linux/arm/v7".into()]));
+        assert!(!wanted(&t, &["linux/arm/v6".into(), "linux/amd64".into()]));
+    }
+}

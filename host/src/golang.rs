@@ -1,0 +1,384 @@
+//! Go modules and builds, natively: resolving an import path to a module
+//! version over the module proxy protocol (`proxy`, `modpath`), fetching and
+//! checking the module's zip (`source`), and running `go build` on it
+//! (`build`). `builders::ko` turns the results into images.
+//!
+//! Depends on `upstream` (its policy-checked HTTP client) and `storage` (to
+//! remember resolutions); knows nothing of wasm or HTTP serving.
+
+mod build;
+mod modpath;
+mod proxy;
+mod source;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sha2::{Digest as _, Sha256};
+
+pub use build::{BuildOptions, Target, Toolchain, Workspace};
+pub use modpath::ImportPath;
+use proxy::{Answer, Proxy};
+
+use crate::config::GoConfig;
+use crate::storage::Storage;
+use crate::upstream::{Client, Refusal};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GoError {
+    #[error("{0}")]
+    InvalidPath(String),
+    #[error("no module on {proxies} provides {import_path} at {version}")]
+    NotFound {
+        import_path: String,
+        version: String,
+        proxies: String,
+    },
+    #[error("{module}@{version} has no package {import_path}")]
+    NoPackage {
+        module: String,
+        version: String,
+        import_path: String,
+    },
+    #[error(transparent)]
+    Refused(Refusal),
+    #[error("the module proxy {proxy} is unreachable: {message}")]
+    Unreachable { proxy: String, message: String },
+    #[error("the module proxy {proxy} answered {status} for {what}")]
+    Failing {
+        proxy: String,
+        what: String,
+        status: u16,
+    },
+    #[error("the module proxy sent something unusable: {message}")]
+    BadProxy { message: String },
+    #[error("module {module}@{version} is refused: {reason}")]
+    UnsafeModule {
+        module: String,
+        version: String,
+        reason: String,
+    },
+    #[error("{what} is larger than the limit of {limit} bytes")]
+    TooLarge { what: String, limit: u64 },
+    #[error("cannot build {package}: {reason}")]
+    BadOptions { package: String, reason: String },
+    #[error("go build {package} ({target}) failed:\n{output}")]
+    BuildFailed {
+        package: String,
+        target: String,
+        output: String,
+    },
+    #[error("go build {package} ({target}) took longer than the limit of {seconds}s")]
+    Timeout {
+        package: String,
+        target: String,
+        seconds: u64,
+    },
+    #[error(
+        "the go command {command:?} cannot be run ({message}); install Go (Debian: golang-go) or set `command` in kontain.toml's [go]"
+    )]
+    NoGo { command: String, message: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+}
+
+impl GoError {
+    pub(crate) fn io(what: String, source: std::io::Error) -> GoError {
+        GoError::Io { what, source }
+    }
+
+    /// The proxy is down or failing: a remembered resolution may be used.
+    fn proxy_down(&self) -> bool {
+        match self {
+            GoError::Unreachable { .. } => true,
+            GoError::Failing { status, .. } => *status == 429 || *status >= 500,
+            _ => false,
+        }
+    }
+}
+
+/// One version of a module, unpacked and checked.
+#[derive(Clone, Debug)]
+pub struct Module {
+    pub path: String,
+    pub version: String,
+    /// The unpacked tree. Shared by every request for this version: read it,
+    /// never build in it (see [`Workspace`]).
+    pub dir: PathBuf,
+}
+
+impl Module {
+    /// A small text file of the module, if it exists and is at most `cap`
+    /// bytes of UTF-8.
+    pub fn read_file(&self, rel: &str, cap: u64) -> Option<String> {
+        let clean = rel
+            .split('/')
+            .all(|e| !e.is_empty() && e != "." && e != "..");
+        if !clean {
+            return None;
+        }
+        let path = self.dir.join(rel);
+        let meta = std::fs::symlink_metadata(&path).ok()?;
+        if !meta.is_file() || meta.len() > cap {
+            return None;
+        }
+        std::fs::read_to_string(path).ok()
+    }
+}
+
+pub struct Go {
+    proxies: Vec<Proxy>,
+    client: Arc<Client>,
+    storage: Arc<dyn Storage>,
+    scratch: PathBuf,
+    max_module: u64,
+    toolchain: Toolchain,
+    locks: crate::upstream::KeyedLocks,
+    /// `go build` uses every core by itself; builds beyond this wait.
+    builds: tokio::sync::Semaphore,
+}
+
+impl Go {
+    pub fn new(
+        config: &GoConfig,
+        scratch: PathBuf,
+        client: Arc<Client>,
+        storage: Arc<dyn Storage>,
+    ) -> Result<Go, String> {
+        // go wants absolute cache paths, and builds run in other directories.
+        let scratch =
+            std::path::absolute(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
+        let proxies = config
+            .proxies
+            .iter()
+            .map(Proxy::new)
+            .collect::<Result<Vec<_>, _>>()?;
+        let goproxy = config
+            .proxies
+            .iter()
+            .map(|u| u.as_str().trim_end_matches('/'))
+            .collect::<Vec<_>>()
+            .join(",");
+        let toolchain = Toolchain {
+            command: config.command.clone(),
+            goproxy,
+            gosumdb: config.sumdb.clone(),
+            mod_cache: scratch.join("mod"),
+            build_cache: scratch.join("cache"),
+            timeout: config.build_timeout,
+            max_binary: config.max_binary_bytes.0,
+        };
+        Ok(Go {
+            proxies,
+            client,
+            storage,
+            scratch,
+            max_module: config.max_module_bytes.0,
+            toolchain,
+            locks: Default::default(),
+            builds: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2)),
+            ),
+        })
+    }
+
+    fn proxy_names(&self) -> String {
+        self.proxies
+            .iter()
+            .map(Proxy::describe)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// A document from the first proxy that has it (404/410 fall through).
+    async fn document(&self, path: &str) -> Result<Option<Vec<u8>>, GoError> {
+        for p in &self.proxies {
+            if let Answer::Found(body) = proxy::document(&self.client, p, path).await? {
+                return Ok(Some(body));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The version `query` means for `module`, if the module exists.
+    async fn version_of(&self, module: &str, query: &str) -> Result<Option<String>, GoError> {
+        if query == "latest" {
+            let path = proxy::path_of(module, "@latest");
+            if let Some(body) = self.document(&path).await? {
+                return proxy::info_version(&body, &path).map(Some);
+            }
+            let list = proxy::path_of(module, "@v/list");
+            return Ok(self
+                .document(&list)
+                .await?
+                .and_then(|body| modpath::latest_of(&String::from_utf8_lossy(&body))));
+        }
+        let path = proxy::path_of(module, &format!("@v/{query}.info"));
+        match self.document(&path).await? {
+            Some(body) => proxy::info_version(&body, &path).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The module providing `import_path` at `query`, fetched and unpacked.
+    /// A resolution is remembered, and reused when every proxy is down.
+    pub async fn resolve(&self, import_path: &str, query: &str) -> Result<Module, GoError> {
+        let import = ImportPath::parse(import_path).map_err(GoError::InvalidPath)?;
+        modpath::check_query(query).map_err(GoError::InvalidPath)?;
+        let memory = format!("go resolve {import} {query}");
+        let found = match self.find(&import, query).await {
+            Ok(found) => {
+                if let Some((module, version)) = &found {
+                    let value = format!("{module} {version}");
+                    if let Err(e) = self.storage.put_value(&memory, &value).await {
+                        tracing::warn!(error = %e, "could not remember a Go resolution");
+                    }
+                }
+                found
+            }
+            Err(e) if e.proxy_down() => match self.storage.value(&memory).await? {
+                Some(value) => {
+                    tracing::warn!(%import, query, error = %e, "module proxy down: using the last resolution");
+                    value
+                        .split_once(' ')
+                        .map(|(m, v)| (m.to_owned(), v.to_owned()))
+                }
+                None => return Err(e),
+            },
+            Err(e) => return Err(e),
+        };
+        let Some((module_path, version)) = found else {
+            return Err(GoError::NotFound {
+                import_path: import.to_string(),
+                version: query.to_owned(),
+                proxies: self.proxy_names(),
+            });
+        };
+        let module = self.fetch(&module_path, &version).await?;
+        let rel = import.relative_to(&module.path).unwrap_or_default();
+        if !module.dir.join(rel).is_dir() {
+            return Err(GoError::NoPackage {
+                module: module.path,
+                version: module.version,
+                import_path: import.to_string(),
+            });
+        }
+        Ok(module)
+    }
+
+    /// Longest module path first, as `go get` does.
+    async fn find(
+        &self,
+        import: &ImportPath,
+        query: &str,
+    ) -> Result<Option<(String, String)>, GoError> {
+        for candidate in import.module_candidates() {
+            if let Some(version) = self.version_of(candidate, query).await? {
+                return Ok(Some((candidate.to_owned(), version)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The unpacked module, downloading and checking its zip the first time.
+    async fn fetch(&self, module: &str, version: &str) -> Result<Module, GoError> {
+        let key = hex::encode(Sha256::digest(format!("{module}@{version}")));
+        let dir = self.scratch.join("modules").join(&key);
+        let done = Module {
+            path: module.to_owned(),
+            version: version.to_owned(),
+            dir: dir.join("src"),
+        };
+        if dir.join("complete").exists() {
+            return Ok(done);
+        }
+        let _guard = self.locks.lock(format!("go module {key}")).await;
+        if dir.join("complete").exists() {
+            return Ok(done);
+        }
+        let tmp_root = self.scratch.join("tmp");
+        std::fs::create_dir_all(&tmp_root)
+            .map_err(|e| GoError::io(format!("creating {}", tmp_root.display()), e))?;
+        let mut zip = tempfile::tempfile_in(&tmp_root)
+            .map_err(|e| GoError::io("creating a temporary file".into(), e))?;
+        let path = proxy::path_of(module, &format!("@v/{version}.zip"));
+        let mut found = false;
+        for p in &self.proxies {
+            if let Answer::Found(()) =
+                proxy::fetch(&self.client, p, &path, self.max_module, &mut zip).await?
+            {
+                found = true;
+                break;
+            }
+        }
+        if !found {
+            return Err(GoError::NotFound {
+                import_path: module.to_owned(),
+                version: version.to_owned(),
+                proxies: self.proxy_names(),
+            });
+        }
+        let (module_owned, version_owned, cap) =
+            (module.to_owned(), version.to_owned(), self.max_module);
+        let unpacked = tempfile::Builder::new()
+            .prefix("unpack-")
+            .tempdir_in(&tmp_root)
+            .map_err(|e| GoError::io("creating a temporary directory".into(), e))?;
+        let target = unpacked.path().join("src");
+        let result = tokio::task::spawn_blocking(move || {
+            use std::io::Seek;
+            zip.rewind()
+                .map_err(|e| GoError::io("reading the module zip".into(), e))?;
+            std::fs::create_dir(&target)
+                .map_err(|e| GoError::io("creating a directory".into(), e))?;
+            source::unpack(zip, &module_owned, &version_owned, &target, cap)
+        })
+        .await
+        .map_err(|e| GoError::io("unpacking".into(), std::io::Error::other(e)))?;
+        result?;
+        std::fs::write(unpacked.path().join("complete"), b"")
+            .map_err(|e| GoError::io("marking the module unpacked".into(), e))?;
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| GoError::io(format!("creating {}", parent.display()), e))?;
+        }
+        let kept = unpacked.keep();
+        if let Err(e) = std::fs::rename(&kept, &dir) {
+            let _ = std::fs::remove_dir_all(&kept);
+            if !dir.join("complete").exists() {
+                return Err(GoError::io(format!("moving into {}", dir.display()), e));
+            }
+        }
+        tracing::info!(module, version, "fetched a Go module");
+        Ok(done)
+    }
+
+    /// A private copy of `module` to build in.
+    pub fn workspace(&self, module: &Module) -> Result<Workspace, GoError> {
+        Workspace::new(module, &self.scratch.join("work"))
+    }
+
+    /// Builds `package` for `target` in `workspace`, once a build slot is
+    /// free; returns the binary's path inside the workspace.
+    pub async fn build(
+        &self,
+        workspace: &Workspace,
+        package: &ImportPath,
+        target: &Target,
+        options: &BuildOptions,
+    ) -> Result<PathBuf, GoError> {
+        let _slot = self.builds.acquire().await.map_err(|e| {
+            GoError::io("waiting for a build slot".into(), std::io::Error::other(e))
+        })?;
+        tracing::info!(%package, %target, module = %workspace.module().path, version = %workspace.module().version, "go build");
+        workspace
+            .build(&self.toolchain, package, target, options)
+            .await
+    }
+}

@@ -1,0 +1,577 @@
+//! `ko` with real parts: Debian's Go toolchain, a module proxy the test
+//! writes in GOPROXY layout (served as `file://`), a two-platform busybox
+//! base index in the local upstream registry, docker pulling and running.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use http::{Method, StatusCode};
+use libtest_mimic::Trial;
+
+use crate::mirror::{ACCEPT_ALL, world};
+use crate::support::images;
+use crate::support::{Reply, Server, docker, http, trial};
+
+pub fn trials() -> Vec<Trial> {
+    vec![
+        trial("ko::docker_runs_a_module_built_on_demand", docker_run),
+        trial(
+            "ko::the_index_holds_amd64_and_arm64_laid_out_as_ko_does",
+            layout,
+        ),
+        trial(
+            "ko::versions_give_different_images_and_subpackages_resolve",
+            versions,
+        ),
+        trial(
+            "ko::a_rebuild_from_nothing_gives_the_same_digest_and_cached_pulls_never_rebuild",
+            reproducible,
+        ),
+        trial("ko::a_compile_error_reaches_docker_pull", compile_error),
+        trial(
+            "ko::module_zips_with_escaping_paths_or_symlinks_are_refused",
+            unsafe_zips,
+        ),
+        trial("ko::unknown_modules_and_bad_names", unknown),
+    ]
+}
+
+const HELLO: &str = r#"package main
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"example.com/greeting"
+)
+
+func main() {
+	data, err := os.ReadFile(filepath.Join(os.Getenv("KO_DATA_PATH"), "message.txt"))
+	if err != nil {
+		fmt.Println("no kodata:", err)
+		os.Exit(1)
+	}
+	fmt.Printf("hello VERSION: %s; kodata says %s\n", greeting.Hello(), strings.TrimSpace(string(data)))
+}
+"#;
+
+const KO_YAML: &str = r#"defaultBaseImage: local/busybox-ko:latest
+builds:
+- id: hello
+  main: .
+  ldflags: ["-s", "-w"]
+"#;
+
+/// A module proxy in a temporary directory, with the fixture modules.
+pub struct GoProxy {
+    pub dir: tempfile::TempDir,
+}
+
+impl GoProxy {
+    pub fn url(&self) -> String {
+        format!("file://{}", self.dir.path().display())
+    }
+}
+
+/// Writes `module@version` into the proxy at `root`: zip, .mod, .info and
+/// a `list` line. `extra` entries go into the zip as given (names relative
+/// to the zip root, for hostile fixtures); `symlink` adds one.
+fn publish(
+    root: &Path,
+    module: &str,
+    version: &str,
+    files: &[(&str, &str)],
+    hostile: Option<(&str, bool)>,
+) -> anyhow::Result<()> {
+    let dir = root.join(module).join("@v");
+    std::fs::create_dir_all(&dir)?;
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(dir.join(format!("{version}.zip")))?);
+    let options = zip::write::SimpleFileOptions::default();
+    for (name, content) in files {
+        zip.start_file(format!("{module}@{version}/{name}"), options)?;
+        zip.write_all(content.as_bytes())?;
+    }
+    match hostile {
+        Some((name, false)) => {
+            zip.start_file(name, options)?;
+            zip.write_all(b"escaped")?;
+        }
+        Some((name, true)) => {
+            zip.add_symlink(format!("{module}@{version}/{name}"), "/etc/passwd", options)?;
+        }
+        None => {}
+    }
+    zip.finish()?;
+    let go_mod = files
+        .iter()
+        .find(|(n, _)| *n == "go.mod")
+        .map(|(_, c)| (*c).to_owned())
+        .unwrap_or_else(|| format!("module {module}\n"));
+    std::fs::write(dir.join(format!("{version}.mod")), go_mod)?;
+    std::fs::write(
+        dir.join(format!("{version}.info")),
+        format!(r#"{{"Version":"{version}","Time":"2026-01-01T00:00:00Z"}}"#),
+    )?;
+    let mut list = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("list"))?;
+    writeln!(list, "{version}")?;
+    Ok(())
+}
+
+fn seed_proxy() -> anyhow::Result<GoProxy> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path();
+    publish(
+        root,
+        "example.com/greeting",
+        "v1.0.0",
+        &[
+            ("go.mod", "module example.com/greeting\n\ngo 1.19\n"),
+            (
+                "greeting.go",
+                "package greeting\n\nfunc Hello() string { return \"hello from greeting\" }\n",
+            ),
+        ],
+        None,
+    )?;
+    for version in ["v1.0.0", "v1.1.0"] {
+        let main = HELLO.replace("VERSION", version);
+        publish(
+            root,
+            "example.com/hello",
+            version,
+            &[
+                (
+                    "go.mod",
+                    "module example.com/hello\n\ngo 1.19\n\nrequire example.com/greeting v1.0.0\n",
+                ),
+                ("main.go", &main),
+                (".ko.yaml", KO_YAML),
+                ("kodata/message.txt", "the kodata file\n"),
+                ("kodata/sub/more.txt", "more\n"),
+            ],
+            None,
+        )?;
+    }
+    publish(
+        root,
+        "example.com/tools",
+        "v0.1.0",
+        &[
+            ("go.mod", "module example.com/tools\n\ngo 1.19\n"),
+            ("tools.go", "package tools\n"),
+            (
+                "cmd/echo/main.go",
+                "package main\n\nimport \"fmt\"\n\nfunc main() { fmt.Println(\"echo from tools\") }\n",
+            ),
+        ],
+        None,
+    )?;
+    publish(
+        root,
+        "example.com/broken",
+        "v1.0.0",
+        &[
+            ("go.mod", "module example.com/broken\n\ngo 1.19\n"),
+            ("main.go", "package main\n\nfunc main() {\n\tnope()\n}\n"),
+        ],
+        None,
+    )?;
+    let ok_files: &[(&str, &str)] = &[
+        ("go.mod", "module example.com/evil\n"),
+        ("main.go", "package main\n\nfunc main() {}\n"),
+    ];
+    publish(
+        root,
+        "example.com/evil",
+        "v1.0.0",
+        ok_files,
+        Some(("example.com/evil@v1.0.0/../../escaped.txt", false)),
+    )?;
+    publish(
+        root,
+        "example.com/linky",
+        "v1.0.0",
+        &[
+            ("go.mod", "module example.com/linky\n"),
+            ("main.go", "package main\n\nfunc main() {}\n"),
+        ],
+        Some(("kodata/passwd", true)),
+    )?;
+    Ok(GoProxy { dir })
+}
+
+pub fn proxy() -> anyhow::Result<&'static GoProxy> {
+    static PROXY: OnceLock<Result<GoProxy, String>> = OnceLock::new();
+    PROXY
+        .get_or_init(|| seed_proxy().map_err(|e| format!("{e:?}")))
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// The base index (amd64 + arm64 busybox), pushed once.
+fn base() -> anyhow::Result<()> {
+    static BASE: OnceLock<Result<(), String>> = OnceLock::new();
+    BASE.get_or_init(|| {
+        let push = || -> anyhow::Result<()> {
+            let world = world()?;
+            let dir = tempfile::tempdir()?;
+            let layout = dir.path().join("busybox-ko");
+            // Both children hold Debian's (amd64) busybox: the arm64 one only
+            // has to exist and be labelled, the test never runs it.
+            images::index(
+                &layout,
+                "latest",
+                &[
+                    images::busybox(&["/bin/sh"], "amd64")?,
+                    images::busybox(&["/bin/sh"], "arm64")?,
+                ],
+            )?;
+            world.registry.push(&layout, "latest", "busybox-ko", None)
+        };
+        push().map_err(|e| format!("{e:?}"))
+    })
+    .clone()
+    .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// The kontain config for ko against the fixtures; `scratch` shares Go's
+/// caches between servers when given.
+pub fn config(scratch: Option<&Path>) -> anyhow::Result<String> {
+    base()?;
+    let world = world()?;
+    let scratch = scratch
+        .map(|p| format!("scratch = \"{}\"\n", p.display()))
+        .unwrap_or_default();
+    Ok(format!(
+        "[storage]\nbackend = \"filesystem\"\npath = \"data\"\n\
+         [upstream.registries.local]\nurl = \"http://{}\"\nallow_private = true\n\
+         [go]\nproxies = [\"{}\"]\nsumdb = \"off\"\n{scratch}\
+         [generators.ko]\nsource = \"builtin:ko\"\ngrants = [\"upstream\", \"go\"]\n\
+         [generators.ko.settings]\nbase = \"local/busybox-ko:latest\"\n\
+         [generators.ko.limits]\ntimeout = \"900s\"\n",
+        world.registry.addr,
+        proxy()?.url()
+    ))
+}
+
+/// Go's module and build caches, shared by the trials' servers.
+fn shared_scratch() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("kontain-ko-scratch-{}", std::process::id()));
+        crate::support::register_cleanup(Box::new(|| {
+            if let Some(dir) = DIR.get() {
+                let _ = std::process::Command::new("chmod")
+                    .args(["-R", "u+w"])
+                    .arg(dir)
+                    .status();
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }));
+        dir
+    })
+}
+
+/// One ko server shared by the trials that do not restart it.
+fn server() -> anyhow::Result<&'static Server> {
+    static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
+    SERVER
+        .get_or_init(|| {
+            crate::support::register_cleanup(Box::new(|| {
+                if let Some(Ok(server)) = SERVER.get() {
+                    let _ = std::process::Command::new("kill")
+                        .arg(server.pid().to_string())
+                        .status();
+                }
+            }));
+            let config = config(Some(shared_scratch())).map_err(|e| format!("{e:?}"))?;
+            Server::start(Some(&config)).map_err(|e| format!("{e:?}"))
+        })
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn get(server: &Server, path: &str) -> anyhow::Result<Reply> {
+    let reply = http(server.addr, Method::GET, path, &[("accept", ACCEPT_ALL)])?;
+    anyhow::ensure!(
+        reply.status == StatusCode::OK,
+        "GET {path}: {} {:?}\nserver log:\n{}",
+        reply.status,
+        reply.body,
+        server.log()
+    );
+    Ok(reply)
+}
+
+fn digest(server: &Server, repo: &str, tag: &str) -> anyhow::Result<String> {
+    let reply = get(server, &format!("/v2/ko/{repo}/manifests/{tag}"))?;
+    Ok(reply.header("docker-content-digest").to_owned())
+}
+
+fn docker_run() -> anyhow::Result<()> {
+    let server = server()?;
+    let docker = docker()?;
+    let image = format!("{}/ko/example.com/hello", server.addr);
+    let output = docker.run(&["run", "--rm", "--network", "none", &image])?;
+    assert_eq!(
+        output.trim(),
+        "hello v1.1.0: hello from greeting; kodata says the kodata file"
+    );
+    docker.run(&["rmi", &image])?;
+    Ok(())
+}
+
+/// The ELF machine of a binary: 0x3e x86-64, 0xb7 aarch64.
+fn elf_machine(binary: &[u8]) -> Option<u16> {
+    (binary.get(..4)? == b"\x7fELF").then(|| u16::from_le_bytes([binary[18], binary[19]]))
+}
+
+fn layout() -> anyhow::Result<()> {
+    let server = server()?;
+    let index = get(server, "/v2/ko/example.com/hello/manifests/v1.0.0")?;
+    assert_eq!(
+        index.header("content-type"),
+        "application/vnd.oci.image.index.v1+json"
+    );
+    let index = index.json()?;
+    let platforms: Vec<String> = index["manifests"]
+        .as_array()
+        .unwrap_or(&vec![])
+        .iter()
+        .map(|m| {
+            format!(
+                "{}/{}",
+                m["platform"]["os"].as_str().unwrap_or(""),
+                m["platform"]["architecture"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    assert_eq!(platforms, ["linux/amd64", "linux/arm64"]);
+    assert_eq!(
+        index["annotations"]["org.opencontainers.image.base.name"],
+        "local/busybox-ko:latest"
+    );
+    let want_machine = [0x3e_u16, 0xb7];
+    for (child, machine) in index["manifests"]
+        .as_array()
+        .unwrap_or(&vec![])
+        .iter()
+        .zip(want_machine)
+    {
+        let digest = child["digest"].as_str().unwrap_or_default();
+        let manifest = get(
+            server,
+            &format!("/v2/ko/example.com/hello/manifests/{digest}"),
+        )?
+        .json()?;
+        let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
+        assert_eq!(layers.len(), 3, "base + kodata + binary: {manifest}");
+        assert!(
+            manifest["annotations"]["org.opencontainers.image.base.digest"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("sha256:"))
+        );
+        let blob = |i: usize| -> anyhow::Result<Vec<u8>> {
+            let d = layers[i]["digest"].as_str().unwrap_or_default();
+            Ok(get(server, &format!("/v2/ko/example.com/hello/blobs/{d}"))?
+                .body
+                .to_vec())
+        };
+        let kodata = crate::flatten::tree(&blob(1)?)?;
+        let names: Vec<&str> = kodata.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "var",
+                "var/run",
+                "var/run/ko",
+                "var/run/ko/message.txt",
+                "var/run/ko/sub",
+                "var/run/ko/sub/more.txt"
+            ]
+        );
+        assert_eq!(kodata["var/run/ko/message.txt"].1, b"the kodata file\n");
+        let app = crate::flatten::tree(&blob(2)?)?;
+        let binary = &app
+            .get("ko-app/hello")
+            .map(|e| e.1.clone())
+            .unwrap_or_default();
+        assert_eq!(elf_machine(binary), Some(machine), "{}", child["platform"]);
+
+        let config_digest = manifest["config"]["digest"].as_str().unwrap_or_default();
+        let config = get(
+            server,
+            &format!("/v2/ko/example.com/hello/blobs/{config_digest}"),
+        )?
+        .json()?;
+        assert_eq!(
+            config["config"]["Entrypoint"],
+            serde_json::json!(["/ko-app/hello"])
+        );
+        assert!(config["config"].get("Cmd").is_none(), "{config}");
+        assert_eq!(
+            config["config"]["Env"],
+            serde_json::json!(["PATH=/bin:/ko-app", "KO_DATA_PATH=/var/run/ko"])
+        );
+        assert_eq!(config["created"], "1970-01-01T00:00:00Z");
+    }
+    Ok(())
+}
+
+fn versions() -> anyhow::Result<()> {
+    let server = server()?;
+    let v1 = digest(server, "example.com/hello", "v1.0.0")?;
+    let latest = digest(server, "example.com/hello", "latest")?;
+    let v11 = digest(server, "example.com/hello", "v1.1.0")?;
+    assert_ne!(v1, latest, "latest is v1.1.0, not v1.0.0");
+    assert_eq!(latest, v11);
+    // A package below its module's root: found by trying shorter prefixes.
+    let docker = docker()?;
+    let image = format!("{}/ko/example.com/tools/cmd/echo:v0.1.0", server.addr);
+    let output = docker.run(&["run", "--rm", "--network", "none", &image])?;
+    assert_eq!(output.trim(), "echo from tools");
+    docker.run(&["rmi", &image])?;
+    Ok(())
+}
+
+fn go_builds_in(log: &str) -> usize {
+    log.lines().filter(|l| l.contains("go build")).count()
+}
+
+fn reproducible() -> anyhow::Result<()> {
+    // Nothing shared with the other trials: Go's caches start empty too.
+    let first = Server::start(Some(&config(None)?))?;
+    let path = "/v2/ko/example.com/hello/manifests/v1.0.0";
+    // Five concurrent cold pulls: one build (two platforms).
+    let digests = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..5)
+            .map(|_| s.spawn(|| http(first.addr, Method::GET, path, &[("accept", ACCEPT_ALL)])))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                let reply = h.join().map_err(|_| anyhow::anyhow!("a pull panicked"))??;
+                anyhow::ensure!(
+                    reply.status == StatusCode::OK,
+                    "GET: {} {:?}",
+                    reply.status,
+                    reply.body
+                );
+                Ok(reply.header("docker-content-digest").to_owned())
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+    })?;
+    assert!(digests.windows(2).all(|w| w[0] == w[1]), "{digests:?}");
+    assert_eq!(
+        go_builds_in(&first.log()),
+        2,
+        "one go build per platform:\n{}",
+        first.log()
+    );
+    // Cached: more pulls build nothing.
+    for _ in 0..3 {
+        assert_eq!(digest(&first, "example.com/hello", "v1.0.0")?, digests[0]);
+    }
+    assert_eq!(go_builds_in(&first.log()), 2);
+
+    // Delete everything (image cache, modules, Go's caches) and rebuild.
+    let again = first.restart_after(|dir| {
+        let data = dir.join("data");
+        // Go's module cache is read-only by design.
+        std::process::Command::new("chmod")
+            .args(["-R", "u+w"])
+            .arg(&data)
+            .status()?;
+        std::fs::remove_dir_all(&data)?;
+        Ok(())
+    })?;
+    assert_eq!(digest(&again, "example.com/hello", "v1.0.0")?, digests[0]);
+    assert_eq!(go_builds_in(&again.log()), 2, "{}", again.log());
+    let _ = std::process::Command::new("chmod")
+        .args(["-R", "u+w"])
+        .arg(again.dir.path())
+        .status();
+    Ok(())
+}
+
+fn compile_error() -> anyhow::Result<()> {
+    let server = server()?;
+    let docker = docker()?;
+    let image = format!("{}/ko/example.com/broken:v1.0.0", server.addr);
+    let err = docker
+        .run(&["pull", &image])
+        .expect_err("a module that does not compile cannot be pulled");
+    let message = err.to_string();
+    eprintln!("docker pull of a module that does not compile: {message}");
+    assert!(
+        message.contains("undefined: nope"),
+        "docker pull shows the compiler's message: {message}"
+    );
+    Ok(())
+}
+
+fn unsafe_zips() -> anyhow::Result<()> {
+    let server = server()?;
+    for (repo, needle) in [("example.com/evil", ".."), ("example.com/linky", "symlink")] {
+        let reply = http(
+            server.addr,
+            Method::GET,
+            &format!("/v2/ko/{repo}/manifests/v1.0.0"),
+            &[("accept", ACCEPT_ALL)],
+        )?;
+        assert_eq!(
+            reply.status,
+            StatusCode::FORBIDDEN,
+            "{repo}: {:?}",
+            reply.body
+        );
+        let (code, message) = reply.error()?;
+        assert_eq!(code, "DENIED");
+        assert!(
+            message.contains("refused") && message.contains(needle),
+            "{repo}: {message}"
+        );
+    }
+    assert!(
+        !proxy()?.dir.path().join("escaped.txt").exists()
+            && !shared_scratch().join("escaped.txt").exists(),
+        "nothing escaped"
+    );
+    Ok(())
+}
+
+fn unknown() -> anyhow::Result<()> {
+    let server = server()?;
+    let reply = http(
+        server.addr,
+        Method::GET,
+        "/v2/ko/example.com/nothing/here/manifests/latest",
+        &[("accept", ACCEPT_ALL)],
+    )?;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    let (code, message) = reply.error()?;
+    assert_eq!(code, "MANIFEST_UNKNOWN");
+    assert!(message.contains("no module"), "{message}");
+    let reply = http(
+        server.addr,
+        Method::GET,
+        "/v2/ko/nodomain/x/manifests/latest",
+        &[("accept", ACCEPT_ALL)],
+    )?;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert!(reply.error()?.1.contains("domain"), "{:?}", reply.body);
+    let reply = http(
+        server.addr,
+        Method::GET,
+        "/v2/ko/example.com/hello/manifests/v9.9.9",
+        &[("accept", ACCEPT_ALL)],
+    )?;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{:?}", reply.body);
+    Ok(())
+}
