@@ -10,22 +10,10 @@
 #
 # usage: bench/flatten.sh [runs]     (default 3)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-root=$PWD
+source "$(dirname "$0")/lib.sh"
 runs=${1:-3}
 
 cargo build --release --quiet --bin kontain
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() { for _ in $(seq 200); do curl -sf -o /dev/null "$1" && return 0; sleep 0.1; done; echo "no answer from $1" >&2; exit 1; }
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 # The source image as an OCI layout.
 layout="$work/layout"
@@ -35,39 +23,16 @@ for dir in /usr/include /usr/lib/python3 /usr/share/perl; do
     i=$((i + 1))
     tar -C / --sort=name --mtime=@0 -cf - "${dir#/}" | gzip -1 > "$work/layers/$i.tar.gz"
 done
-python3 - "$work/layers" "$layout" <<'PY'
-import gzip, hashlib, json, os, shutil, sys
-layers_dir, layout = sys.argv[1], sys.argv[2]
-def blob(data):
-    d = hashlib.sha256(data).hexdigest()
-    open(os.path.join(layout, "blobs/sha256", d), "wb").write(data)
-    return "sha256:" + d, len(data)
-layers, diff_ids = [], []
-for name in sorted(os.listdir(layers_dir)):
-    data = open(os.path.join(layers_dir, name), "rb").read()
-    diff_ids.append("sha256:" + hashlib.sha256(gzip.decompress(data)).hexdigest())
-    d, n = blob(data)
-    layers.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": n})
-config = {"architecture": "amd64", "os": "linux", "config": {},
-          "rootfs": {"type": "layers", "diff_ids": diff_ids}}
-cd, cn = blob(json.dumps(config).encode())
-manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cn},
-            "layers": layers}
-md, mn = blob(json.dumps(manifest).encode())
-json.dump({"schemaVersion": 2, "manifests": [{"mediaType": manifest["mediaType"], "digest": md, "size": mn,
-           "annotations": {"org.opencontainers.image.ref.name": "latest"}}]},
-          open(os.path.join(layout, "index.json"), "w"))
-open(os.path.join(layout, "oci-layout"), "w").write('{"imageLayoutVersion":"1.0.0"}')
+PYTHONPATH="$root/bench" python3 - "$work/layers" "$layout" <<'PY'
+import gzip, os, sys
+from oci_layout import Layout, sha256
+layers_dir, out = sys.argv[1], Layout(sys.argv[2])
+gz = [open(os.path.join(layers_dir, n), "rb").read() for n in sorted(os.listdir(layers_dir))]
+out.tag("latest", out.image(gz, [sha256(gzip.decompress(g)) for g in gz], config={}))
 PY
 
 up=$(free_port)
-mkdir -p "$work/upstream"
-printf 'version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:%s\n' \
-    "$work/upstream/data" "$up" > "$work/upstream/config.yml"
-docker-registry serve "$work/upstream/config.yml" > "$work/upstream/log" 2>&1 &
-pids+=($!)
-wait_http "http://127.0.0.1:$up/v2/"
+start_registry upstream "$up"
 skopeo copy -q --dest-tls-verify=false "oci:$layout:latest" "docker://127.0.0.1:$up/bench:latest"
 
 port=$(free_port)
@@ -86,9 +51,7 @@ grants = ["upstream"]
 source = "builtin:flatten"
 grants = ["upstream", "flatten"]
 TOML
-(cd "$work/kontain" && PORT=$port RUST_LOG=warn exec "$root/target/release/kontain") > "$work/kontain/log" 2>&1 &
-pids+=($!)
-wait_http "http://127.0.0.1:$port/v2/"
+start_kontain "$work/kontain" "$port"
 # Warm the blob cache through the mirror.
 skopeo copy -q --src-tls-verify=false "docker://127.0.0.1:$port/mirror/local/bench:latest" "oci:$work/warm:x"
 

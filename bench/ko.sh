@@ -12,30 +12,16 @@
 #
 # usage: bench/ko.sh [runs]     (default 3)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-root=$PWD
+source "$(dirname "$0")/lib.sh"
 runs=${1:-3}
 
 command -v go >/dev/null || { echo "needs go (apt-get install golang-go)" >&2; exit 1; }
 cargo build --release --quiet --bin kontain
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    chmod -R u+w "$work" 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() { for _ in $(seq 200); do curl -sf -o /dev/null "$1" && return 0; sleep 0.1; done; echo "no answer from $1" >&2; exit 1; }
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { print b - a }'; }
 
 # The module proxy and the base image layout.
-python3 - "$work" <<'PY'
-import gzip, hashlib, io, json, os, sys, tarfile, zipfile
+PYTHONPATH="$root/bench" python3 - "$work" <<'PY'
+import json, os, sys, zipfile
+from oci_layout import Layout, gzip_layer, tar
 work = sys.argv[1]
 proxy = os.path.join(work, "proxy")
 def publish(module, version, files):
@@ -55,41 +41,13 @@ publish("example.com/hello", "v1.0.0", {
                'func main() { fmt.Println(greeting.Hello(), http.StatusOK) }\n',
     "kodata/message.txt": "hi\n"})
 
-layout = os.path.join(work, "layout"); os.makedirs(os.path.join(layout, "blobs/sha256"))
-def blob(data):
-    d = hashlib.sha256(data).hexdigest()
-    open(os.path.join(layout, "blobs/sha256", d), "wb").write(data)
-    return "sha256:" + d, len(data)
-buf = io.BytesIO()
-with tarfile.open(fileobj=buf, mode="w") as t:
-    t.add("/bin/busybox", arcname="bin/busybox")
-tar = buf.getvalue()
-layer, layer_size = blob(gzip.compress(tar, mtime=0))
-children = []
-for arch in ["amd64", "arm64"]:
-    config = {"architecture": arch, "os": "linux", "config": {"Env": ["PATH=/bin"]},
-              "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(tar).hexdigest()]}}
-    cd, cn = blob(json.dumps(config).encode())
-    m = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cn},
-         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer, "size": layer_size}]}
-    md, mn = blob(json.dumps(m).encode())
-    children.append({"mediaType": m["mediaType"], "digest": md, "size": mn, "platform": {"os": "linux", "architecture": arch}})
-index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": children}
-idx, idn = blob(json.dumps(index).encode())
-json.dump({"schemaVersion": 2, "manifests": [{"mediaType": index["mediaType"], "digest": idx, "size": idn,
-           "annotations": {"org.opencontainers.image.ref.name": "latest"}}]},
-          open(os.path.join(layout, "index.json"), "w"))
-open(os.path.join(layout, "oci-layout"), "w").write('{"imageLayoutVersion":"1.0.0"}')
+out = Layout(os.path.join(work, "layout"))
+layer, diff_id = gzip_layer(tar([("bin", None, 0o755, None), ("bin/busybox", open("/bin/busybox", "rb").read(), 0o755, None)]))
+out.tag("latest", out.index([out.image([layer], [diff_id], arch) for arch in ["amd64", "arm64"]]))
 PY
 
 up=$(free_port)
-mkdir -p "$work/upstream"
-printf 'version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:%s\n' \
-    "$work/upstream/data" "$up" > "$work/upstream/config.yml"
-docker-registry serve "$work/upstream/config.yml" > "$work/upstream/log" 2>&1 &
-pids+=($!)
-wait_http "http://127.0.0.1:$up/v2/"
+start_registry upstream "$up"
 skopeo copy -q --all --preserve-digests --dest-tls-verify=false "oci:$work/layout:latest" "docker://127.0.0.1:$up/base:latest"
 
 accept='application/vnd.oci.image.index.v1+json'
@@ -114,9 +72,7 @@ grants = ["upstream", "go"]
 [generators.ko.settings]
 base = "local/base:latest"
 TOML
-    (cd "$dir" && PORT=$port RUST_LOG=warn exec "$root/target/release/kontain") > "$dir/log" 2>&1 &
-    pids+=($!)
-    wait_http "http://127.0.0.1:$port/v2/"
+    start_kontain "$dir" "$port"
     local url="http://127.0.0.1:$port/v2/ko/example.com/hello/manifests/v1.0.0"
     local t
     t=$(curl -sf -o /dev/null -I -H "Accept: $accept" -w '%{time_total}' "$url")

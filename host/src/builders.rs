@@ -6,6 +6,7 @@
 //! Must not depend on wasmtime (`runtime`) or HTTP (`registry`): plugins reach
 //! these functions through the runtime, which translates handles.
 
+pub mod buildpack;
 pub mod flatten;
 pub mod gzip;
 pub mod image;
@@ -19,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::Semaphore;
 
 use crate::oci::Digest;
-use crate::storage::{Storage, StorageError};
+use crate::storage::{Storage, StorageError, StoredManifest};
 
 pub use image::{HistoryEntry, ImageSpec, ManifestFormat, Platform};
 
@@ -43,6 +44,8 @@ pub enum BuildError {
     Upstream(Box<crate::upstream::UpstreamError>),
     #[error(transparent)]
     Go(Box<crate::golang::GoError>),
+    #[error(transparent)]
+    Buildpack(Box<crate::buildpack::BuildpackError>),
     #[error("the request was cancelled")]
     Cancelled,
     #[error("a build task failed: {0}")]
@@ -65,6 +68,12 @@ pub struct Builders {
     cpu: Arc<Semaphore>,
     /// Concurrent requests for the same result build it once.
     locks: Arc<crate::upstream::KeyedLocks>,
+}
+
+impl From<crate::buildpack::BuildpackError> for BuildError {
+    fn from(e: crate::buildpack::BuildpackError) -> Self {
+        BuildError::Buildpack(Box::new(e))
+    }
 }
 
 impl From<crate::golang::GoError> for BuildError {
@@ -191,4 +200,110 @@ pub(crate) fn canonical(v: &serde_json::Value) -> Result<bytes::Bytes, BuildErro
     serde_json::to_vec(v)
         .map(bytes::Bytes::from)
         .map_err(|e| invalid(e.to_string()))
+}
+
+/// A layer being written: tar, hashed for the diff id, gzipped into storage.
+pub(crate) type LayerTar = tar::Builder<
+    crate::oci::Sha256Writer<flate2::write::GzEncoder<Box<dyn crate::storage::BlobWriter>>>,
+>;
+
+/// Writes a layer from `fill` into storage (from a blocking thread).
+pub(crate) fn write_layer(
+    storage: &dyn Storage,
+    fill: impl FnOnce(&mut LayerTar) -> Result<(), BuildError>,
+) -> Result<LayerBlob, BuildError> {
+    let blob = storage.blob_writer(u64::MAX)?;
+    let mut tar = tar::Builder::new(crate::oci::Sha256Writer::new(
+        flate2::write::GzEncoder::new(blob, flate2::Compression::fast()),
+    ));
+    fill(&mut tar)?;
+    let hashed = tar.into_inner().map_err(io_error("finishing a layer"))?;
+    let (diff_id, _, gzip) = hashed.finish();
+    let blob = gzip.finish().map_err(io_error("finishing gzip"))?;
+    publish_layer(diff_id, blob)
+}
+
+/// A tar header with everything that would make a layer irreproducible
+/// fixed: owner, mtime, and the given mode.
+pub(crate) fn fixed_header(
+    kind: tar::EntryType,
+    mode: u32,
+    owner: (u32, u32),
+    mtime: u64,
+    size: u64,
+) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_mtime(mtime);
+    h.set_uid(owner.0.into());
+    h.set_gid(owner.1.into());
+    h.set_size(size);
+    h
+}
+
+/// The `Env` list of an image config.
+pub(crate) fn config_env(config: &serde_json::Value) -> Vec<String> {
+    config["config"]["Env"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Builders {
+    /// The manifest a build remembered under `key`, if it is still stored.
+    pub(crate) async fn cached(&self, key: &str) -> Result<Option<StoredManifest>, BuildError> {
+        match self.storage.tag(key).await? {
+            Some(digest) => Ok(self.storage.manifest(&digest).await?),
+            None => Ok(None),
+        }
+    }
+
+    /// Stores `config` and a manifest that is `base` (a document of
+    /// `base_type`) with `layers` appended, typed like the base's layers;
+    /// `annotate` may edit the manifest last.
+    pub(crate) async fn extend_image(
+        &self,
+        base_type: &crate::oci::MediaType,
+        mut manifest: serde_json::Value,
+        config: &serde_json::Value,
+        layers: &[&LayerBlob],
+        annotate: impl FnOnce(&mut serde_json::Value),
+    ) -> Result<StoredManifest, BuildError> {
+        use crate::oci::MediaType;
+        use serde_json::json;
+        let config_bytes = canonical(config)?;
+        let config_blob = {
+            let storage = self.storage.clone();
+            let bytes = config_bytes.clone();
+            self.run_blocking(move |_| Ok(crate::storage::write_blob(storage.as_ref(), &bytes)?))
+                .await?
+        };
+        let layer_type = if base_type.as_str() == MediaType::DOCKER_MANIFEST {
+            MediaType::DOCKER_LAYER_GZIP
+        } else {
+            MediaType::OCI_LAYER_GZIP
+        };
+        manifest["config"]["digest"] = json!(config_blob.digest.to_string());
+        manifest["config"]["size"] = json!(config_bytes.len());
+        let list = manifest["layers"]
+            .as_array_mut()
+            .ok_or_else(|| invalid("a base manifest without layers"))?;
+        for layer in layers {
+            list.push(json!({
+                "mediaType": layer_type,
+                "digest": layer.digest.to_string(),
+                "size": layer.size,
+            }));
+        }
+        annotate(&mut manifest);
+        Ok(self
+            .storage
+            .put_manifest(base_type, canonical(&manifest)?)
+            .await?)
+    }
 }

@@ -63,6 +63,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub upstream: UpstreamConfig,
     pub go: GoConfig,
+    pub buildpack: BuildpackConfig,
     pub generators: BTreeMap<String, GeneratorConfig>,
 }
 
@@ -77,6 +78,8 @@ struct RawConfig {
     upstream: UpstreamConfig,
     #[serde(default)]
     go: GoConfig,
+    #[serde(default)]
+    buildpack: BuildpackConfig,
     #[serde(default)]
     generators: BTreeMap<String, GeneratorConfig>,
 }
@@ -107,6 +110,50 @@ pub struct GoConfig {
     /// Where modules are unpacked and builds run, with the shared module and
     /// build caches. Default: `go/` in the filesystem storage directory.
     pub scratch: Option<PathBuf>,
+}
+
+/// Cloud Native Buildpacks builds (capability `buildpack`): where sources
+/// come from and how buildpacks are confined.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BuildpackConfig {
+    /// Git URL of a request's `<owner>/<repo>`: `{owner}` and `{repo}` are
+    /// replaced. https:// URLs go through the upstream policy (allowlist and
+    /// address checks, the address pinned for git); `file://` reads local
+    /// repositories.
+    pub git_url: String,
+    /// The git command; looked up on PATH unless it is a path.
+    pub git_command: PathBuf,
+    /// The sandbox every `bin/detect` and `bin/build` runs in.
+    pub bwrap_command: PathBuf,
+    /// Run buildpacks without a sandbox when bubblewrap cannot start. Only
+    /// for builders you trust completely.
+    pub allow_unsandboxed: bool,
+    /// Give buildpacks the network (off: they see only loopback).
+    pub network: bool,
+    /// Wall time for one buildpack's detect or build.
+    #[serde(with = "humantime_serde_compat")]
+    pub step_timeout: Duration,
+    /// Largest checkout (the commit's files) and largest app + layers.
+    pub max_source_bytes: ByteSize,
+    /// Where builders are unpacked and builds run. Default: `buildpack/` in
+    /// the filesystem storage directory.
+    pub scratch: Option<PathBuf>,
+}
+
+impl Default for BuildpackConfig {
+    fn default() -> Self {
+        BuildpackConfig {
+            git_url: "https://github.com/{owner}/{repo}".to_owned(),
+            git_command: PathBuf::from("git"),
+            bwrap_command: PathBuf::from("bwrap"),
+            allow_unsandboxed: false,
+            network: false,
+            step_timeout: Duration::from_secs(600),
+            max_source_bytes: ByteSize(1 << 30),
+            scratch: None,
+        }
+    }
 }
 
 impl Default for GoConfig {
@@ -344,6 +391,8 @@ pub enum Capability {
     Cache,
     /// `kontain:generator/go`: Go modules fetched and built natively.
     Go,
+    /// `kontain:generator/buildpack`: git sources built with CNB buildpacks.
+    Buildpack,
 }
 
 impl Capability {
@@ -353,6 +402,7 @@ impl Capability {
         Capability::Flatten,
         Capability::Cache,
         Capability::Go,
+        Capability::Buildpack,
     ];
 
     pub fn name(self) -> &'static str {
@@ -362,6 +412,7 @@ impl Capability {
             Capability::Flatten => "flatten",
             Capability::Cache => "cache",
             Capability::Go => "go",
+            Capability::Buildpack => "buildpack",
         }
     }
 
@@ -465,6 +516,7 @@ impl Config {
             storage: raw.storage,
             upstream: raw.upstream,
             go: raw.go,
+            buildpack: raw.buildpack,
             generators: raw.generators,
         };
         config.validate()?;
@@ -582,6 +634,12 @@ impl Config {
         if self.go.proxies.is_empty() {
             return Err(self.invalid("go.proxies", "name at least one module proxy"));
         }
+        if !self.buildpack.git_url.contains("{repo}") {
+            return Err(self.invalid("buildpack.git_url", "must contain {repo}"));
+        }
+        if self.buildpack.step_timeout.is_zero() {
+            return Err(self.invalid("buildpack.step_timeout", "must be more than zero"));
+        }
         if self.go.build_timeout.is_zero() {
             return Err(self.invalid("go.build_timeout", "must be more than zero"));
         }
@@ -602,10 +660,13 @@ impl Config {
         if path.is_relative() {
             *path = base.join(&*path);
         }
-        if let Some(scratch) = &mut self.go.scratch
-            && scratch.is_relative()
+        for scratch in [&mut self.go.scratch, &mut self.buildpack.scratch]
+            .into_iter()
+            .flatten()
         {
-            *scratch = base.join(&*scratch);
+            if scratch.is_relative() {
+                *scratch = base.join(&*scratch);
+            }
         }
         if self.go.command.components().count() > 1 && self.go.command.is_relative() {
             self.go.command = base.join(&self.go.command);

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
 
-pub use build::{BuildOptions, Target, Toolchain, Workspace};
+pub use build::{BuildOptions, KillGroup, Target, Toolchain, Workspace};
 pub use modpath::ImportPath;
 use proxy::{Answer, Proxy};
 
@@ -142,6 +142,7 @@ pub struct Go {
     locks: crate::upstream::KeyedLocks,
     /// `go build` uses every core by itself; builds beyond this wait.
     builds: tokio::sync::Semaphore,
+    version: tokio::sync::OnceCell<String>,
 }
 
 impl Go {
@@ -185,6 +186,7 @@ impl Go {
             builds: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2)),
             ),
+            version: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -214,12 +216,16 @@ impl Go {
                 return proxy::info_version(&body, &path).map(Some);
             }
             let list = proxy::path_of(module, "@v/list");
-            return Ok(self
+            let latest = self
                 .document(&list)
                 .await?
-                .and_then(|body| modpath::latest_of(&String::from_utf8_lossy(&body))));
+                .and_then(|body| modpath::latest_of(&String::from_utf8_lossy(&body)));
+            if let Some(v) = &latest {
+                proxy::check_version(v, &list)?;
+            }
+            return Ok(latest);
         }
-        let path = proxy::path_of(module, &format!("@v/{query}.info"));
+        let path = proxy::version_path(module, query, "info");
         match self.document(&path).await? {
             Some(body) => proxy::info_version(&body, &path).map(Some),
             None => Ok(None),
@@ -307,7 +313,7 @@ impl Go {
             .map_err(|e| GoError::io(format!("creating {}", tmp_root.display()), e))?;
         let mut zip = tempfile::tempfile_in(&tmp_root)
             .map_err(|e| GoError::io("creating a temporary file".into(), e))?;
-        let path = proxy::path_of(module, &format!("@v/{version}.zip"));
+        let path = proxy::version_path(module, version, "zip");
         let mut found = false;
         for p in &self.proxies {
             if let Answer::Found(()) =
@@ -359,9 +365,31 @@ impl Go {
         Ok(done)
     }
 
-    /// A private copy of `module` to build in.
-    pub fn workspace(&self, module: &Module) -> Result<Workspace, GoError> {
-        Workspace::new(module, &self.scratch.join("work"))
+    /// Where build workspaces are made.
+    pub fn work_dir(&self) -> PathBuf {
+        self.scratch.join("work")
+    }
+
+    /// `go env GOVERSION`, asked once; "unknown" if go cannot run (a cached
+    /// image is still served then).
+    pub async fn version(&self) -> String {
+        self.version
+            .get_or_init(|| async {
+                let out = tokio::process::Command::new(&self.toolchain.command)
+                    .args(["env", "GOVERSION"])
+                    .env("GOTOOLCHAIN", "local")
+                    .env("GOENV", "off")
+                    .output()
+                    .await;
+                match out {
+                    Ok(o) if o.status.success() => {
+                        String::from_utf8_lossy(&o.stdout).trim().to_owned()
+                    }
+                    _ => "unknown".to_owned(),
+                }
+            })
+            .await
+            .clone()
     }
 
     /// Builds `package` for `target` in `workspace`, once a build slot is

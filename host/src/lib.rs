@@ -5,8 +5,10 @@
 //! receives what it needs from here.
 
 pub mod builders;
+pub mod buildpack;
 pub mod cli;
 pub mod config;
+pub mod files;
 pub mod generator;
 pub mod golang;
 pub mod oci;
@@ -27,6 +29,7 @@ use tokio::net::TcpListener;
 use std::collections::HashMap;
 
 use crate::builders::Builders;
+use crate::buildpack::Buildpacks;
 use crate::config::{Config, CredentialsConfig, Origin, StorageConfig};
 use crate::golang::Go;
 use crate::registry::Registry;
@@ -62,10 +65,18 @@ pub async fn build(config: &Config) -> anyhow::Result<App> {
         storage.clone(),
     )
     .map_err(anyhow::Error::msg)?;
+    let bp_scratch = config
+        .buildpack
+        .scratch
+        .clone()
+        .unwrap_or_else(|| path.join("buildpack"));
+    let buildpacks = Buildpacks::new(&config.buildpack, bp_scratch, mirror.client().clone())
+        .map_err(anyhow::Error::msg)?;
     let services = Services {
         builders: Builders::new(storage.clone()),
         mirror,
         go: Arc::new(go),
+        buildpacks: Arc::new(buildpacks),
     };
     let compiled = Some(path.join("compiled"));
     let runtime = Arc::new(Runtime::new(config, services, compiled).await?);
@@ -90,10 +101,18 @@ fn mirror(config: &Config, storage: Arc<dyn Storage>) -> anyhow::Result<Mirror> 
     };
     let mut named = HashMap::new();
     let mut allow: Vec<HostPattern> = upstream.allow.iter().map(|p| HostPattern::new(p)).collect();
-    // Module proxies named in [go] are allowed as exactly themselves (still
-    // never at a private address).
-    for proxy in &config.go.proxies {
-        if let (Some(host), Some(port)) = (proxy.host_str(), proxy.port_or_known_default()) {
+    // Module proxies named in [go] and the git host of [buildpack] are
+    // allowed as exactly themselves (still never at a private address).
+    let git_host = url::Url::parse(
+        &config
+            .buildpack
+            .git_url
+            .replace("{owner}", "o")
+            .replace("{repo}", "r"),
+    )
+    .ok();
+    for url in config.go.proxies.iter().chain(git_host.as_ref()) {
+        if let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) {
             allow.push(HostPattern::new(&format!("{host}:{port}")));
         }
     }

@@ -289,6 +289,10 @@ fn classify_trap(plugin: PluginId, error: wasmtime::Error, limit: Duration) -> G
             plugin,
             source: source.into(),
         },
+        Ok(HostFailure::Buildpack(source)) => GeneratorError::Host {
+            plugin,
+            source: source.into(),
+        },
         Ok(HostFailure::Upstream(source)) => GeneratorError::Upstream {
             plugin,
             source: Box::new(source),

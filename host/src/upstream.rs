@@ -21,7 +21,7 @@ use tokio::sync::OwnedMutexGuard;
 use crate::oci::{Digest, MediaType, Reference};
 use crate::storage::{BlobInfo, Storage, StorageError, StoredManifest};
 pub use client::{Client, PlainError};
-pub use image::{Credentials, DOCKER_HUB, Endpoint, Registries, UpstreamImage};
+pub use image::{Credentials, DOCKER_HUB, Endpoint, Registries, UpstreamImage, split_reference};
 pub use policy::{HostPattern, Policy, Refusal};
 
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,7 @@ use libtest_mimic::Trial;
 use crate::mirror::{ACCEPT_ALL, mirror_server, mirror_server_with, world};
 use crate::support::images::{self, Entry, Image};
 use crate::support::upstream::Proxy;
-use crate::support::{Reply, Server, docker, http, sha256, trial};
+use crate::support::{Server, docker, get_ok, http, sha256, trial};
 
 pub fn trials() -> Vec<Trial> {
     vec![
@@ -70,17 +70,6 @@ pub fn layered_image() -> anyhow::Result<Image> {
     Ok(image)
 }
 
-fn get(server: &Server, path: &str) -> anyhow::Result<Reply> {
-    let reply = http(server.addr, Method::GET, path, &[("accept", ACCEPT_ALL)])?;
-    anyhow::ensure!(
-        reply.status == StatusCode::OK,
-        "GET {path}: {} {:?}",
-        reply.status,
-        reply.body
-    );
-    Ok(reply)
-}
-
 /// Entry type and content (or link target) per path of a gzipped layer.
 pub fn tree(gzipped: &[u8]) -> anyhow::Result<BTreeMap<String, (char, Vec<u8>)>> {
     let mut tar = Vec::new();
@@ -124,11 +113,11 @@ fn merged_tree() -> anyhow::Result<()> {
     let world = world()?;
     let proxy = Proxy::start(world.registry.addr)?;
     let server = mirror_server(&proxy)?;
-    let manifest = get(&server, "/v2/flatten/local/layered/manifests/v1")?.json()?;
+    let manifest = get_ok(&server, "/v2/flatten/local/layered/manifests/v1")?.json()?;
     let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
     assert_eq!(layers.len(), 1, "one layer: {manifest}");
     let layer_digest = layers[0]["digest"].as_str().unwrap_or_default();
-    let blob = get(
+    let blob = get_ok(
         &server,
         &format!("/v2/flatten/local/layered/blobs/{layer_digest}"),
     )?;
@@ -170,7 +159,7 @@ fn merged_tree() -> anyhow::Result<()> {
 
     // The config is kept, with the new rootfs and a history naming the source.
     let config_digest = manifest["config"]["digest"].as_str().unwrap_or_default();
-    let config = get(
+    let config = get_ok(
         &server,
         &format!("/v2/flatten/local/layered/blobs/{config_digest}"),
     )?
@@ -204,7 +193,7 @@ fn index() -> anyhow::Result<()> {
     let world = world()?;
     let proxy = Proxy::start(world.registry.addr)?;
     let server = mirror_server(&proxy)?;
-    let index = get(&server, "/v2/flatten/local/multi/manifests/latest")?;
+    let index = get_ok(&server, "/v2/flatten/local/multi/manifests/latest")?;
     assert_eq!(
         index.header("content-type"),
         "application/vnd.oci.image.index.v1+json"
@@ -222,7 +211,7 @@ fn index() -> anyhow::Result<()> {
     );
     for child in children {
         let digest = child["digest"].as_str().unwrap_or_default();
-        let manifest = get(
+        let manifest = get_ok(
             &server,
             &format!("/v2/flatten/local/multi/manifests/{digest}"),
         )?;
@@ -237,7 +226,7 @@ fn deterministic() -> anyhow::Result<()> {
     let world = world()?;
     let proxy = Proxy::start(world.registry.addr)?;
     let digest = |server: &Server| -> anyhow::Result<String> {
-        Ok(get(server, "/v2/flatten/local/layered/manifests/v1")?
+        Ok(get_ok(server, "/v2/flatten/local/layered/manifests/v1")?
             .header("docker-content-digest")
             .to_owned())
     };

@@ -11,7 +11,7 @@ use libtest_mimic::Trial;
 
 use crate::mirror::{ACCEPT_ALL, world};
 use crate::support::images;
-use crate::support::{Reply, Server, docker, http, trial};
+use crate::support::{Server, docker, get_ok, http, trial};
 
 pub fn trials() -> Vec<Trial> {
     vec![
@@ -281,36 +281,11 @@ fn shared_scratch() -> &'static Path {
 /// One ko server shared by the trials that do not restart it.
 fn server() -> anyhow::Result<&'static Server> {
     static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
-    SERVER
-        .get_or_init(|| {
-            crate::support::register_cleanup(Box::new(|| {
-                if let Some(Ok(server)) = SERVER.get() {
-                    let _ = std::process::Command::new("kill")
-                        .arg(server.pid().to_string())
-                        .status();
-                }
-            }));
-            let config = config(Some(shared_scratch())).map_err(|e| format!("{e:?}"))?;
-            Server::start(Some(&config)).map_err(|e| format!("{e:?}"))
-        })
-        .as_ref()
-        .map_err(|e| anyhow::anyhow!("{e}"))
-}
-
-fn get(server: &Server, path: &str) -> anyhow::Result<Reply> {
-    let reply = http(server.addr, Method::GET, path, &[("accept", ACCEPT_ALL)])?;
-    anyhow::ensure!(
-        reply.status == StatusCode::OK,
-        "GET {path}: {} {:?}\nserver log:\n{}",
-        reply.status,
-        reply.body,
-        server.log()
-    );
-    Ok(reply)
+    crate::support::shared(&SERVER, || config(Some(shared_scratch())))
 }
 
 fn digest(server: &Server, repo: &str, tag: &str) -> anyhow::Result<String> {
-    let reply = get(server, &format!("/v2/ko/{repo}/manifests/{tag}"))?;
+    let reply = get_ok(server, &format!("/v2/ko/{repo}/manifests/{tag}"))?;
     Ok(reply.header("docker-content-digest").to_owned())
 }
 
@@ -334,7 +309,7 @@ fn elf_machine(binary: &[u8]) -> Option<u16> {
 
 fn layout() -> anyhow::Result<()> {
     let server = server()?;
-    let index = get(server, "/v2/ko/example.com/hello/manifests/v1.0.0")?;
+    let index = get_ok(server, "/v2/ko/example.com/hello/manifests/v1.0.0")?;
     assert_eq!(
         index.header("content-type"),
         "application/vnd.oci.image.index.v1+json"
@@ -365,7 +340,7 @@ fn layout() -> anyhow::Result<()> {
         .zip(want_machine)
     {
         let digest = child["digest"].as_str().unwrap_or_default();
-        let manifest = get(
+        let manifest = get_ok(
             server,
             &format!("/v2/ko/example.com/hello/manifests/{digest}"),
         )?
@@ -379,9 +354,11 @@ fn layout() -> anyhow::Result<()> {
         );
         let blob = |i: usize| -> anyhow::Result<Vec<u8>> {
             let d = layers[i]["digest"].as_str().unwrap_or_default();
-            Ok(get(server, &format!("/v2/ko/example.com/hello/blobs/{d}"))?
-                .body
-                .to_vec())
+            Ok(
+                get_ok(server, &format!("/v2/ko/example.com/hello/blobs/{d}"))?
+                    .body
+                    .to_vec(),
+            )
         };
         let kodata = crate::flatten::tree(&blob(1)?)?;
         let names: Vec<&str> = kodata.keys().map(String::as_str).collect();
@@ -405,7 +382,7 @@ fn layout() -> anyhow::Result<()> {
         assert_eq!(elf_machine(binary), Some(machine), "{}", child["platform"]);
 
         let config_digest = manifest["config"]["digest"].as_str().unwrap_or_default();
-        let config = get(
+        let config = get_ok(
             server,
             &format!("/v2/ko/example.com/hello/blobs/{config_digest}"),
         )?

@@ -4,6 +4,7 @@
 //!
 //! `cargo test --release --test suite -- <filter>` runs a subset.
 
+mod buildpack;
 mod flatten;
 mod http;
 mod ko;
@@ -24,6 +25,7 @@ fn main() -> ExitCode {
         mirror::trials(),
         flatten::trials(),
         ko::trials(),
+        buildpack::trials(),
         reload::trials(),
     ]
     .into_iter()

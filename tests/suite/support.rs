@@ -262,6 +262,45 @@ impl Drop for Server {
     }
 }
 
+/// A server shared by one module's trials: started with `config()` on first
+/// use, stopped at the end of the suite.
+pub fn shared(
+    cell: &'static OnceLock<Result<Server, String>>,
+    config: impl FnOnce() -> anyhow::Result<String>,
+) -> anyhow::Result<&'static Server> {
+    cell.get_or_init(|| {
+        register_cleanup(Box::new(move || {
+            if let Some(Ok(server)) = cell.get() {
+                // Statics are never dropped: stop the process explicitly.
+                let _ = Command::new("kill").arg(server.pid().to_string()).status();
+            }
+        }));
+        let config = config().map_err(|e| format!("{e:?}"))?;
+        Server::start(Some(&config)).map_err(|e| format!("{e:?}"))
+    })
+    .as_ref()
+    .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// `GET` accepting every manifest type; an error (with the server's log)
+/// unless the answer is 200.
+pub fn get_ok(server: &Server, path: &str) -> anyhow::Result<Reply> {
+    let reply = http(
+        server.addr,
+        Method::GET,
+        path,
+        &[("accept", crate::mirror::ACCEPT_ALL)],
+    )?;
+    anyhow::ensure!(
+        reply.status == StatusCode::OK,
+        "GET {path}: {} {:?}\nserver log:\n{}",
+        reply.status,
+        reply.body,
+        server.log()
+    );
+    Ok(reply)
+}
+
 /// One server with the built-in default config, shared by the pull trials.
 pub fn shared_server() -> anyhow::Result<&'static Server> {
     static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();

@@ -33,9 +33,9 @@ use crate::storage::{BlobContent, Storage, StoredManifest};
 use crate::upstream::Mirror;
 
 /// A stored layer to merge, and whether it is gzipped.
-struct LayerInput {
-    digest: Digest,
-    gzipped: bool,
+pub(crate) struct LayerInput {
+    pub digest: Digest,
+    pub gzipped: bool,
 }
 
 impl Builders {
@@ -232,7 +232,7 @@ impl<R: Read> Read for Capped<R> {
 }
 
 /// Opens a stored layer as an uncompressed tar stream (from a blocking thread).
-fn open_layer(
+pub(crate) fn open_layer(
     storage: &dyn Storage,
     handle: &tokio::runtime::Handle,
     layer: &LayerInput,
@@ -251,7 +251,7 @@ fn open_layer(
 
 /// A path inside the root: relative, no `.` or `..`, no trailing slash.
 /// `None` for paths that would leave the root.
-fn clean(path: &Path) -> Option<String> {
+pub(crate) fn clean(path: &Path) -> Option<String> {
     let mut parts = Vec::new();
     for component in path.components() {
         match component {

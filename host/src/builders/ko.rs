@@ -17,16 +17,15 @@
 
 use std::path::Path;
 
-use flate2::Compression;
-use flate2::write::GzEncoder;
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
 use super::{
-    BuildError, Builders, LayerBlob, canonical, digest_of, invalid, io_error, publish_layer,
+    BuildError, Builders, LayerBlob, LayerTar, canonical, digest_of, fixed_header, invalid,
+    io_error, write_layer,
 };
 use crate::golang::{BuildOptions, Go, ImportPath, Module, Target, Workspace};
-use crate::oci::{Digest, MediaType, Sha256Writer};
+use crate::oci::{Digest, MediaType};
 use crate::storage::{Storage, StoredManifest};
 use crate::upstream::Mirror;
 
@@ -50,6 +49,8 @@ pub struct KoBuild<'a> {
     /// `os/arch[/variant]` filters; empty for every platform of the base.
     pub platforms: &'a [String],
     pub accept: &'a [String],
+    /// `go env GOVERSION`: a new toolchain may compile differently.
+    pub go_version: &'a str,
 }
 
 /// One platform image of the base.
@@ -107,7 +108,13 @@ impl Builders {
             return Ok(done);
         }
         let children = self.children(mirror, &build).await?;
-        let workspace = go.workspace(build.module)?;
+        let workspace = {
+            let module = build.module.clone();
+            let work = go.work_dir();
+            tokio::task::spawn_blocking(move || Workspace::new(&module, &work))
+                .await
+                .map_err(|e| BuildError::TaskFailed(e.to_string()))??
+        };
         let kodata = {
             let storage = storage.clone();
             let dir = kodata_dir(build.module, build.package);
@@ -132,14 +139,6 @@ impl Builders {
         Ok(result)
     }
 
-    async fn cached(&self, key: &str) -> Result<Option<StoredManifest>, BuildError> {
-        let storage = self.storage();
-        match storage.tag(key).await? {
-            Some(digest) => Ok(storage.manifest(&digest).await?),
-            None => Ok(None),
-        }
-    }
-
     /// The base's platform images that the build wants.
     async fn children(
         &self,
@@ -153,8 +152,9 @@ impl Builders {
                 let index = parse_json(&base.bytes, "the base index")?;
                 for descriptor in index["manifests"].as_array().cloned().unwrap_or_default() {
                     let target = target_of(&descriptor["platform"]);
-                    if target.os.is_empty()
-                        || target.os == "unknown"
+                    // Windows images need .exe binaries and another layer
+                    // layout; they are left out rather than built wrong.
+                    if target.os != "linux"
                         || target.arch == "unknown"
                         || !wanted(&target, build.platforms)
                     {
@@ -240,7 +240,7 @@ impl Builders {
         kodata: &LayerBlob,
         child: &Child,
     ) -> Result<StoredManifest, BuildError> {
-        let mut manifest = parse_json(&child.manifest.bytes, "a base manifest")?;
+        let manifest = parse_json(&child.manifest.bytes, "a base manifest")?;
         let mut config = self
             .base_config(mirror, build.base_image, &manifest)
             .await?;
@@ -262,36 +262,14 @@ impl Builders {
         };
         let app_path = format!("/{APP_DIR}/{name}");
         ko_config(&mut config, build.package, &app_path, [kodata, &app])?;
-        let config_bytes = canonical(&config)?;
-        let config_blob = {
-            let storage = self.storage().clone();
-            let bytes = config_bytes.clone();
-            self.run_blocking(move |_| Ok(crate::storage::write_blob(storage.as_ref(), &bytes)?))
-                .await?
-        };
-        let docker = child.manifest.media_type.as_str() == MediaType::DOCKER_MANIFEST;
-        let layer_type = if docker {
-            MediaType::DOCKER_LAYER_GZIP
-        } else {
-            MediaType::OCI_LAYER_GZIP
-        };
-        manifest["config"]["digest"] = json!(config_blob.digest.to_string());
-        manifest["config"]["size"] = json!(config_bytes.len());
-        let layers = manifest["layers"]
-            .as_array_mut()
-            .ok_or_else(|| invalid("a base manifest without layers"))?;
-        for layer in [kodata, &app] {
-            layers.push(json!({
-                "mediaType": layer_type,
-                "digest": layer.digest.to_string(),
-                "size": layer.size,
-            }));
-        }
-        annotate(&mut manifest, build.base_reference, &child.manifest.digest);
-        Ok(self
-            .storage()
-            .put_manifest(&child.manifest.media_type, canonical(&manifest)?)
-            .await?)
+        self.extend_image(
+            &child.manifest.media_type,
+            manifest,
+            &config,
+            &[kodata, &app],
+            |m| annotate(m, build.base_reference, &child.manifest.digest),
+        )
+        .await
     }
 
     /// An index over the platform images, in the base index's order and type.
@@ -347,6 +325,7 @@ fn cache_key(build: &KoBuild<'_>) -> Result<String, BuildError> {
         "base": build.base.digest.to_string(),
         "base_name": build.base_reference,
         "platforms": platforms,
+        "go": build.go_version,
     });
     let bytes = canonical(&key)?;
     Ok(format!("ko {}", hex::encode(Sha256::digest(&bytes))))
@@ -444,31 +423,8 @@ fn ko_config(
     Ok(())
 }
 
-type LayerTar = tar::Builder<Sha256Writer<GzEncoder<Box<dyn crate::storage::BlobWriter>>>>;
-
-/// Writes a layer from `fill` into storage: tar, hashed (diff id), gzipped.
-fn write_layer(
-    storage: &dyn Storage,
-    fill: impl FnOnce(&mut LayerTar) -> Result<(), BuildError>,
-) -> Result<LayerBlob, BuildError> {
-    let blob = storage.blob_writer(u64::MAX)?;
-    let mut tar = tar::Builder::new(Sha256Writer::new(GzEncoder::new(blob, Compression::fast())));
-    fill(&mut tar)?;
-    let hashed = tar.into_inner().map_err(io_error("finishing a layer"))?;
-    let (diff_id, _, gzip) = hashed.finish();
-    let blob = gzip.finish().map_err(io_error("finishing gzip"))?;
-    publish_layer(diff_id, blob)
-}
-
 fn header(kind: tar::EntryType, size: u64) -> tar::Header {
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(kind);
-    h.set_mode(0o555);
-    h.set_mtime(0);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_size(size);
-    h
+    fixed_header(kind, 0o555, (0, 0), 0, size)
 }
 
 fn add_dir(tar: &mut LayerTar, path: &str) -> Result<(), BuildError> {

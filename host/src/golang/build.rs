@@ -70,6 +70,9 @@ impl BuildOptions {
         let mut flags = self.flags.iter();
         while let Some(flag) = flags.next() {
             check_plain(flag)?;
+            if !flag.starts_with('-') {
+                return Err(format!("{flag:?} is not a flag (flags start with -)"));
+            }
             let name = flag.trim_start_matches('-');
             let (name, inline) = match name.split_once('=') {
                 Some((n, v)) => (n, Some(v)),
@@ -151,8 +154,12 @@ impl std::fmt::Display for Target {
 
 impl Target {
     fn env(&self) -> Result<Vec<(String, String)>, String> {
+        // These end up in paths and the environment: plain words only.
         let plain = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric());
-        if !plain(&self.os) || !plain(&self.arch) {
+        if !plain(&self.os)
+            || !plain(&self.arch)
+            || self.variant.as_deref().is_some_and(|v| !plain(v))
+        {
             return Err(format!("{self} is not a platform Go can build for"));
         }
         let mut env = vec![
@@ -209,7 +216,7 @@ impl Workspace {
             std::fs::create_dir(dir.path().join(sub))
                 .map_err(|e| GoError::io(format!("creating {sub}"), e))?;
         }
-        copy_tree(&module.dir, &dir.path().join("src"))
+        crate::files::copy_tree(&module.dir, &dir.path().join("src"))
             .map_err(|e| GoError::io("copying the module".into(), e))?;
         Ok(Workspace {
             dir,
@@ -234,6 +241,7 @@ impl Workspace {
             args,
             env: extra_env,
         } = options.checked().map_err(refuse)?;
+        // Checked before the platform is used in the output's file name.
         let target_env = target.env().map_err(refuse)?;
         let rel = package
             .relative_to(&self.module.path)
@@ -325,11 +333,17 @@ impl Workspace {
     }
 }
 
-/// Kills a process group when dropped, unless disarmed.
-struct KillGroup(Option<u32>);
+/// Kills a process group when dropped, unless disarmed: child processes of
+/// a tool (go's compilers, a buildpack's scripts) go with it on a timeout or
+/// when the request is abandoned.
+pub struct KillGroup(Option<u32>);
 
 impl KillGroup {
-    fn disarm(mut self) {
+    pub fn new(leader: Option<u32>) -> KillGroup {
+        KillGroup(leader)
+    }
+
+    pub fn disarm(mut self) {
         self.0 = None;
     }
 }
@@ -368,23 +382,6 @@ fn first_errors(stderr: &[u8]) -> String {
     } else {
         out.trim_end().to_owned()
     }
-}
-
-/// Copies a tree of directories and regular files (module trees hold
-/// nothing else: symlinks were refused when the zip was unpacked).
-fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
-        let target = to.join(entry.file_name());
-        if kind.is_dir() {
-            copy_tree(&entry.path(), &target)?;
-        } else if kind.is_file() {
-            std::fs::copy(entry.path(), &target)?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -433,6 +430,7 @@ mod tests {
             opts(&["CGO_ENABLED=1"], &[], &[]),
             opts(&[], &[], &["-linkmode=external -extld=/bin/sh"]),
             opts(&[], &[], &["-X main.v={{.Env.SECRET}}"]),
+            opts(&[], &["trimpath"], &[]),
         ] {
             assert!(o.checked().is_err(), "{o:?}");
         }
@@ -452,6 +450,12 @@ mod tests {
             variant: None,
         };
         assert!(bad.env().is_err());
+        let escaping = Target {
+            os: "linux".into(),
+            arch: "arm64".into(),
+            variant: Some("x/../../../../etc/cron.d/p".into()),
+        };
+        assert!(escaping.env().is_err());
     }
 
     #[test]

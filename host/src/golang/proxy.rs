@@ -158,23 +158,34 @@ pub fn info_version(body: &[u8], what: &str) -> Result<String, GoError> {
     let info: Info = serde_json::from_slice(body).map_err(|e| GoError::BadProxy {
         message: format!("{what}: not a version document: {e}"),
     })?;
-    // The version ends up in paths and URLs: hold it to the same grammar as
-    // queries, plus the `+incompatible` suffix.
-    let plain = info
-        .version
-        .strip_suffix("+incompatible")
-        .unwrap_or(&info.version);
-    if !plain.starts_with('v') || super::modpath::check_query(plain).is_err() {
-        return Err(GoError::BadProxy {
-            message: format!("{what}: {:?} is not a module version", info.version),
-        });
-    }
+    check_version(&info.version, what)?;
     Ok(info.version)
 }
 
-/// Joins proxy path pieces.
+/// A version from a proxy ends up in paths and URLs: the same grammar as
+/// queries, a leading `v`, and the `+incompatible` suffix allowed.
+pub fn check_version(version: &str, what: &str) -> Result<(), GoError> {
+    let plain = version.strip_suffix("+incompatible").unwrap_or(version);
+    if !plain.starts_with('v') || super::modpath::check_query(plain).is_err() {
+        return Err(GoError::BadProxy {
+            message: format!("{what}: {version:?} is not a module version"),
+        });
+    }
+    Ok(())
+}
+
+/// `<module>/<tail>`, the module path escaped.
 pub fn path_of(module: &str, tail: &str) -> String {
     format!("{}/{tail}", super::modpath::escape(module))
+}
+
+/// `<module>/@v/<version>.<ext>`, both escaped.
+pub fn version_path(module: &str, version: &str, ext: &str) -> String {
+    format!(
+        "{}/@v/{}.{ext}",
+        super::modpath::escape(module),
+        super::modpath::escape(version)
+    )
 }
 
 /// Whether `p` stays inside a proxy directory. Paths are built from checked

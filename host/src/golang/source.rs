@@ -54,7 +54,7 @@ pub fn unpack(
             return Err(refuse(format!("{name:?} is outside {prefix}")));
         };
         check_path(rel).map_err(|why| refuse(format!("{name:?}: {why}")))?;
-        if !seen.insert(rel.to_ascii_lowercase()) {
+        if !seen.insert(rel.trim_end_matches('/').to_ascii_lowercase()) {
             return Err(refuse(format!("{name:?} appears twice (ignoring case)")));
         }
         let kind = entry.unix_mode().map(|m| m & S_IFMT);
@@ -145,7 +145,15 @@ fn check_go_mod(dir: &Path) -> Result<(), String> {
             continue;
         };
         if let Some((_, target)) = directive.split_once("=>") {
-            let target = target.trim().trim_matches('"');
+            // go.mod strings may be quoted with escapes or backquoted; a
+            // quoted target is refused outright rather than interpreted.
+            if target.contains(['"', '`', '\\']) {
+                return Err(format!(
+                    "go.mod has a quoted replacement {:?}; kontain refuses those",
+                    target.trim()
+                ));
+            }
+            let target = target.trim();
             let path = target.split_whitespace().next().unwrap_or_default();
             if path.starts_with("./")
                 || path.starts_with("../")

@@ -10,5 +10,6 @@ wasmtime::component::bindgen!({
         "kontain:generator/images.manifest": super::host::ManifestHandle,
         "kontain:generator/images.blob": super::host::BlobHandle,
         "kontain:generator/go.module": super::host::ModuleHandle,
+        "kontain:generator/buildpack.source": super::host::SourceHandle,
     },
 });

@@ -10,13 +10,15 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::kontain::generator::{
-    cache, flatten, go, images, random, settings, types, upstream,
+    buildpack, cache, flatten, go, images, random, settings, types, upstream,
 };
 use super::plugin::Plugin;
+use crate::builders::buildpack::BuildpackBuild;
 use crate::builders::ko::KoBuild;
 use crate::builders::{
     BuildError, Builders, HistoryEntry, ImageSpec, LayerBlob, ManifestFormat, Platform,
 };
+use crate::buildpack::{BuildpackError, Buildpacks, Source};
 use crate::config::Capability;
 use crate::golang::{BuildOptions, Go, GoError, ImportPath, Module};
 use crate::storage::{BlobInfo, StoredManifest};
@@ -38,6 +40,9 @@ pub struct BlobHandle(pub BlobInfo);
 /// A Go module version a plugin holds.
 pub struct ModuleHandle(pub Module);
 
+/// A git commit a plugin holds.
+pub struct SourceHandle(pub Source);
+
 /// A host failure while serving a plugin: not the plugin's fault, so it is not
 /// shown to the plugin as an error value but ends the call as a trap that the
 /// runtime recognises and reports as a server error.
@@ -49,6 +54,8 @@ pub enum HostFailure {
     Upstream(UpstreamError),
     #[error(transparent)]
     Go(GoError),
+    #[error(transparent)]
+    Buildpack(BuildpackError),
 }
 
 /// The host's services a plugin's calls reach.
@@ -57,6 +64,7 @@ pub struct Services {
     pub builders: Builders,
     pub mirror: Arc<Mirror>,
     pub go: Arc<Go>,
+    pub buildpacks: Arc<Buildpacks>,
 }
 
 pub struct HostState {
@@ -64,6 +72,7 @@ pub struct HostState {
     builders: Builders,
     mirror: Arc<Mirror>,
     go: Arc<Go>,
+    buildpacks: Arc<Buildpacks>,
     wasi: WasiCtx,
     table: ResourceTable,
     limits: StoreLimits,
@@ -93,6 +102,7 @@ impl HostState {
             builders: services.builders,
             mirror: services.mirror,
             go: services.go,
+            buildpacks: services.buildpacks,
             wasi,
             table: ResourceTable::new(),
             limits,
@@ -179,8 +189,32 @@ fn guest_error(e: BuildError) -> wasmtime::Result<types::Error> {
         BuildError::TooLarge { .. } => Ok(types::Error::LimitExceeded(e.to_string())),
         BuildError::Upstream(upstream) => upstream_error(*upstream),
         BuildError::Go(go) => go_error(*go),
+        BuildError::Buildpack(bp) => buildpack_error(*bp),
         other => Err(HostFailure::Build(other).into()),
     }
+}
+
+fn buildpack_error(e: BuildpackError) -> wasmtime::Result<types::Error> {
+    let message = e.to_string();
+    Ok(match e {
+        BuildpackError::InvalidName(_) => types::Error::InvalidName(message),
+        BuildpackError::UnknownRevision { .. } => types::Error::NotFound(message),
+        BuildpackError::Refused(_) => types::Error::Denied(message),
+        BuildpackError::TooLarge { .. } | BuildpackError::Timeout { .. } => {
+            types::Error::LimitExceeded(message)
+        }
+        // The source cannot be built as it is: the request cannot succeed,
+        // and retrying will not help.
+        BuildpackError::NoGroupPassed { .. } | BuildpackError::BuildpackFailed { .. } => {
+            types::Error::InvalidName(message)
+        }
+        BuildpackError::BadBuilder(_) => types::Error::InvalidReference(message),
+        BuildpackError::Unreachable { .. }
+        | BuildpackError::Git { .. }
+        | BuildpackError::Tool { .. }
+        | BuildpackError::SandboxUnavailable { .. } => types::Error::Unavailable(message),
+        BuildpackError::Io { .. } => return Err(HostFailure::Buildpack(e).into()),
+    })
 }
 
 fn go_error(e: GoError) -> wasmtime::Result<types::Error> {
@@ -472,16 +506,6 @@ impl settings::Host for HostState {
     }
 }
 
-/// The repository part of `name[:tag][@digest]`.
-fn strip_reference(image: &str) -> &str {
-    let image = image.split('@').next().unwrap_or(image);
-    let last = image.rfind('/').map_or(0, |i| i + 1);
-    match image[last..].find(':') {
-        Some(i) => &image[..last + i],
-        None => image,
-    }
-}
-
 /// Text files a plugin may read from a module (`.ko.yaml`).
 const MAX_MODULE_FILE: u64 = 64 * 1024;
 
@@ -535,7 +559,7 @@ impl go::Host for HostState {
     ) -> wasmtime::Result<Result<Resource<ManifestHandle>, types::Error>> {
         // `name[:tag|@digest]`: the name reaches the upstream; the whole
         // reference is what the image's annotations record.
-        let base_name = strip_reference(&base_image);
+        let (base_name, _) = crate::upstream::split_reference(&base_image);
         if let Err(denied) = self
             .require(Capability::Go)
             .and_then(|()| self.require_upstream(base_name))
@@ -560,6 +584,7 @@ impl go::Host for HostState {
             ldflags: options.ldflags,
         };
         let accept = crate::oci::MediaType::MANIFESTS.map(str::to_owned).to_vec();
+        let go_version = self.go.version().await;
         let build = KoBuild {
             module: &module,
             package: &package,
@@ -569,8 +594,83 @@ impl go::Host for HostState {
             base: &base,
             platforms: &platforms,
             accept: &accept,
+            go_version: &go_version,
         };
         match self.builders.ko(&self.go, &self.mirror, build).await {
+            Ok(manifest) => Ok(Ok(self.table.push(ManifestHandle(manifest))?)),
+            Err(e) => Ok(Err(guest_error(e)?)),
+        }
+    }
+}
+
+impl buildpack::HostSource for HostState {
+    async fn commit(&mut self, this: Resource<SourceHandle>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&this)?.0.commit.clone())
+    }
+
+    async fn url(&mut self, this: Resource<SourceHandle>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&this)?.0.url.clone())
+    }
+
+    async fn drop(&mut self, this: Resource<SourceHandle>) -> wasmtime::Result<()> {
+        self.table.delete(this)?;
+        Ok(())
+    }
+}
+
+impl buildpack::Host for HostState {
+    async fn fetch(
+        &mut self,
+        owner: String,
+        repo: String,
+        revision: String,
+    ) -> wasmtime::Result<Result<Resource<SourceHandle>, types::Error>> {
+        if let Err(denied) = self.require(Capability::Buildpack) {
+            return Ok(Err(denied));
+        }
+        match self.buildpacks.fetch(&owner, &repo, &revision).await {
+            Ok(source) => Ok(Ok(self.table.push(SourceHandle(source))?)),
+            Err(e) => Ok(Err(buildpack_error(e)?)),
+        }
+    }
+
+    async fn build(
+        &mut self,
+        source: Resource<SourceHandle>,
+        app_path: String,
+        builder_image: String,
+        builder: Resource<ManifestHandle>,
+        run_image: String,
+    ) -> wasmtime::Result<Result<Resource<ManifestHandle>, types::Error>> {
+        let (builder_name, _) = crate::upstream::split_reference(&builder_image);
+        let (run_name, _) = crate::upstream::split_reference(&run_image);
+        let checks = self
+            .require(Capability::Buildpack)
+            .and_then(|()| self.require_upstream(builder_name))
+            .and_then(|()| {
+                if run_image.is_empty() {
+                    Ok(())
+                } else {
+                    self.require_upstream(run_name)
+                }
+            });
+        if let Err(denied) = checks {
+            return Ok(Err(denied));
+        }
+        let source = self.table.get(&source)?.0.clone();
+        let builder = self.table.get(&builder)?.0.clone();
+        let build = BuildpackBuild {
+            source: &source,
+            app_path: &app_path,
+            builder_image: builder_name,
+            builder: &builder,
+            run_image: (!run_image.is_empty()).then_some(run_image.as_str()),
+        };
+        match self
+            .builders
+            .buildpack(&self.buildpacks, &self.mirror, build)
+            .await
+        {
             Ok(manifest) => Ok(Ok(self.table.push(ManifestHandle(manifest))?)),
             Err(e) => Ok(Err(guest_error(e)?)),
         }

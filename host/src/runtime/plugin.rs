@@ -37,6 +37,10 @@ const BUILT_IN: &[(&str, &[u8])] = &[
         "ko",
         include_bytes!(concat!(env!("KONTAIN_PLUGINS_DIR"), "/ko.wasm")),
     ),
+    (
+        "buildpack",
+        include_bytes!(concat!(env!("KONTAIN_PLUGINS_DIR"), "/buildpack.wasm")),
+    ),
 ];
 
 pub struct Plugin {

@@ -278,6 +278,11 @@ impl Client {
         }
     }
 
+    /// The connection policy, for tools that connect on their own (git).
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
     /// A plain `GET` of `url` for other protocols that share this client's
     /// connection policy (Go module proxies): the response once its status
     /// is in. The URL, every redirect and every resolved address are checked

@@ -123,7 +123,7 @@ pub fn parse_platforms(list: Vec<String>) -> Vec<String> {
 /// a directory relative to `dir` (itself relative to the module root).
 fn build_package(module: &str, build: &Build) -> Option<String> {
     let main = build.main.as_deref().unwrap_or(".");
-    if main.starts_with(module) {
+    if main == module || main.starts_with(&format!("{module}/")) {
         return Some(main.trim_end_matches('/').to_owned());
     }
     let mut parts: Vec<&str> = Vec::new();

@@ -15,17 +15,9 @@
 mod ko_yaml;
 
 use ko_yaml::KoYaml;
-use kontain_sdk::{Error, Generator, Manifest, Request, go, settings, upstream};
+use kontain_sdk::{Error, Generator, Manifest, Request, go, settings, split_reference, upstream};
 
 const DEFAULT_BASE: &str = "cgr.dev/chainguard/static:latest";
-
-/// Every manifest type, so that the base's index is seen whole.
-const ACCEPT: [&str; 4] = [
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-];
 
 struct Ko;
 
@@ -65,7 +57,7 @@ impl Generator for Ko {
             ko_yaml::parse_platforms(configured.split(',').map(|p| p.trim().to_owned()).collect())
         });
         let options = ko_yaml.options_for(&module.path(), package);
-        let accept: Vec<String> = ACCEPT.iter().map(|s| (*s).to_owned()).collect();
+        let accept = kontain_sdk::accept_all();
         let base_manifest = upstream::fetch_manifest(base_image, base_reference, &accept)?;
         go::image(
             &module,
@@ -82,34 +74,4 @@ impl Generator for Ko {
     }
 }
 
-/// `name[:tag][@digest]` → (name, tag or digest); no tag means `latest`.
-fn split_reference(image: &str) -> (&str, &str) {
-    if let Some((name, digest)) = image.split_once('@') {
-        return (name, digest);
-    }
-    let last = image.rfind('/').map_or(0, |i| i + 1);
-    match image[last..].rfind(':') {
-        Some(i) => (&image[..last + i], &image[last + i + 1..]),
-        None => (image, "latest"),
-    }
-}
-
 kontain_sdk::export_generator!(Ko);
-
-#[cfg(test)]
-mod tests {
-    use super::split_reference;
-
-    #[test]
-    fn references_split_at_the_last_colon_of_the_last_element() {
-        assert_eq!(split_reference("busybox"), ("busybox", "latest"));
-        assert_eq!(
-            split_reference("cgr.dev/chainguard/static:latest"),
-            ("cgr.dev/chainguard/static", "latest")
-        );
-        assert_eq!(
-            split_reference("local/busybox@sha256:abc"),
-            ("local/busybox", "sha256:abc")
-        );
-    }
-}

@@ -42,7 +42,34 @@ pub use bindings::kontain::generator::images::{
     self, Blob, Config, History, Layer, Manifest, ManifestFormat, Platform,
 };
 pub use bindings::kontain::generator::types::Error;
-pub use bindings::kontain::generator::{cache, flatten, go, random, settings, upstream};
+pub use bindings::kontain::generator::{buildpack, cache, flatten, go, random, settings, upstream};
+
+/// Every manifest and index media type: the `Accept` list for fetching an
+/// image whole (an index, not just one platform of it).
+pub const MANIFEST_TYPES: [&str; 4] = [
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+];
+
+/// [`MANIFEST_TYPES`] as the owned list the upstream interface takes.
+pub fn accept_all() -> Vec<String> {
+    MANIFEST_TYPES.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// `name[:tag][@digest]` split into the name and the tag or digest
+/// (`latest` when neither is given).
+pub fn split_reference(image: &str) -> (&str, &str) {
+    if let Some((name, digest)) = image.split_once('@') {
+        return (name, digest);
+    }
+    let last = image.rfind('/').map_or(0, |i| i + 1);
+    match image[last..].rfind(':') {
+        Some(i) => (&image[..last + i], &image[last + i + 1..]),
+        None => (image, "latest"),
+    }
+}
 
 /// A generator: turns a request for a tag (or an unknown digest) into a
 /// manifest the host has stored.

@@ -1,0 +1,41 @@
+# Shared by the benchmark scripts: `source "$(dirname "$0")/lib.sh"` after
+# `set -euo pipefail`. Leaves the caller in the repository root with
+# `$root`, a scratch directory `$work` and `pids` (killed on exit).
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root=$PWD
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    chmod -R u+w "$work" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() { for _ in $(seq 200); do curl -sf -o /dev/null "$1" && return 0; sleep 0.1; done; echo "no answer from $1" >&2; exit 1; }
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { print b - a }'; }
+
+# start_registry <name> <port> [proxy-remote-url]: Debian's docker-registry
+# on loopback, storing under $work/<name>.
+start_registry() {
+    mkdir -p "$work/$1"
+    {
+        printf 'version: 0.1\nlog:\n  level: warn\n  formatter: text\nstorage:\n  filesystem:\n    rootdirectory: %s\n' "$work/$1/data"
+        printf 'http:\n  addr: 127.0.0.1:%s\n' "$2"
+        if [[ -n ${3:-} ]]; then printf 'proxy:\n  remoteurl: %s\n' "$3"; fi
+    } > "$work/$1/config.yml"
+    docker-registry serve "$work/$1/config.yml" > "$work/$1/log" 2>&1 &
+    pids+=($!)
+    wait_http "http://127.0.0.1:$2/v2/"
+}
+
+# start_kontain <dir> <port>: the release binary with <dir>/kontain.toml.
+start_kontain() {
+    (cd "$1" && PORT=$2 RUST_LOG=warn exec "$root/target/release/kontain") > "$1/log" 2>&1 &
+    pids+=($!)
+    wait_http "http://127.0.0.1:$2/v2/"
+}

@@ -1,0 +1,336 @@
+//! Sources from git: a revision resolved to one commit, fetched shallow into
+//! a directory of its own.
+//!
+//! git runs with a cleared environment and no user or system config, only
+//! the template's protocol allowed, no redirects, no hooks and no
+//! submodules. For https, the host name is checked against the upstream
+//! policy and resolved by us, and git is pinned to the checked address
+//! (`http.curloptResolve`), so DNS cannot steer it somewhere private.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use url::Url;
+
+use super::BuildpackError;
+use crate::upstream::Policy;
+
+/// A commit checked out (without `.git`).
+#[derive(Clone, Debug)]
+pub struct Source {
+    pub url: String,
+    pub commit: String,
+    pub dir: PathBuf,
+}
+
+pub struct Git {
+    pub command: PathBuf,
+    pub template: String,
+    pub timeout: Duration,
+    pub max_bytes: u64,
+}
+
+/// `owner` and `repo` as they may appear in a URL: no `/`, no leading dot
+/// or dash.
+fn check_name(what: &str, s: &str) -> Result<(), BuildpackError> {
+    let ok = !s.is_empty()
+        && s.len() <= 100
+        && !s.starts_with(['.', '-'])
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(BuildpackError::InvalidName(format!(
+            "{s:?} is not a valid {what}: use letters, digits, - _ ."
+        )))
+    }
+}
+
+fn check_revision(rev: &str) -> Result<(), BuildpackError> {
+    let ok = !rev.is_empty()
+        && !rev.starts_with(['.', '-'])
+        && rev
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(BuildpackError::InvalidName(format!(
+            "{rev:?} is not a revision: use latest, a branch, a tag or a commit SHA"
+        )))
+    }
+}
+
+fn is_sha(rev: &str) -> bool {
+    (7..=40).contains(&rev.len()) && rev.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+impl Git {
+    pub fn url(&self, owner: &str, repo: &str) -> Result<Url, BuildpackError> {
+        check_name("owner", owner)?;
+        check_name("repository", repo)?;
+        let text = self
+            .template
+            .replace("{owner}", owner)
+            .replace("{repo}", repo);
+        Url::parse(&text).map_err(|e| BuildpackError::InvalidName(format!("{text}: {e}")))
+    }
+
+    /// The git invocation: clean environment, restricted protocols, and for
+    /// https the checked, pinned address.
+    async fn command(
+        &self,
+        url: &Url,
+        policy: &Policy,
+        home: &Path,
+    ) -> Result<tokio::process::Command, BuildpackError> {
+        let mut cmd = tokio::process::Command::new(&self.command);
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", home)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_ASKPASS", "/bin/false")
+            .args(["-c", "protocol.allow=never"])
+            .args(["-c", "http.followRedirects=false"])
+            .args(["-c", "core.hooksPath=/dev/null"])
+            .args(["-c", "submodule.recurse=false"])
+            .args(["-c", "core.fsmonitor=false"])
+            .args(["-c", "advice.detachedHead=false"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        match url.scheme() {
+            "file" => {
+                cmd.args(["-c", "protocol.file.allow=always"]);
+            }
+            "https" | "http" => {
+                policy.check_url(url).map_err(BuildpackError::Refused)?;
+                let host = url.host_str().unwrap_or_default().to_owned();
+                let port = url.port_or_known_default().unwrap_or(443);
+                let addrs = tokio::net::lookup_host((host.as_str(), port))
+                    .await
+                    .map_err(|e| BuildpackError::Unreachable {
+                        url: url.to_string(),
+                        message: e.to_string(),
+                    })?;
+                let mut pinned = None;
+                let mut refusal = None;
+                for addr in addrs {
+                    match policy.check_address(&host, addr.ip()) {
+                        Ok(()) => {
+                            pinned = Some(addr.ip());
+                            break;
+                        }
+                        Err(r) => refusal = Some(r),
+                    }
+                }
+                let Some(ip) = pinned else {
+                    return Err(match refusal {
+                        Some(r) => BuildpackError::Refused(r),
+                        None => BuildpackError::Unreachable {
+                            url: url.to_string(),
+                            message: "no address".into(),
+                        },
+                    });
+                };
+                let ip = match ip {
+                    std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+                    v4 => v4.to_string(),
+                };
+                cmd.args(["-c", &format!("protocol.{}.allow=always", url.scheme())])
+                    .args(["-c", &format!("http.curloptResolve={host}:{port}:{ip}")]);
+            }
+            other => {
+                return Err(BuildpackError::InvalidName(format!(
+                    "git sources are https:// or file://, not {other}"
+                )));
+            }
+        }
+        Ok(cmd)
+    }
+
+    async fn run(
+        &self,
+        mut cmd: tokio::process::Command,
+        what: &str,
+    ) -> Result<String, BuildpackError> {
+        let child = cmd.spawn().map_err(|e| BuildpackError::Tool {
+            tool: self.command.display().to_string(),
+            message: format!("{e}; install git or set [buildpack] git_command"),
+        })?;
+        let output = tokio::time::timeout(self.timeout, child.wait_with_output())
+            .await
+            .map_err(|_| BuildpackError::Git {
+                what: what.to_owned(),
+                message: format!("took longer than {}s", self.timeout.as_secs()),
+            })?
+            .map_err(|e| BuildpackError::io(format!("running git {what}"), e))?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+            return Err(BuildpackError::Git {
+                what: what.to_owned(),
+                message: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            });
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// The commit `revision` names, and the commit's files under `dir`.
+    pub async fn fetch(
+        &self,
+        url: &Url,
+        revision: &str,
+        policy: &Policy,
+        scratch: &Path,
+    ) -> Result<Source, BuildpackError> {
+        check_revision(revision)?;
+        let tmp = scratch.join("tmp");
+        std::fs::create_dir_all(&tmp)
+            .map_err(|e| BuildpackError::io(format!("creating {}", tmp.display()), e))?;
+        let work = tempfile::Builder::new()
+            .prefix("git-")
+            .tempdir_in(&tmp)
+            .map_err(|e| BuildpackError::io("creating a directory".into(), e))?;
+        let home = work.path().join("home");
+        let repo = work.path().join("repo");
+        for d in [&home, &repo] {
+            std::fs::create_dir_all(d)
+                .map_err(|e| BuildpackError::io("creating a directory".into(), e))?;
+        }
+        let mut ls = self.command(url, policy, &home).await?;
+        ls.args(["ls-remote", "--", url.as_str()]);
+        let refs = self.run(ls, &format!("ls-remote {url}")).await?;
+        let find = |name: &str| {
+            refs.lines().find_map(|l| {
+                let (sha, r) = l.split_once('\t')?;
+                (r == name).then(|| sha.to_owned())
+            })
+        };
+        let resolved = if revision == "latest" {
+            find("HEAD")
+        } else {
+            find(&format!("refs/heads/{revision}"))
+                .or_else(|| find(&format!("refs/tags/{revision}^{{}}")))
+                .or_else(|| find(&format!("refs/tags/{revision}")))
+        };
+        let init = |cmd: &mut tokio::process::Command| {
+            cmd.current_dir(&repo);
+        };
+        let mut git_init = self.command(url, policy, &home).await?;
+        init(&mut git_init);
+        git_init.args(["init", "-q"]);
+        self.run(git_init, "init").await?;
+        let commit = match resolved {
+            Some(sha) => sha,
+            None if revision.len() == 40 && is_sha(revision) => revision.to_ascii_lowercase(),
+            None if is_sha(revision) => {
+                // An abbreviated SHA: only the history can say which commit.
+                let mut all = self.command(url, policy, &home).await?;
+                init(&mut all);
+                all.args([
+                    "fetch",
+                    "-q",
+                    "--",
+                    url.as_str(),
+                    "+refs/heads/*:refs/remotes/origin/*",
+                ]);
+                self.run(all, "fetch").await?;
+                let mut parse = self.command(url, policy, &home).await?;
+                init(&mut parse);
+                parse.args([
+                    "rev-parse",
+                    "--verify",
+                    "--quiet",
+                    &format!("{revision}^{{commit}}"),
+                ]);
+                self.run(parse, &format!("rev-parse {revision}"))
+                    .await
+                    .map_err(|_| BuildpackError::UnknownRevision {
+                        url: url.to_string(),
+                        revision: revision.to_owned(),
+                    })?
+                    .trim()
+                    .to_owned()
+            }
+            None => {
+                return Err(BuildpackError::UnknownRevision {
+                    url: url.to_string(),
+                    revision: revision.to_owned(),
+                });
+            }
+        };
+        let done = scratch.join("sources").join(&commit);
+        let source = Source {
+            url: url.to_string(),
+            commit: commit.clone(),
+            dir: done.join("src"),
+        };
+        if done.join("complete").exists() {
+            return Ok(source);
+        }
+        let mut fetch = self.command(url, policy, &home).await?;
+        init(&mut fetch);
+        fetch.args(["fetch", "-q", "--depth", "1", "--", url.as_str(), &commit]);
+        self.run(fetch, &format!("fetch {commit}")).await?;
+        let mut checkout = self.command(url, policy, &home).await?;
+        init(&mut checkout);
+        checkout.args([
+            "-c",
+            "core.symlinks=true",
+            "checkout",
+            "-q",
+            "--detach",
+            &commit,
+        ]);
+        self.run(checkout, &format!("checkout {commit}")).await?;
+        std::fs::remove_dir_all(repo.join(".git"))
+            .map_err(|e| BuildpackError::io("removing .git".into(), e))?;
+        let size = crate::files::tree_size(&repo)
+            .map_err(|e| BuildpackError::io("measuring the checkout".into(), e))?;
+        if size > self.max_bytes {
+            return Err(BuildpackError::TooLarge {
+                what: format!("{url} at {commit}"),
+                limit: self.max_bytes,
+            });
+        }
+        std::fs::write(work.path().join("complete"), b"")
+            .map_err(|e| BuildpackError::io("marking the checkout".into(), e))?;
+        std::fs::remove_dir_all(&home).ok();
+        std::fs::rename(&repo, work.path().join("src"))
+            .map_err(|e| BuildpackError::io("moving the checkout".into(), e))?;
+        if let Some(parent) = done.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| BuildpackError::io("creating a directory".into(), e))?;
+        }
+        let kept = work.keep();
+        if std::fs::rename(&kept, &done).is_err() {
+            let _ = std::fs::remove_dir_all(&kept);
+        }
+        Ok(source)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_revisions_are_plain() {
+        assert!(check_name("owner", "acme").is_ok());
+        assert!(check_name("owner", "../etc").is_err());
+        assert!(check_name("owner", "-upload-pack=x").is_err());
+        assert!(check_revision("main").is_ok());
+        assert!(check_revision("v1.2.3").is_ok());
+        assert!(check_revision("--upload-pack=evil").is_err());
+        assert!(check_revision("a/b").is_err());
+        assert!(is_sha("0123abc"));
+        assert!(!is_sha("main"));
+    }
+}

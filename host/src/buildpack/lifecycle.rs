@@ -1,0 +1,579 @@
+//! The platform side of the CNB Buildpack API 0.10, natively: detect (order
+//! groups, optional buildpacks, build-plan provides/requires), then build
+//! (each buildpack's layers, build layers feeding later buildpacks,
+//! `launch.toml` processes). Every buildpack executable runs in the
+//! [`Sandbox`]; everything it writes is read back as untrusted.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::BuildpackError;
+use super::env::Env;
+use super::sandbox::{self, Mounts, Sandbox};
+
+/// The builder's filesystem and what it says.
+pub struct Builder {
+    pub rootfs: PathBuf,
+    /// The builder image's config `Env`.
+    pub env: Vec<String>,
+    pub order: Vec<Vec<GroupEntry>>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct GroupEntry {
+    pub id: String,
+    pub version: String,
+    #[serde(default)]
+    pub optional: bool,
+}
+
+#[derive(Deserialize)]
+struct OrderToml {
+    #[serde(default)]
+    order: Vec<OrderGroup>,
+}
+
+#[derive(Deserialize)]
+struct OrderGroup {
+    #[serde(default)]
+    group: Vec<GroupEntry>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+pub struct PlanItem {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<toml::Table>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct DetectPlan {
+    #[serde(default)]
+    provides: Vec<PlanItem>,
+    #[serde(default)]
+    requires: Vec<PlanItem>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Command {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+struct RawProcess {
+    r#type: String,
+    command: Command,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    default: bool,
+    #[serde(default, rename = "working-dir")]
+    working_dir: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct LaunchToml {
+    #[serde(default)]
+    processes: Vec<RawProcess>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct LayerToml {
+    #[serde(default)]
+    types: LayerTypes,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+pub struct LayerTypes {
+    #[serde(default)]
+    pub launch: bool,
+    #[serde(default)]
+    pub build: bool,
+    #[serde(default)]
+    pub cache: bool,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Process {
+    pub r#type: String,
+    pub command: Vec<String>,
+    pub args: Vec<String>,
+    pub default: bool,
+    pub working_dir: Option<String>,
+    pub buildpack_id: String,
+}
+
+/// One buildpack's contribution.
+#[derive(Clone, Debug)]
+pub struct Built {
+    pub id: String,
+    pub version: String,
+    pub layers: Vec<(String, LayerTypes)>,
+}
+
+pub struct BuildOutput {
+    pub buildpacks: Vec<Built>,
+    pub processes: Vec<Process>,
+}
+
+/// A buildpack id as a directory name.
+pub fn escape_id(id: &str) -> String {
+    id.replace('/', "_")
+}
+
+/// A path inside `root` with no component that is a symlink (so that host
+/// reads of the builder's files cannot be sent elsewhere) and no `..`.
+pub fn inside(root: &Path, rel: &str) -> Option<PathBuf> {
+    let mut path = root.to_owned();
+    for part in rel.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        if part == ".." {
+            return None;
+        }
+        path.push(part);
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return None;
+        }
+    }
+    Some(path)
+}
+
+fn read_small(path: &Path) -> Option<String> {
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    if !meta.is_file() || meta.len() > 1 << 20 {
+        return None;
+    }
+    std::fs::read_to_string(path).ok()
+}
+
+impl Builder {
+    /// Reads `/cnb/order.toml` from an unpacked builder.
+    pub fn open(rootfs: PathBuf, env: Vec<String>) -> Result<Builder, BuildpackError> {
+        let text = inside(&rootfs, "cnb/order.toml")
+            .and_then(|p| read_small(&p))
+            .ok_or_else(|| BuildpackError::BadBuilder("it has no /cnb/order.toml".into()))?;
+        let order: OrderToml = toml::from_str(&text)
+            .map_err(|e| BuildpackError::BadBuilder(format!("/cnb/order.toml: {e}")))?;
+        let order: Vec<Vec<GroupEntry>> = order.order.into_iter().map(|g| g.group).collect();
+        if order.iter().all(Vec::is_empty) {
+            return Err(BuildpackError::BadBuilder(
+                "/cnb/order.toml has no groups".into(),
+            ));
+        }
+        Ok(Builder { rootfs, env, order })
+    }
+
+    fn buildpack_dir(&self, bp: &GroupEntry) -> Result<String, BuildpackError> {
+        let plain = |s: &str| {
+            !s.is_empty()
+                && !s.starts_with('.')
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+                && !s.contains("..")
+        };
+        if !plain(&bp.id) || !plain(&bp.version) || bp.version.contains('/') {
+            return Err(BuildpackError::BadBuilder(format!(
+                "buildpack {:?}@{:?} has an unusable id or version",
+                bp.id, bp.version
+            )));
+        }
+        let rel = format!("cnb/buildpacks/{}/{}", escape_id(&bp.id), bp.version);
+        match inside(&self.rootfs, &rel) {
+            Some(p) if p.join("bin").is_dir() => Ok(format!("/{rel}")),
+            _ => Err(BuildpackError::BadBuilder(format!(
+                "buildpack {}@{} is in the order but not at /{rel}",
+                bp.id, bp.version
+            ))),
+        }
+    }
+}
+
+/// The directories of one build, on the host.
+pub struct Work {
+    pub app: PathBuf,
+    pub layers: PathBuf,
+    pub platform: PathBuf,
+    pub io: PathBuf,
+}
+
+impl Work {
+    pub fn create(root: &Path) -> Result<Work, BuildpackError> {
+        let w = Work {
+            app: root.join("app"),
+            layers: root.join("layers"),
+            platform: root.join("platform"),
+            io: root.join("io"),
+        };
+        for d in [&w.app, &w.layers, &w.platform.join("env"), &w.io] {
+            std::fs::create_dir_all(d)
+                .map_err(|e| BuildpackError::io(format!("creating {}", d.display()), e))?;
+        }
+        Ok(w)
+    }
+}
+
+pub struct Lifecycle<'a> {
+    pub builder: &'a Builder,
+    pub sandbox: &'a Sandbox,
+    pub work: &'a Work,
+    pub os: &'a str,
+    pub arch: &'a str,
+}
+
+/// What detect decided: the group, and each buildpack's plan entries.
+pub struct Detected {
+    pub group: Vec<(GroupEntry, Vec<PlanItem>)>,
+}
+
+impl Lifecycle<'_> {
+    fn mounts(&self) -> Mounts<'_> {
+        Mounts {
+            rootfs: &self.builder.rootfs,
+            app: &self.work.app,
+            layers: &self.work.layers,
+            platform: &self.work.platform,
+            io: &self.work.io,
+        }
+    }
+
+    fn base_env(&self, bp_dir: &str) -> Env {
+        let mut env = Env::from_list(&self.builder.env);
+        env.0.entry("HOME".into()).or_insert_with(|| "/tmp".into());
+        for (k, v) in [
+            ("CNB_BUILDPACK_DIR", bp_dir.to_owned()),
+            ("CNB_PLATFORM_DIR", sandbox::PLATFORM.to_owned()),
+            ("CNB_TARGET_OS", self.os.to_owned()),
+            ("CNB_TARGET_ARCH", self.arch.to_owned()),
+            ("CNB_APP_DIR", sandbox::APP.to_owned()),
+        ] {
+            env.0.insert(k.into(), v);
+        }
+        env
+    }
+
+    fn fresh_plan(&self) -> Result<PathBuf, BuildpackError> {
+        let plan = self.work.io.join("plan.toml");
+        std::fs::write(&plan, b"").map_err(|e| BuildpackError::io("writing the plan".into(), e))?;
+        Ok(plan)
+    }
+
+    /// Runs detect over the order; the first group that passes wins.
+    pub async fn detect(&self) -> Result<Detected, BuildpackError> {
+        let plan_inside = format!("{}/plan.toml", sandbox::IO);
+        let mut tried = Vec::new();
+        for (index, group) in self.builder.order.iter().enumerate() {
+            let mut passed: Vec<(GroupEntry, DetectPlan)> = Vec::new();
+            let mut failed_required = false;
+            let mut notes = Vec::new();
+            for bp in group {
+                let dir = self.builder.buildpack_dir(bp)?;
+                let plan = self.fresh_plan()?;
+                let mut env = self.base_env(&dir);
+                env.0
+                    .insert("CNB_BUILD_PLAN_PATH".into(), plan_inside.clone());
+                let env: Vec<(String, String)> = env.0.into_iter().collect();
+                let what = format!("{}@{} detect", bp.id, bp.version);
+                let outcome = self
+                    .sandbox
+                    .run(
+                        &self.mounts(),
+                        &format!("{dir}/bin/detect"),
+                        &[sandbox::PLATFORM.to_owned(), plan_inside.clone()],
+                        &env,
+                        &what,
+                    )
+                    .await?;
+                match outcome.code {
+                    Some(0) => {
+                        let text = read_small(&plan).unwrap_or_default();
+                        let parsed: DetectPlan =
+                            toml::from_str(&text).map_err(|e| BuildpackError::BuildpackFailed {
+                                buildpack: format!("{}@{}", bp.id, bp.version),
+                                phase: "detect",
+                                code: 0,
+                                tail: format!("its build plan is not valid TOML: {e}"),
+                            })?;
+                        notes.push(format!("{}@{} passed", bp.id, bp.version));
+                        passed.push((bp.clone(), parsed));
+                    }
+                    Some(100) => {
+                        notes.push(format!(
+                            "{}@{} failed{}",
+                            bp.id,
+                            bp.version,
+                            if bp.optional { " (optional)" } else { "" }
+                        ));
+                        if !bp.optional {
+                            failed_required = true;
+                            break;
+                        }
+                    }
+                    code => {
+                        return Err(BuildpackError::BuildpackFailed {
+                            buildpack: format!("{}@{}", bp.id, bp.version),
+                            phase: "detect",
+                            code: code.unwrap_or(-1),
+                            tail: sandbox::tail(&outcome.output, 20),
+                        });
+                    }
+                }
+            }
+            if !failed_required {
+                match resolve_plan(passed) {
+                    Ok(group) if !group.is_empty() => return Ok(Detected { group }),
+                    Ok(_) => notes.push("nothing passed".into()),
+                    Err(why) => notes.push(why),
+                }
+            }
+            tried.push(format!("group {}: {}", index + 1, notes.join(", ")));
+        }
+        Err(BuildpackError::NoGroupPassed {
+            tried: tried.join("; "),
+        })
+    }
+
+    /// Runs build for each buildpack of the detected group.
+    pub async fn build(&self, detected: &Detected) -> Result<BuildOutput, BuildpackError> {
+        let plan_inside = format!("{}/plan.toml", sandbox::IO);
+        let mut built: Vec<Built> = Vec::new();
+        let mut processes: Vec<Process> = Vec::new();
+        for (bp, entries) in &detected.group {
+            let dir = self.builder.buildpack_dir(bp)?;
+            let escaped = escape_id(&bp.id);
+            let layers_host = self.work.layers.join(&escaped);
+            std::fs::create_dir_all(&layers_host)
+                .map_err(|e| BuildpackError::io("creating a layers directory".into(), e))?;
+            let plan = self.fresh_plan()?;
+            #[derive(serde::Serialize)]
+            struct BpPlan<'a> {
+                entries: &'a [PlanItem],
+            }
+            let text = toml::to_string(&BpPlan { entries }).map_err(|e| {
+                BuildpackError::io("writing the plan".into(), std::io::Error::other(e))
+            })?;
+            std::fs::write(&plan, text)
+                .map_err(|e| BuildpackError::io("writing the plan".into(), e))?;
+
+            let mut env = self.base_env(&dir);
+            // Build layers of the buildpacks before this one.
+            for earlier in &built {
+                for (name, types) in &earlier.layers {
+                    if types.build {
+                        let host = self.work.layers.join(escape_id(&earlier.id)).join(name);
+                        let inside =
+                            format!("{}/{}/{name}", sandbox::LAYERS, escape_id(&earlier.id));
+                        env.apply_layer(&host, &inside, "env.build");
+                    }
+                }
+            }
+            let layers_inside = format!("{}/{escaped}", sandbox::LAYERS);
+            env.0.insert("CNB_LAYERS_DIR".into(), layers_inside.clone());
+            env.0.insert("CNB_BP_PLAN_PATH".into(), plan_inside.clone());
+            let env: Vec<(String, String)> = env.0.into_iter().collect();
+            let what = format!("{}@{} build", bp.id, bp.version);
+            let outcome = self
+                .sandbox
+                .run(
+                    &self.mounts(),
+                    &format!("{dir}/bin/build"),
+                    &[
+                        layers_inside,
+                        sandbox::PLATFORM.to_owned(),
+                        plan_inside.clone(),
+                    ],
+                    &env,
+                    &what,
+                )
+                .await?;
+            if outcome.code != Some(0) {
+                return Err(BuildpackError::BuildpackFailed {
+                    buildpack: format!("{}@{}", bp.id, bp.version),
+                    phase: "build",
+                    code: outcome.code.unwrap_or(-1),
+                    tail: sandbox::tail(&outcome.output, 20),
+                });
+            }
+            let layers = read_layers(&layers_host)?;
+            if let Some(text) = read_small(&layers_host.join("launch.toml")) {
+                let launch: LaunchToml =
+                    toml::from_str(&text).map_err(|e| BuildpackError::BuildpackFailed {
+                        buildpack: format!("{}@{}", bp.id, bp.version),
+                        phase: "build",
+                        code: 0,
+                        tail: format!("launch.toml is not valid: {e}"),
+                    })?;
+                for p in launch.processes {
+                    // A later buildpack's process of the same type wins.
+                    processes.retain(|q| q.r#type != p.r#type);
+                    processes.push(Process {
+                        r#type: p.r#type,
+                        command: match p.command {
+                            Command::One(c) => vec![c],
+                            Command::Many(v) => v,
+                        },
+                        args: p.args,
+                        default: p.default,
+                        working_dir: p.working_dir,
+                        buildpack_id: bp.id.clone(),
+                    });
+                }
+            }
+            built.push(Built {
+                id: bp.id.clone(),
+                version: bp.version.clone(),
+                layers,
+            });
+        }
+        Ok(BuildOutput {
+            buildpacks: built,
+            processes,
+        })
+    }
+}
+
+/// The layers a buildpack made: directories with a `<name>.toml` beside them,
+/// in name order.
+fn read_layers(dir: &Path) -> Result<Vec<(String, LayerTypes)>, BuildpackError> {
+    let mut layers = Vec::new();
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| BuildpackError::io("reading layers".into(), e))?;
+    for entry in entries.flatten() {
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let Some(text) = read_small(&dir.join(format!("{name}.toml"))) else {
+            continue;
+        };
+        let parsed: LayerToml = toml::from_str(&text).unwrap_or_default();
+        layers.push((name, parsed.types));
+    }
+    layers.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(layers)
+}
+
+/// Drops optional buildpacks whose plan cannot be satisfied; fails the group
+/// when a required one's cannot.
+fn resolve_plan(
+    mut passed: Vec<(GroupEntry, DetectPlan)>,
+) -> Result<Vec<(GroupEntry, Vec<PlanItem>)>, String> {
+    loop {
+        let provided: BTreeSet<&str> = passed
+            .iter()
+            .flat_map(|(_, p)| p.provides.iter().map(|i| i.name.as_str()))
+            .collect();
+        let required: BTreeSet<&str> = passed
+            .iter()
+            .flat_map(|(_, p)| p.requires.iter().map(|i| i.name.as_str()))
+            .collect();
+        let bad = passed.iter().position(|(_, p)| {
+            p.requires
+                .iter()
+                .any(|r| !provided.contains(r.name.as_str()))
+                || p.provides
+                    .iter()
+                    .any(|r| !required.contains(r.name.as_str()))
+        });
+        let Some(i) = bad else {
+            return Ok(passed
+                .into_iter()
+                .map(|(bp, plan)| (bp, plan.requires))
+                .collect());
+        };
+        let (bp, plan) = &passed[i];
+        if bp.optional {
+            passed.remove(i);
+            continue;
+        }
+        let unmet: Vec<&str> = plan
+            .requires
+            .iter()
+            .filter(|r| !provided.contains(r.name.as_str()))
+            .map(|r| r.name.as_str())
+            .collect();
+        return Err(if unmet.is_empty() {
+            format!("{}@{} provides what nothing requires", bp.id, bp.version)
+        } else {
+            format!(
+                "{}@{} requires {} that nothing provides",
+                bp.id,
+                bp.version,
+                unmet.join(", ")
+            )
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, optional: bool) -> GroupEntry {
+        GroupEntry {
+            id: id.into(),
+            version: "1".into(),
+            optional,
+        }
+    }
+
+    fn item(name: &str) -> PlanItem {
+        PlanItem {
+            name: name.into(),
+            metadata: None,
+        }
+    }
+
+    #[test]
+    fn plans_resolve_and_optional_buildpacks_drop_out() {
+        let ok = resolve_plan(vec![
+            (
+                entry("tool", false),
+                DetectPlan {
+                    provides: vec![item("tool")],
+                    requires: vec![item("tool")],
+                },
+            ),
+            (
+                entry("app", false),
+                DetectPlan {
+                    provides: vec![],
+                    requires: vec![item("tool")],
+                },
+            ),
+            (
+                entry("extra", true),
+                DetectPlan {
+                    provides: vec![item("unused")],
+                    requires: vec![],
+                },
+            ),
+        ])
+        .unwrap();
+        let ids: Vec<&str> = ok.iter().map(|(b, _)| b.id.as_str()).collect();
+        assert_eq!(ids, ["tool", "app"]);
+        let err = resolve_plan(vec![(
+            entry("app", false),
+            DetectPlan {
+                provides: vec![],
+                requires: vec![item("node")],
+            },
+        )])
+        .unwrap_err();
+        assert!(err.contains("requires node"), "{err}");
+    }
+
+    #[test]
+    fn builder_paths_never_follow_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("cnb")).unwrap();
+        std::os::unix::fs::symlink("/etc", dir.path().join("cnb/buildpacks")).unwrap();
+        assert!(inside(dir.path(), "cnb/buildpacks/x").is_none());
+        assert!(inside(dir.path(), "cnb/../etc").is_none());
+        assert!(inside(dir.path(), "cnb/order.toml").is_some());
+    }
+}

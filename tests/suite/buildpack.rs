@@ -1,0 +1,441 @@
+//! `buildpack` with real parts: local git repositories (Debian's git, a
+//! `file://` URL template), a test builder image in the local upstream
+//! registry (busybox build/run images, `/cnb/order.toml`, two shell
+//! buildpacks), bubblewrap as the sandbox, docker pulling and running.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use http::Method;
+use libtest_mimic::Trial;
+
+use crate::mirror::{ACCEPT_ALL, world};
+use crate::support::images::{self, Entry, Image};
+use crate::support::{Server, docker, get_ok, http, trial};
+
+pub fn trials() -> Vec<Trial> {
+    vec![
+        trial("buildpack::docker_runs_the_built_app", docker_run),
+        trial("buildpack::the_image_is_laid_out_as_pack_builds_it", layout),
+        trial(
+            "buildpack::branches_and_shas_name_commits_and_new_commits_rebuild",
+            revisions,
+        ),
+        trial(
+            "buildpack::a_rebuild_from_nothing_gives_the_same_digest",
+            reproducible,
+        ),
+        trial(
+            "buildpack::an_undetectable_app_names_the_buildpacks_tried",
+            undetectable,
+        ),
+        trial(
+            "buildpack::a_hostile_buildpack_is_confined_by_the_sandbox",
+            hostile,
+        ),
+    ]
+}
+
+const TOOL_DETECT: &str = "#!/bin/sh\ncat > \"$CNB_BUILD_PLAN_PATH\" <<EOF\n[[provides]]\nname = \"shout\"\nEOF\nexit 0\n";
+const TOOL_BUILD: &str = r#"#!/bin/sh
+set -e
+layer="$CNB_LAYERS_DIR/shout"
+mkdir -p "$layer/bin" "$layer/env.launch"
+printf '#!/bin/sh\ntr a-z A-Z\n' > "$layer/bin/shout"
+chmod 755 "$layer/bin/shout"
+printf 'hello from env.launch' > "$layer/env.launch/GREETING"
+printf '[types]\nlaunch = true\nbuild = true\n' > "$CNB_LAYERS_DIR/shout.toml"
+echo "tool: contributed shout"
+"#;
+const APP_DETECT: &str = "#!/bin/sh\ntest -f message.txt || exit 100\ncat > \"$CNB_BUILD_PLAN_PATH\" <<EOF\n[[requires]]\nname = \"shout\"\nEOF\nexit 0\n";
+const APP_BUILD: &str = r#"#!/bin/sh
+set -e
+shout < message.txt > built.txt
+cat > "$CNB_LAYERS_DIR/launch.toml" <<EOF
+[[processes]]
+type = "web"
+command = ["/bin/sh", "/workspace/run.sh"]
+default = true
+EOF
+echo "app: built with shout"
+"#;
+const RUN_SH: &str = "echo \"$GREETING: $(shout < message.txt) / built: $(cat built.txt)\"\n";
+
+/// Busybox with the applets the scripts use.
+fn busybox_entries(busybox: &[u8]) -> Vec<Entry<'_>> {
+    let mut entries = vec![
+        Entry::Dir("bin"),
+        Entry::File("bin/busybox", busybox, 0o755),
+    ];
+    for applet in [
+        "sh", "cat", "echo", "mkdir", "tr", "chmod", "test", "printf", "ls", "id", "cp",
+    ] {
+        let path: &'static str = Box::leak(format!("bin/{applet}").into_boxed_str());
+        entries.push(Entry::Symlink(path, "busybox"));
+    }
+    entries
+}
+
+fn buildpack_entries<'a>(id: &str, detect: &'a str, build: &'a str) -> Vec<Entry<'a>> {
+    let dir: &'static str =
+        Box::leak(format!("cnb/buildpacks/{}/0.1.0", id.replace('/', "_")).into_boxed_str());
+    let toml: &'static str = Box::leak(
+        format!("api = \"0.10\"\n[buildpack]\nid = \"{id}\"\nversion = \"0.1.0\"\n")
+            .into_boxed_str(),
+    );
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    vec![
+        Entry::Dir(leak(format!("cnb/buildpacks/{}", id.replace('/', "_")))),
+        Entry::Dir(dir),
+        Entry::Dir(leak(format!("{dir}/bin"))),
+        Entry::File(
+            leak(format!("{dir}/buildpack.toml")),
+            toml.as_bytes(),
+            0o644,
+        ),
+        Entry::File(leak(format!("{dir}/bin/detect")), detect.as_bytes(), 0o755),
+        Entry::File(leak(format!("{dir}/bin/build")), build.as_bytes(), 0o755),
+    ]
+}
+
+/// A builder image: busybox, `/cnb/order.toml` with `group`, the run image
+/// named in `/cnb/run.toml`, and the given buildpacks.
+fn builder_image(buildpacks: &[(&str, &str, &str)], run_image: &str) -> anyhow::Result<Image> {
+    let busybox = std::fs::read("/bin/busybox")?;
+    let mut order = String::from("[[order]]\n");
+    for (id, _, _) in buildpacks {
+        order.push_str(&format!(
+            "[[order.group]]\nid = \"{id}\"\nversion = \"0.1.0\"\n"
+        ));
+    }
+    let run = format!("[[images]]\nimage = \"{run_image}\"\n");
+    let mut cnb = vec![
+        Entry::Dir("cnb"),
+        Entry::Dir("cnb/buildpacks"),
+        Entry::File("cnb/order.toml", order.as_bytes(), 0o644),
+        Entry::File("cnb/run.toml", run.as_bytes(), 0o644),
+    ];
+    for (id, detect, build) in buildpacks {
+        cnb.extend(buildpack_entries(id, detect, build));
+    }
+    Ok(Image {
+        layers: vec![
+            images::layer(&busybox_entries(&busybox))?,
+            images::layer(&cnb)?,
+        ],
+        cmd: vec![],
+        architecture: "amd64",
+    })
+}
+
+fn push(image: &Image, repo: &str) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let layout = dir.path().join(repo);
+    images::single(&layout, "latest", image)?;
+    world()?.registry.push(&layout, "latest", repo, Some("oci"))
+}
+
+/// The builder, run image and hostile builder, pushed once.
+fn seed_images() -> anyhow::Result<()> {
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let go = || -> anyhow::Result<()> {
+            let busybox = std::fs::read("/bin/busybox")?;
+            push(
+                &Image {
+                    layers: vec![images::layer(&busybox_entries(&busybox))?],
+                    cmd: vec![],
+                    architecture: "amd64",
+                },
+                "bp-run",
+            )?;
+            push(
+                &builder_image(
+                    &[
+                        ("kontain-test/tool", TOOL_DETECT, TOOL_BUILD),
+                        ("kontain-test/app", APP_DETECT, APP_BUILD),
+                    ],
+                    "local/bp-run:latest",
+                )?,
+                "bp-builder",
+            )?;
+            let secret = secret_dir();
+            let evil_build = format!(
+                "#!/bin/sh\n\
+                 if cat {dir}/secret.txt; then echo LEAKED; fi\n\
+                 if echo pwned > {dir}/pwned.txt; then echo WROTE-HOST; fi\n\
+                 if echo pwned > /etc/pwned; then echo WROTE-ROOT; fi\n\
+                 if echo pwned > /cnb/pwned; then echo WROTE-CNB; fi\n\
+                 echo 'hostile: done trying'\n\
+                 exit 3\n",
+                dir = secret.display()
+            );
+            let evil_build: &'static str = Box::leak(evil_build.into_boxed_str());
+            push(
+                &builder_image(
+                    &[("kontain-test/hostile", "#!/bin/sh\nexit 0\n", evil_build)],
+                    "local/bp-run:latest",
+                )?,
+                "bp-evil",
+            )
+        };
+        go().map_err(|e| format!("{e:?}"))
+    })
+    .clone()
+    .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// A host directory with a secret the hostile buildpack tries to read. Not
+/// under /tmp (the sandbox has its own): in the build tree, like the
+/// server's own files.
+fn secret_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("kontain-secret-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let _ = std::fs::write(dir.join("secret.txt"), "top secret\n");
+        crate::support::register_cleanup(Box::new(|| {
+            if let Some(dir) = DIR.get() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }));
+        dir
+    })
+}
+
+fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("git")
+        .current_dir(dir)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .args(["-c", "user.name=test", "-c", "user.email=test@example.com"])
+        .args(args)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Local repositories under `<root>/<owner>/<repo>`.
+pub struct Repos {
+    pub root: tempfile::TempDir,
+}
+
+impl Repos {
+    fn create(&self, owner: &str, repo: &str, files: &[(&str, &str)]) -> anyhow::Result<PathBuf> {
+        let dir = self.root.path().join(owner).join(repo);
+        std::fs::create_dir_all(&dir)?;
+        git(&dir, &["init", "-q", "-b", "main"])?;
+        for (name, content) in files {
+            std::fs::write(dir.join(name), content)?;
+        }
+        git(&dir, &["add", "."])?;
+        git(&dir, &["commit", "-q", "-m", "first"])?;
+        Ok(dir)
+    }
+}
+
+fn repos() -> anyhow::Result<&'static Repos> {
+    static REPOS: OnceLock<Result<Repos, String>> = OnceLock::new();
+    REPOS
+        .get_or_init(|| {
+            let go = || -> anyhow::Result<Repos> {
+                let repos = Repos {
+                    root: tempfile::tempdir()?,
+                };
+                let app = [("message.txt", "hello world\n"), ("run.sh", RUN_SH)];
+                repos.create("acme", "app", &app)?;
+                repos.create("acme", "moving", &app)?;
+                repos.create("acme", "again", &app)?;
+                repos.create("acme", "plain", &[("README", "nothing to detect\n")])?;
+                Ok(repos)
+            };
+            go().map_err(|e| format!("{e:?}"))
+        })
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn config() -> anyhow::Result<String> {
+    seed_images()?;
+    let world = world()?;
+    Ok(format!(
+        "[storage]\nbackend = \"filesystem\"\npath = \"data\"\n\
+         [upstream.registries.local]\nurl = \"http://{}\"\nallow_private = true\n\
+         [buildpack]\ngit_url = \"file://{}/{{owner}}/{{repo}}\"\nstep_timeout = \"120s\"\n\
+         [generators.buildpack]\nsource = \"builtin:buildpack\"\ngrants = [\"upstream\", \"buildpack\"]\n\
+         [generators.buildpack.settings]\nbuilder = \"local/bp-builder:latest\"\n\
+         [generators.hostile]\nsource = \"builtin:buildpack\"\ngrants = [\"upstream\", \"buildpack\"]\n\
+         [generators.hostile.settings]\nbuilder = \"local/bp-evil:latest\"\n",
+        world.registry.addr,
+        repos()?.root.path().display()
+    ))
+}
+
+fn server() -> anyhow::Result<&'static Server> {
+    static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
+    crate::support::shared(&SERVER, config)
+}
+
+fn digest(server: &Server, repo: &str, revision: &str) -> anyhow::Result<String> {
+    let reply = get_ok(
+        server,
+        &format!("/v2/buildpack/{repo}/manifests/{revision}"),
+    )?;
+    Ok(reply.header("docker-content-digest").to_owned())
+}
+
+const EXPECTED: &str = "hello from env.launch: HELLO WORLD / built: HELLO WORLD";
+
+fn docker_run() -> anyhow::Result<()> {
+    let server = server()?;
+    let docker = docker()?;
+    let image = format!("{}/buildpack/acme/app:main", server.addr);
+    let output = docker.run(&["run", "--rm", "--network", "none", &image])?;
+    assert_eq!(output.trim(), EXPECTED);
+    docker.run(&["rmi", &image])?;
+    Ok(())
+}
+
+fn layout() -> anyhow::Result<()> {
+    let server = server()?;
+    let manifest = get_ok(server, "/v2/buildpack/acme/app/manifests/main")?.json()?;
+    let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
+    assert_eq!(layers.len(), 3, "run image + shout layer + app: {manifest}");
+    let blob = |i: usize| -> anyhow::Result<Vec<u8>> {
+        let d = layers[i]["digest"].as_str().unwrap_or_default();
+        Ok(
+            get_ok(server, &format!("/v2/buildpack/acme/app/blobs/{d}"))?
+                .body
+                .to_vec(),
+        )
+    };
+    let tool = crate::flatten::tree(&blob(1)?)?;
+    assert!(
+        tool.contains_key("layers/kontain-test_tool/shout/bin/shout"),
+        "{:?}",
+        tool.keys().collect::<Vec<_>>()
+    );
+    let app = crate::flatten::tree(&blob(2)?)?;
+    assert!(app.contains_key("workspace/run.sh") && app.contains_key("workspace/built.txt"));
+    let config_digest = manifest["config"]["digest"].as_str().unwrap_or_default();
+    let config = get_ok(
+        server,
+        &format!("/v2/buildpack/acme/app/blobs/{config_digest}"),
+    )?
+    .json()?;
+    let c = &config["config"];
+    assert_eq!(c["WorkingDir"], "/workspace");
+    assert_eq!(
+        c["Entrypoint"],
+        serde_json::json!(["/bin/sh", "/workspace/run.sh"])
+    );
+    assert_eq!(c["User"], "1000:1000");
+    let env: Vec<String> = c["Env"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let has = |e: &str| env.iter().any(|x| x == e);
+    assert!(has("GREETING=hello from env.launch"), "{env:?}");
+    assert!(
+        has("PATH=/layers/kontain-test_tool/shout/bin:/bin"),
+        "{env:?}"
+    );
+    for label in [
+        "io.buildpacks.lifecycle.metadata",
+        "io.buildpacks.build.metadata",
+        "io.buildpacks.project.metadata",
+    ] {
+        assert!(c["Labels"][label].is_string(), "label {label}: {c}");
+    }
+    assert_eq!(config["created"], "1980-01-01T00:00:01Z");
+    Ok(())
+}
+
+fn revisions() -> anyhow::Result<()> {
+    let server = server()?;
+    let repo = repos()?.root.path().join("acme/moving");
+    let sha = git(&repo, &["rev-parse", "HEAD"])?;
+    let main = digest(server, "acme/moving", "main")?;
+    assert_eq!(digest(server, "acme/moving", &sha)?, main);
+    assert_eq!(digest(server, "acme/moving", &sha[..10])?, main);
+    assert_eq!(digest(server, "acme/moving", "latest")?, main);
+    // A new commit on main: a new image; the old SHA keeps the old one.
+    std::fs::write(repo.join("message.txt"), "second commit\n")?;
+    git(&repo, &["commit", "-q", "-am", "second"])?;
+    let moved = digest(server, "acme/moving", "main")?;
+    assert_ne!(moved, main);
+    assert_eq!(digest(server, "acme/moving", &sha)?, main);
+    Ok(())
+}
+
+fn reproducible() -> anyhow::Result<()> {
+    let first = Server::start(Some(&config()?))?;
+    let one = digest(&first, "acme/again", "main")?;
+    let again = first.restart_after(|dir| {
+        std::fs::remove_dir_all(dir.join("data"))?;
+        Ok(())
+    })?;
+    assert_eq!(digest(&again, "acme/again", "main")?, one);
+    assert!(
+        again.log().contains("built a buildpack image"),
+        "it rebuilt"
+    );
+    Ok(())
+}
+
+fn undetectable() -> anyhow::Result<()> {
+    let server = server()?;
+    let docker = docker()?;
+    let image = format!("{}/buildpack/acme/plain:main", server.addr);
+    let err = docker
+        .run(&["pull", &image])
+        .expect_err("nothing detects this app");
+    let message = err.to_string();
+    eprintln!("docker pull of an undetectable app: {message}");
+    assert!(
+        message.contains("no buildpack group passed detection")
+            && message.contains("kontain-test/tool")
+            && message.contains("kontain-test/app"),
+        "{message}"
+    );
+    Ok(())
+}
+
+fn hostile() -> anyhow::Result<()> {
+    let server = server()?;
+    let reply = http(
+        server.addr,
+        Method::GET,
+        "/v2/hostile/acme/app/manifests/main",
+        &[("accept", ACCEPT_ALL)],
+    )?;
+    let (_, message) = reply.error()?;
+    eprintln!("the hostile buildpack's pull: {} {message}", reply.status);
+    assert!(
+        message.contains("kontain-test/hostile") && message.contains("done trying"),
+        "the failing buildpack and its output: {message}"
+    );
+    for leak in [
+        "LEAKED",
+        "WROTE-HOST",
+        "WROTE-ROOT",
+        "WROTE-CNB",
+        "top secret",
+    ] {
+        assert!(!message.contains(leak), "{leak} in {message}");
+    }
+    assert!(!secret_dir().join("pwned.txt").exists());
+    // The server still serves, and its storage holds nothing of the build.
+    assert_eq!(digest(server, "acme/app", "main")?.len(), 71);
+    Ok(())
+}
