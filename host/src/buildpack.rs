@@ -28,6 +28,8 @@ pub enum BuildpackError {
     Refused(Refusal),
     #[error("{url} is unreachable: {message}")]
     Unreachable { url: String, message: String },
+    #[error("there is no repository {what}")]
+    UnknownRepository { what: String },
     #[error("{url} has no branch, tag or commit {revision:?}")]
     UnknownRevision { url: String, revision: String },
     #[error("git {what} failed: {message}")]
@@ -72,6 +74,8 @@ pub struct Buildpacks {
     client: Arc<Client>,
     pub scratch: PathBuf,
     pub config: BuildpackConfig,
+    /// Whether bubblewrap works here, probed on first use.
+    sandbox: tokio::sync::OnceCell<Result<(), String>>,
 }
 
 impl Buildpacks {
@@ -96,7 +100,38 @@ impl Buildpacks {
             client,
             scratch,
             config: config.clone(),
+            sandbox: tokio::sync::OnceCell::new(),
         })
+    }
+
+    /// Whether steps must run unsandboxed: only if bubblewrap cannot start
+    /// and the config allows it; an error if it cannot start otherwise.
+    pub async fn unsandboxed(&self) -> Result<bool, BuildpackError> {
+        let probe = self
+            .sandbox
+            .get_or_init(|| {
+                sandbox::probe(
+                    &self.config.bwrap_command,
+                    sandbox::host_user(self.config.sandbox_user),
+                )
+            })
+            .await;
+        match probe {
+            Ok(()) => Ok(false),
+            Err(message) if self.config.allow_unsandboxed => {
+                tracing::warn!(%message, "bubblewrap cannot start: buildpacks run UNSANDBOXED, as kontain.toml allows");
+                Ok(true)
+            }
+            Err(message) => Err(BuildpackError::SandboxUnavailable {
+                message: message.clone(),
+            }),
+        }
+    }
+
+    /// Removes checkouts and unpacked builders unused for `ttl`.
+    pub fn collect(&self, ttl: std::time::Duration) -> usize {
+        crate::files::expire_dirs(&self.scratch.join("sources"), ttl)
+            + crate::files::expire_dirs(&self.scratch.join("builders"), ttl)
     }
 
     /// The commit `revision` names in `owner/repo`, checked out.

@@ -129,8 +129,13 @@ pub struct BuildpackConfig {
     /// Run buildpacks without a sandbox when bubblewrap cannot start. Only
     /// for builders you trust completely.
     pub allow_unsandboxed: bool,
-    /// Give buildpacks the network (off: they see only loopback).
+    /// Give buildpacks the network (off: they see only loopback). On means
+    /// the host's network namespace: loopback and private addresses too.
     pub network: bool,
+    /// Run bubblewrap as this host uid (and gid) instead of the server's
+    /// own, so that the sandbox's user is nobody on the host. Needs a server
+    /// running as root, and the scratch directory reachable by that user.
+    pub sandbox_user: Option<u32>,
     /// Wall time for one buildpack's detect or build.
     #[serde(with = "humantime_serde_compat")]
     pub step_timeout: Duration,
@@ -149,6 +154,7 @@ impl Default for BuildpackConfig {
             bwrap_command: PathBuf::from("bwrap"),
             allow_unsandboxed: false,
             network: false,
+            sandbox_user: None,
             step_timeout: Duration::from_secs(600),
             max_source_bytes: ByteSize(1 << 30),
             scratch: None,
@@ -285,7 +291,23 @@ pub enum StorageConfig {
         /// Directory for blobs and manifests.
         #[serde(default = "default_storage_path")]
         path: PathBuf,
+        /// What is not used for this long is removed: manifests first, then
+        /// the blobs no remaining manifest refers to. Serving a manifest
+        /// counts as use. `"0s"` keeps everything.
+        #[serde(default = "default_ttl", with = "humantime_serde_compat")]
+        ttl: Duration,
+        /// How often the collector looks.
+        #[serde(default = "default_collect_every", with = "humantime_serde_compat")]
+        collect_every: Duration,
     },
+}
+
+fn default_ttl() -> Duration {
+    Duration::from_secs(10 * 24 * 3600)
+}
+
+fn default_collect_every() -> Duration {
+    Duration::from_secs(3600)
 }
 
 fn default_storage_path() -> PathBuf {
@@ -296,6 +318,8 @@ impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig::Filesystem {
             path: default_storage_path(),
+            ttl: default_ttl(),
+            collect_every: default_collect_every(),
         }
     }
 }
@@ -656,7 +680,7 @@ impl Config {
             return;
         };
         let base = file.parent().unwrap_or(Path::new(".")).to_owned();
-        let StorageConfig::Filesystem { path } = &mut self.storage;
+        let StorageConfig::Filesystem { path, .. } = &mut self.storage;
         if path.is_relative() {
             *path = base.join(&*path);
         }
@@ -754,7 +778,7 @@ mod tests {
     fn relative_paths_are_relative_to_the_config_file() {
         let text = "[storage]\nbackend = \"filesystem\"\npath = \"data\"\n[generators.w]\nsource = \"w.wasm\"\n";
         let c = Config::parse(text, Origin::File("/etc/kontain/kontain.toml".into())).unwrap();
-        let StorageConfig::Filesystem { path } = &c.storage;
+        let StorageConfig::Filesystem { path, .. } = &c.storage;
         assert_eq!(path, Path::new("/etc/kontain/data"));
         assert_eq!(
             c.generators["w"].source,

@@ -37,6 +37,87 @@ pub fn tree_size(dir: &Path) -> io::Result<u64> {
     Ok(total)
 }
 
+/// Gives a tree to `owner` (without following symlinks): work directories
+/// a sandbox running as an unprivileged user must be able to write.
+pub fn chown_tree(dir: &Path, owner: (u32, u32)) -> io::Result<()> {
+    std::os::unix::fs::lchown(dir, Some(owner.0), Some(owner.1))?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            chown_tree(&entry.path(), owner)?;
+        } else {
+            std::os::unix::fs::lchown(entry.path(), Some(owner.0), Some(owner.1))?;
+        }
+    }
+    Ok(())
+}
+
+/// A real directory at `path` (not a symlink, not a file), created if
+/// missing; whatever else was there is removed first.
+pub fn fresh_dir(path: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => return Ok(()),
+        Ok(m) if m.file_type().is_symlink() || m.is_file() => std::fs::remove_file(path)?,
+        Ok(_) => std::fs::remove_file(path)?,
+        Err(_) => {}
+    }
+    std::fs::create_dir(path)
+}
+
+/// Whether `path` is a real directory (a symlink to one is not).
+pub fn is_real_dir(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
+}
+
+/// The marker a finished cache directory holds; its mtime is the last use.
+pub const COMPLETE: &str = "complete";
+
+/// Marks a cache directory (holding [`COMPLETE`]) used now.
+pub fn touch_complete(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir.join(COMPLETE)) {
+        let _ = f.set_modified(std::time::SystemTime::now());
+    }
+}
+
+/// Removes the cache directories under `parent` (unpacked modules, builder
+/// filesystems, checkouts) whose [`COMPLETE`] marker was last used more than
+/// `ttl` ago; returns how many went.
+pub fn expire_dirs(parent: &Path, ttl: std::time::Duration) -> usize {
+    let Some(cutoff) = std::time::SystemTime::now().checked_sub(ttl) else {
+        return 0;
+    };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let old = std::fs::metadata(entry.path().join(COMPLETE))
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t < cutoff);
+        if old {
+            // Go's module cache is read-only by design; so may checkouts be.
+            make_writable(&entry.path());
+            if std::fs::remove_dir_all(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
+fn make_writable(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            make_writable(&entry.path());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

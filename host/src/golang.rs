@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
 
-pub use build::{BuildOptions, KillGroup, Target, Toolchain, Workspace};
+pub use build::{BuildOptions, Target, Toolchain, Workspace};
 pub use modpath::ImportPath;
 use proxy::{Answer, Proxy};
 
@@ -302,6 +302,7 @@ impl Go {
             dir: dir.join("src"),
         };
         if dir.join("complete").exists() {
+            crate::files::touch_complete(&dir);
             return Ok(done);
         }
         let _guard = self.locks.lock(format!("go module {key}")).await;
@@ -363,6 +364,11 @@ impl Go {
         }
         tracing::info!(module, version, "fetched a Go module");
         Ok(done)
+    }
+
+    /// Removes unpacked modules unused for `ttl`.
+    pub fn collect(&self, ttl: std::time::Duration) -> usize {
+        crate::files::expire_dirs(&self.scratch.join("modules"), ttl)
     }
 
     /// Where build workspaces are made.

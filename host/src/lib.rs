@@ -12,6 +12,7 @@ pub mod files;
 pub mod generator;
 pub mod golang;
 pub mod oci;
+pub mod process;
 pub mod registry;
 pub mod routing;
 pub mod runtime;
@@ -41,22 +42,65 @@ use crate::upstream::{Client, Credentials, Endpoint, HostPattern, Mirror, Policy
 /// How long open requests may take to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// A built server: the registry, and the runtime behind it (for reloads).
+/// A built server: the registry, the runtime behind it (for reloads), and
+/// the expiry collector to run beside it.
 pub struct App {
     pub registry: Arc<Registry>,
     pub runtime: Arc<Runtime>,
+    pub collector: Collector,
+}
+
+/// Expiry: storage, unpacked Go modules, checkouts and builder filesystems
+/// unused for `ttl` are removed every `every` (see `Storage::collect`).
+pub struct Collector {
+    storage: Arc<dyn Storage>,
+    go: Arc<Go>,
+    buildpacks: Arc<Buildpacks>,
+    ttl: Duration,
+    every: Duration,
+}
+
+impl Collector {
+    /// Runs until the process ends; does nothing when `ttl` is zero.
+    pub async fn run(self) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        loop {
+            tokio::time::sleep(self.every).await;
+            match self.storage.collect(self.ttl).await {
+                Ok(c) if c != Default::default() => tracing::info!(
+                    manifests = c.manifests,
+                    blobs = c.blobs,
+                    values = c.values,
+                    bytes = c.bytes,
+                    "expired unused storage"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "expiry failed"),
+            }
+            let (go, bp, ttl) = (self.go.clone(), self.buildpacks.clone(), self.ttl);
+            if let Ok(n) =
+                tokio::task::spawn_blocking(move || go.collect(ttl) + bp.collect(ttl)).await
+                && n > 0
+            {
+                tracing::info!(directories = n, "expired unused build caches");
+            }
+        }
+    }
 }
 
 /// Builds the registry that `config` describes.
 pub async fn build(config: &Config) -> anyhow::Result<App> {
     let storage: Arc<dyn Storage> = match &config.storage {
-        StorageConfig::Filesystem { path } => Arc::new(
+        StorageConfig::Filesystem { path, ttl, .. } => Arc::new(
             FilesystemStorage::open(path)
+                .map(|s| s.refreshing(*ttl))
                 .with_context(|| format!("opening storage at {}", path.display()))?,
         ),
     };
     let mirror = Arc::new(mirror(config, storage.clone())?);
-    let StorageConfig::Filesystem { path } = &config.storage;
+    let StorageConfig::Filesystem { path, .. } = &config.storage;
     let scratch = config.go.scratch.clone().unwrap_or_else(|| path.join("go"));
     let go = Go::new(
         &config.go,
@@ -72,16 +116,31 @@ pub async fn build(config: &Config) -> anyhow::Result<App> {
         .unwrap_or_else(|| path.join("buildpack"));
     let buildpacks = Buildpacks::new(&config.buildpack, bp_scratch, mirror.client().clone())
         .map_err(anyhow::Error::msg)?;
+    let (go, buildpacks) = (Arc::new(go), Arc::new(buildpacks));
+    let StorageConfig::Filesystem {
+        ttl, collect_every, ..
+    } = &config.storage;
+    let collector = Collector {
+        storage: storage.clone(),
+        go: go.clone(),
+        buildpacks: buildpacks.clone(),
+        ttl: *ttl,
+        every: *collect_every,
+    };
     let services = Services {
         builders: Builders::new(storage.clone()),
         mirror,
-        go: Arc::new(go),
-        buildpacks: Arc::new(buildpacks),
+        go,
+        buildpacks,
     };
     let compiled = Some(path.join("compiled"));
     let runtime = Arc::new(Runtime::new(config, services, compiled).await?);
     let registry = Arc::new(Registry::new(storage, runtime.clone()));
-    Ok(App { registry, runtime })
+    Ok(App {
+        registry,
+        runtime,
+        collector,
+    })
 }
 
 /// The upstream client and its cache, from `[upstream]`.
@@ -150,7 +209,12 @@ fn mirror(config: &Config, storage: Arc<dyn Storage>) -> anyhow::Result<Mirror> 
 
 /// Runs the server until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let App { registry, runtime } = build(&config).await?;
+    let App {
+        registry,
+        runtime,
+        collector,
+    } = build(&config).await?;
+    tokio::spawn(collector.run());
     // Generators reload live when their config file or components change.
     let _watch = match &config.origin {
         Origin::File(path) => match watch::spawn(path, &config, runtime) {

@@ -130,6 +130,23 @@ pub trait Storage: Send + Sync + 'static {
     async fn tag(&self, key: &str) -> Result<Option<Digest>, StorageError> {
         Ok(self.value(key).await?.and_then(|v| v.trim().parse().ok()))
     }
+
+    /// Removes what has not been used for `ttl`, never a blob that a kept
+    /// manifest refers to. Backends that expire objects themselves (a
+    /// bucket lifecycle rule) keep this default.
+    async fn collect(&self, ttl: std::time::Duration) -> Result<Collected, StorageError> {
+        let _ = ttl;
+        Ok(Collected::default())
+    }
+}
+
+/// What one collection removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Collected {
+    pub manifests: usize,
+    pub blobs: usize,
+    pub values: usize,
+    pub bytes: u64,
 }
 
 /// Stores `bytes` as one blob from a blocking context.

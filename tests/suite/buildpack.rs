@@ -34,6 +34,10 @@ pub fn trials() -> Vec<Trial> {
             "buildpack::a_hostile_buildpack_is_confined_by_the_sandbox",
             hostile,
         ),
+        trial(
+            "buildpack::symlinks_left_by_a_buildpack_never_lead_the_host_out",
+            symlinks,
+        ),
     ]
 }
 
@@ -69,7 +73,8 @@ fn busybox_entries(busybox: &[u8]) -> Vec<Entry<'_>> {
         Entry::File("bin/busybox", busybox, 0o755),
     ];
     for applet in [
-        "sh", "cat", "echo", "mkdir", "tr", "chmod", "test", "printf", "ls", "id", "cp",
+        "sh", "cat", "echo", "mkdir", "tr", "chmod", "test", "printf", "ls", "id", "cp", "ln",
+        "env",
     ] {
         let path: &'static str = Box::leak(format!("bin/{applet}").into_boxed_str());
         entries.push(Entry::Symlink(path, "busybox"));
@@ -178,6 +183,33 @@ fn seed_images() -> anyhow::Result<()> {
                     "local/bp-run:latest",
                 )?,
                 "bp-evil",
+            )?;
+            // Passes, but leaves symlinks to host paths where the host
+            // writes the next plan and reads launch environment files.
+            let linker_detect: &'static str = Box::leak(
+                format!(
+                    "#!/bin/sh\nln -sf {dir}/written-through-plan.txt /kontain/plan.toml\nexit 0\n",
+                    dir = secret.display()
+                )
+                .into_boxed_str(),
+            );
+            let linker_build: &'static str = Box::leak(
+                format!(
+                    "#!/bin/sh\nset -e\nmkdir -p \"$CNB_LAYERS_DIR/evil\"\n\
+                     ln -s {dir} \"$CNB_LAYERS_DIR/evil/env.launch\"\n\
+                     printf '[types]\\nlaunch = true\\n' > \"$CNB_LAYERS_DIR/evil.toml\"\n\
+                     ln -sf {dir}/written-through-plan.txt /kontain/plan.toml\n\
+                     printf '[[processes]]\\ntype = \"web\"\\ncommand = [\"/bin/sh\", \"-c\", \"env\"]\\ndefault = true\\n' > \"$CNB_LAYERS_DIR/launch.toml\"\n",
+                    dir = secret.display()
+                )
+                .into_boxed_str(),
+            );
+            push(
+                &builder_image(
+                    &[("kontain-test/linker", linker_detect, linker_build)],
+                    "local/bp-run:latest",
+                )?,
+                "bp-linker",
             )
         };
         go().map_err(|e| format!("{e:?}"))
@@ -196,6 +228,7 @@ fn secret_dir() -> &'static Path {
             .join(format!("kontain-secret-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
         let _ = std::fs::write(dir.join("secret.txt"), "top secret\n");
+        let _ = std::fs::write(dir.join("TOKEN"), "hunter2");
         crate::support::register_cleanup(Box::new(|| {
             if let Some(dir) = DIR.get() {
                 let _ = std::fs::remove_dir_all(dir);
@@ -271,7 +304,9 @@ fn config() -> anyhow::Result<String> {
          [generators.buildpack]\nsource = \"builtin:buildpack\"\ngrants = [\"upstream\", \"buildpack\"]\n\
          [generators.buildpack.settings]\nbuilder = \"local/bp-builder:latest\"\n\
          [generators.hostile]\nsource = \"builtin:buildpack\"\ngrants = [\"upstream\", \"buildpack\"]\n\
-         [generators.hostile.settings]\nbuilder = \"local/bp-evil:latest\"\n",
+         [generators.hostile.settings]\nbuilder = \"local/bp-evil:latest\"\n\
+         [generators.linker]\nsource = \"builtin:buildpack\"\ngrants = [\"upstream\", \"buildpack\"]\n\
+         [generators.linker.settings]\nbuilder = \"local/bp-linker:latest\"\n",
         world.registry.addr,
         repos()?.root.path().display()
     ))
@@ -437,5 +472,26 @@ fn hostile() -> anyhow::Result<()> {
     assert!(!secret_dir().join("pwned.txt").exists());
     // The server still serves, and its storage holds nothing of the build.
     assert_eq!(digest(server, "acme/app", "main")?.len(), 71);
+    Ok(())
+}
+
+fn symlinks() -> anyhow::Result<()> {
+    let server = server()?;
+    let manifest = get_ok(server, "/v2/linker/acme/app/manifests/main")?.json()?;
+    let config_digest = manifest["config"]["digest"].as_str().unwrap_or_default();
+    let config = get_ok(
+        server,
+        &format!("/v2/linker/acme/app/blobs/{config_digest}"),
+    )?
+    .json()?;
+    let env = config["config"]["Env"].to_string();
+    assert!(
+        !env.contains("hunter2"),
+        "a host file reached the image: {env}"
+    );
+    assert!(
+        !secret_dir().join("written-through-plan.txt").exists(),
+        "the host wrote through a buildpack's symlink"
+    );
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! `cargo test --release --test suite -- <filter>` runs a subset.
 
 mod buildpack;
+mod expiry;
 mod flatten;
 mod http;
 mod ko;
@@ -26,6 +27,7 @@ fn main() -> ExitCode {
         flatten::trials(),
         ko::trials(),
         buildpack::trials(),
+        expiry::trials(),
         reload::trials(),
     ]
     .into_iter()

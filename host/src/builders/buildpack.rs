@@ -47,6 +47,9 @@ pub struct BuildpackBuild<'a> {
     /// A run image chosen by the request's generator; `None` for the
     /// builder's own.
     pub run_image: Option<&'a str>,
+    /// The generator's registry allowlist (`upstreams`), which the run image
+    /// a builder names must pass too.
+    pub allowed_registries: Option<&'a [String]>,
 }
 
 /// The platform images are built for: the host's own (buildpacks run here).
@@ -130,6 +133,7 @@ impl Builders {
         let dir = scratch.join("builders").join(digest.hex());
         let rootfs = dir.join("rootfs");
         if dir.join("complete").exists() {
+            crate::files::touch_complete(&dir);
             return Ok(rootfs);
         }
         let _guard = self.locks.lock(format!("builder rootfs {digest}")).await;
@@ -190,6 +194,15 @@ impl Builders {
             })?,
         };
         let (run_name, run_tag) = split_reference(&run_reference);
+        if let Some(allowed) = build.allowed_registries {
+            let registry = mirror.parse(run_name)?.endpoint.name.clone();
+            if !allowed.contains(&registry) {
+                return Err(bp_error(BuildpackError::BadBuilder(format!(
+                    "its run image {run_reference} is on {registry:?}, which this generator may not reach (upstreams: {})",
+                    allowed.join(", ")
+                ))));
+            }
+        }
         let accept = MediaType::MANIFESTS.map(str::to_owned);
         let run_top = mirror.manifest(run_name, run_tag, &accept).await?;
         let run_manifest = self.for_host(mirror, run_name, &run_top).await?;
@@ -238,7 +251,8 @@ impl Builders {
             .prefix("build-")
             .tempdir_in(&work_root)
             .map_err(io_error("creating a build directory"))?;
-        let work = Work::create(work_dir.path()).map_err(bp_error)?;
+        let host_user = sandbox::host_user(buildpacks.config.sandbox_user);
+        let work = Work::create(work_dir.path(), host_user).map_err(bp_error)?;
         let app_source = lifecycle::inside(&build.source.dir, build.app_path)
             .filter(|p| p.is_dir())
             .ok_or_else(|| {
@@ -248,15 +262,18 @@ impl Builders {
                 )))
             })?;
         copy_tree(&app_source, &work.app).map_err(io_error("copying the app"))?;
+        work.give(&work.app).map_err(bp_error)?;
+        work.give(&work.layers).map_err(bp_error)?;
 
         let config = &buildpacks.config;
         let sandbox = Sandbox {
             bwrap: config.bwrap_command.clone(),
-            allow_unsandboxed: config.allow_unsandboxed,
+            unsandboxed: buildpacks.unsandboxed().await?,
             network: config.network,
             timeout: config.step_timeout,
             uid,
             gid,
+            host_user,
         };
         let (os, arch) = host_platform();
         let lifecycle = Lifecycle {
@@ -441,6 +458,7 @@ fn image_config(
     let process = output
         .processes
         .iter()
+        .rev()
         .find(|p| p.default)
         .or_else(|| output.processes.iter().find(|p| p.r#type == "web"))
         .or_else(|| (output.processes.len() == 1).then(|| &output.processes[0]));
@@ -451,9 +469,12 @@ fn image_config(
         }
     }
     if let Some(p) = process {
-        let mut entrypoint = p.command.clone();
-        entrypoint.extend(p.args.iter().cloned());
-        inner["Entrypoint"] = json!(entrypoint);
+        // Arguments go in Cmd, so that `docker run image other args`
+        // replaces them, as it would with the lifecycle's launcher.
+        inner["Entrypoint"] = json!(p.command);
+        if !p.args.is_empty() {
+            inner["Cmd"] = json!(p.args);
+        }
         if let Some(dir) = &p.working_dir {
             inner["WorkingDir"] = json!(dir);
         }
@@ -636,6 +657,9 @@ fn unpack_rootfs(
             };
             let (parent, name) = path.rsplit_once('/').unwrap_or(("", &path));
             if let Some(hidden) = name.strip_prefix(".wh.") {
+                if hidden == "." || hidden == ".." || hidden.is_empty() {
+                    continue;
+                }
                 let Some(dir) = safe_path(dest, parent) else {
                     continue;
                 };

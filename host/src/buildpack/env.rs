@@ -44,10 +44,15 @@ impl Env {
     /// read from `host_dir`: `bin` → PATH, `lib` → LD_LIBRARY_PATH, then
     /// `env/` and the `phase` directory (`env.build` or `env.launch`).
     pub fn apply_layer(&mut self, host_dir: &Path, inside: &str, phase: &str) {
-        if host_dir.join("bin").is_dir() {
+        // Layers are written by buildpacks: a symlink here could point the
+        // host at its own files, so only real directories count.
+        if !crate::files::is_real_dir(host_dir) {
+            return;
+        }
+        if crate::files::is_real_dir(&host_dir.join("bin")) {
             self.prepend("PATH", &format!("{inside}/bin"), ":");
         }
-        if host_dir.join("lib").is_dir() {
+        if crate::files::is_real_dir(&host_dir.join("lib")) {
             self.prepend("LD_LIBRARY_PATH", &format!("{inside}/lib"), ":");
         }
         self.apply_dir(&host_dir.join("env"));
@@ -57,6 +62,9 @@ impl Env {
     /// The files of one env directory (regular files only; symlinks are
     /// ignored so that a layer cannot point the host at other files).
     pub fn apply_dir(&mut self, dir: &Path) {
+        if !crate::files::is_real_dir(dir) {
+            return;
+        }
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;
         };
@@ -109,6 +117,17 @@ impl Env {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn symlinked_env_directories_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = tempfile::tempdir().unwrap();
+        std::fs::write(secret.path().join("TOKEN"), "hunter2").unwrap();
+        std::os::unix::fs::symlink(secret.path(), dir.path().join("env.launch")).unwrap();
+        let mut env = Env::default();
+        env.apply_layer(dir.path(), "/layers/a/b", "env.launch");
+        assert!(!env.0.contains_key("TOKEN"));
+    }
 
     #[test]
     fn env_files_follow_the_lifecycle_rules() {

@@ -8,12 +8,12 @@
 //! (`http.curloptResolve`), so DNS cannot steer it somewhere private.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use url::Url;
 
 use super::BuildpackError;
+use crate::process::RunError;
 use crate::upstream::Policy;
 
 /// A commit checked out (without `.git`).
@@ -99,12 +99,7 @@ impl Git {
             .args(["-c", "core.hooksPath=/dev/null"])
             .args(["-c", "submodule.recurse=false"])
             .args(["-c", "core.fsmonitor=false"])
-            .args(["-c", "advice.detachedHead=false"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
+            .args(["-c", "advice.detachedHead=false"]);
         match url.scheme() {
             "file" => {
                 cmd.args(["-c", "protocol.file.allow=always"]);
@@ -160,26 +155,44 @@ impl Git {
         mut cmd: tokio::process::Command,
         what: &str,
     ) -> Result<String, BuildpackError> {
-        let child = cmd.spawn().map_err(|e| BuildpackError::Tool {
-            tool: self.command.display().to_string(),
-            message: format!("{e}; install git or set [buildpack] git_command"),
-        })?;
-        let output = tokio::time::timeout(self.timeout, child.wait_with_output())
-            .await
-            .map_err(|_| BuildpackError::Git {
-                what: what.to_owned(),
-                message: format!("took longer than {}s", self.timeout.as_secs()),
-            })?
-            .map_err(|e| BuildpackError::io(format!("running git {what}"), e))?;
-        if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
+        let done = match crate::process::run(&mut cmd, self.timeout, 1 << 20).await {
+            Ok(done) => done,
+            Err(RunError::Spawn(e)) => {
+                return Err(BuildpackError::Tool {
+                    tool: self.command.display().to_string(),
+                    message: format!("{e}; install git or set [buildpack] git_command"),
+                });
+            }
+            Err(RunError::Wait(e)) => {
+                return Err(BuildpackError::io(format!("running git {what}"), e));
+            }
+            Err(RunError::Timeout) => {
+                return Err(BuildpackError::Git {
+                    what: what.to_owned(),
+                    message: format!("took longer than {}s", self.timeout.as_secs()),
+                });
+            }
+        };
+        if !done.status.success() {
+            let stderr = String::from_utf8_lossy(&done.stderr);
             let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+            let message = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
+            let missing = [
+                "not found",
+                "does not appear to be a git repository",
+                "does not exist",
+            ];
+            if what.starts_with("ls-remote") && missing.iter().any(|m| message.contains(m)) {
+                return Err(BuildpackError::UnknownRepository {
+                    what: what.trim_start_matches("ls-remote ").to_owned(),
+                });
+            }
             return Err(BuildpackError::Git {
                 what: what.to_owned(),
-                message: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+                message,
             });
         }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        Ok(String::from_utf8_lossy(&done.stdout).into_owned())
     }
 
     /// The commit `revision` names, and the commit's files under `dir`.
@@ -266,13 +279,20 @@ impl Git {
                 });
             }
         };
-        let done = scratch.join("sources").join(&commit);
+        // A commit id names content only within the repository it came from:
+        // the cache is per URL, so that one repository's (unadvertised) SHA
+        // never serves another's checkout.
+        let url_digest = crate::oci::Digest::sha256(url.as_str().as_bytes());
+        let done = scratch
+            .join("sources")
+            .join(format!("{}-{commit}", &url_digest.hex()[..16]));
         let source = Source {
             url: url.to_string(),
             commit: commit.clone(),
             dir: done.join("src"),
         };
         if done.join("complete").exists() {
+            crate::files::touch_complete(&done);
             return Ok(source);
         }
         let mut fetch = self.command(url, policy, &home).await?;

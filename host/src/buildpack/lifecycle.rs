@@ -48,13 +48,34 @@ pub struct PlanItem {
     pub metadata: Option<toml::Table>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct DetectPlan {
+/// One way a buildpack's needs can be met.
+#[derive(Clone, Debug, Default, Deserialize)]
+struct PlanOption {
     #[serde(default)]
     provides: Vec<PlanItem>,
     #[serde(default)]
     requires: Vec<PlanItem>,
 }
+
+/// What `bin/detect` wrote: a plan, and `[[or]]` alternatives to it.
+#[derive(Debug, Default, Deserialize)]
+struct DetectPlan {
+    #[serde(flatten)]
+    main: PlanOption,
+    #[serde(default)]
+    or: Vec<PlanOption>,
+}
+
+impl DetectPlan {
+    fn options(&self) -> Vec<PlanOption> {
+        std::iter::once(self.main.clone())
+            .chain(self.or.iter().cloned())
+            .collect()
+    }
+}
+
+/// Combinations of `[[or]]` alternatives tried before giving up on a group.
+const MAX_PLAN_COMBINATIONS: usize = 256;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -197,21 +218,33 @@ pub struct Work {
     pub layers: PathBuf,
     pub platform: PathBuf,
     pub io: PathBuf,
+    /// Who the sandbox runs as on the host, to own what it may write.
+    pub owner: Option<(u32, u32)>,
 }
 
 impl Work {
-    pub fn create(root: &Path) -> Result<Work, BuildpackError> {
+    pub fn create(root: &Path, owner: Option<(u32, u32)>) -> Result<Work, BuildpackError> {
         let w = Work {
             app: root.join("app"),
             layers: root.join("layers"),
             platform: root.join("platform"),
             io: root.join("io"),
+            owner,
         };
         for d in [&w.app, &w.layers, &w.platform.join("env"), &w.io] {
             std::fs::create_dir_all(d)
                 .map_err(|e| BuildpackError::io(format!("creating {}", d.display()), e))?;
         }
         Ok(w)
+    }
+
+    /// Hands `path` (a directory the sandbox writes) to the sandbox's user.
+    pub fn give(&self, path: &Path) -> Result<(), BuildpackError> {
+        if let Some(owner) = self.owner {
+            crate::files::chown_tree(path, owner)
+                .map_err(|e| BuildpackError::io(format!("preparing {}", path.display()), e))?;
+        }
+        Ok(())
     }
 }
 
@@ -254,9 +287,24 @@ impl Lifecycle<'_> {
         env
     }
 
-    fn fresh_plan(&self) -> Result<PathBuf, BuildpackError> {
-        let plan = self.work.io.join("plan.toml");
-        std::fs::write(&plan, b"").map_err(|e| BuildpackError::io("writing the plan".into(), e))?;
+    /// A new, empty plan directory for one step, `plan.toml` in it holding
+    /// `content`. New each time: a step may have left symlinks in the old
+    /// one, and the host writes and reads here.
+    fn fresh_plan(&self, content: &str) -> Result<PathBuf, BuildpackError> {
+        let io = &self.work.io;
+        let fail = |e| BuildpackError::io("preparing the plan directory".into(), e);
+        if std::fs::symlink_metadata(io).is_ok() {
+            std::fs::remove_dir_all(io).map_err(fail)?;
+        }
+        std::fs::create_dir(io).map_err(fail)?;
+        let plan = io.join("plan.toml");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&plan)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, content.as_bytes()))
+            .map_err(fail)?;
+        self.work.give(io)?;
         Ok(plan)
     }
 
@@ -270,7 +318,7 @@ impl Lifecycle<'_> {
             let mut notes = Vec::new();
             for bp in group {
                 let dir = self.builder.buildpack_dir(bp)?;
-                let plan = self.fresh_plan()?;
+                let plan = self.fresh_plan("")?;
                 let mut env = self.base_env(&dir);
                 env.0
                     .insert("CNB_BUILD_PLAN_PATH".into(), plan_inside.clone());
@@ -343,10 +391,12 @@ impl Lifecycle<'_> {
         for (bp, entries) in &detected.group {
             let dir = self.builder.buildpack_dir(bp)?;
             let escaped = escape_id(&bp.id);
+            // An earlier buildpack may have put a symlink where this one's
+            // layers go: only a real directory is used.
             let layers_host = self.work.layers.join(&escaped);
-            std::fs::create_dir_all(&layers_host)
+            crate::files::fresh_dir(&layers_host)
                 .map_err(|e| BuildpackError::io("creating a layers directory".into(), e))?;
-            let plan = self.fresh_plan()?;
+            self.work.give(&layers_host)?;
             #[derive(serde::Serialize)]
             struct BpPlan<'a> {
                 entries: &'a [PlanItem],
@@ -354,8 +404,7 @@ impl Lifecycle<'_> {
             let text = toml::to_string(&BpPlan { entries }).map_err(|e| {
                 BuildpackError::io("writing the plan".into(), std::io::Error::other(e))
             })?;
-            std::fs::write(&plan, text)
-                .map_err(|e| BuildpackError::io("writing the plan".into(), e))?;
+            self.fresh_plan(&text)?;
 
             let mut env = self.base_env(&dir);
             // Build layers of the buildpacks before this one.
@@ -457,10 +506,58 @@ fn read_layers(dir: &Path) -> Result<Vec<(String, LayerTypes)>, BuildpackError> 
     Ok(layers)
 }
 
-/// Drops optional buildpacks whose plan cannot be satisfied; fails the group
-/// when a required one's cannot.
+/// The group's plan: a choice among each buildpack's `[[or]]` options (the
+/// first combination that works, main plans first) under which every
+/// `requires` is provided and every `provides` required; optional
+/// buildpacks that cannot fit drop out. Each buildpack gets the requires
+/// entries of what it provides.
 fn resolve_plan(
-    mut passed: Vec<(GroupEntry, DetectPlan)>,
+    passed: Vec<(GroupEntry, DetectPlan)>,
+) -> Result<Vec<(GroupEntry, Vec<PlanItem>)>, String> {
+    let options: Vec<Vec<PlanOption>> = passed.iter().map(|(_, p)| p.options()).collect();
+    let mut choice = vec![0usize; passed.len()];
+    let mut first_error = None;
+    for _ in 0..MAX_PLAN_COMBINATIONS {
+        let chosen: Vec<(GroupEntry, PlanOption)> = passed
+            .iter()
+            .zip(&choice)
+            .map(|((bp, _), &c)| (bp.clone(), options_for(&options, &passed, bp, c)))
+            .collect();
+        match resolve_choice(chosen) {
+            Ok(group) => return Ok(group),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+        // Next combination (odometer order, last buildpack fastest).
+        let mut i = choice.len();
+        loop {
+            if i == 0 {
+                return Err(first_error.unwrap_or_default());
+            }
+            i -= 1;
+            choice[i] += 1;
+            if choice[i] < options[i].len() {
+                break;
+            }
+            choice[i] = 0;
+        }
+    }
+    Err(first_error.unwrap_or_default())
+}
+
+fn options_for(
+    options: &[Vec<PlanOption>],
+    passed: &[(GroupEntry, DetectPlan)],
+    bp: &GroupEntry,
+    c: usize,
+) -> PlanOption {
+    let index = passed.iter().position(|(b, _)| b.id == bp.id).unwrap_or(0);
+    options[index][c].clone()
+}
+
+fn resolve_choice(
+    mut passed: Vec<(GroupEntry, PlanOption)>,
 ) -> Result<Vec<(GroupEntry, Vec<PlanItem>)>, String> {
     loop {
         let provided: BTreeSet<&str> = passed
@@ -480,9 +577,22 @@ fn resolve_plan(
                     .any(|r| !required.contains(r.name.as_str()))
         });
         let Some(i) = bad else {
+            let all_requires: Vec<PlanItem> = passed
+                .iter()
+                .flat_map(|(_, p)| p.requires.iter().cloned())
+                .collect();
             return Ok(passed
-                .into_iter()
-                .map(|(bp, plan)| (bp, plan.requires))
+                .iter()
+                .map(|(bp, plan)| {
+                    let mine: BTreeSet<&str> =
+                        plan.provides.iter().map(|p| p.name.as_str()).collect();
+                    let entries = all_requires
+                        .iter()
+                        .filter(|r| mine.contains(r.name.as_str()))
+                        .cloned()
+                        .collect();
+                    (bp.clone(), entries)
+                })
                 .collect());
         };
         let (bp, plan) = &passed[i];
@@ -528,42 +638,42 @@ mod tests {
         }
     }
 
+    fn plan(provides: &[&str], requires: &[&str]) -> DetectPlan {
+        DetectPlan {
+            main: PlanOption {
+                provides: provides.iter().map(|n| item(n)).collect(),
+                requires: requires.iter().map(|n| item(n)).collect(),
+            },
+            or: vec![],
+        }
+    }
+
+    #[test]
+    fn or_alternatives_are_tried() {
+        let text = "[[provides]]\nname = \"a\"\n[[or]]\n[[or.provides]]\nname = \"b\"\n";
+        let tool: DetectPlan = toml::from_str(text).unwrap();
+        let ok = resolve_plan(vec![
+            (entry("tool", false), tool),
+            (entry("app", false), plan(&[], &["b"])),
+        ])
+        .unwrap();
+        assert_eq!(ok[0].1[0].name, "b");
+    }
+
     #[test]
     fn plans_resolve_and_optional_buildpacks_drop_out() {
         let ok = resolve_plan(vec![
-            (
-                entry("tool", false),
-                DetectPlan {
-                    provides: vec![item("tool")],
-                    requires: vec![item("tool")],
-                },
-            ),
-            (
-                entry("app", false),
-                DetectPlan {
-                    provides: vec![],
-                    requires: vec![item("tool")],
-                },
-            ),
-            (
-                entry("extra", true),
-                DetectPlan {
-                    provides: vec![item("unused")],
-                    requires: vec![],
-                },
-            ),
+            (entry("tool", false), plan(&["tool"], &[])),
+            (entry("app", false), plan(&[], &["tool"])),
+            (entry("extra", true), plan(&["unused"], &[])),
         ])
         .unwrap();
         let ids: Vec<&str> = ok.iter().map(|(b, _)| b.id.as_str()).collect();
         assert_eq!(ids, ["tool", "app"]);
-        let err = resolve_plan(vec![(
-            entry("app", false),
-            DetectPlan {
-                provides: vec![],
-                requires: vec![item("node")],
-            },
-        )])
-        .unwrap_err();
+        // The provider gets the requires entry; the requirer gets nothing.
+        assert_eq!(ok[0].1.len(), 1);
+        assert!(ok[1].1.is_empty());
+        let err = resolve_plan(vec![(entry("app", false), plan(&[], &["node"]))]).unwrap_err();
         assert!(err.contains("requires node"), "{err}");
     }
 

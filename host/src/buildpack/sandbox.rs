@@ -6,14 +6,19 @@
 //! the platform dir (`/platform`, read-only) and a plan dir (`/kontain`)
 //! mounted from the host; a fresh `/tmp`, `/proc` and `/dev`; the builder's
 //! CNB user; no capabilities; a time limit that kills the process group.
-//! If bubblewrap cannot start, the step fails saying so, unless the config
-//! explicitly allows running unsandboxed.
+//! With `sandbox_user` set (and the server root), bubblewrap itself runs as
+//! that unprivileged host user, so the sandbox's CNB user is nobody on the
+//! host; otherwise the CNB user maps to the server's own user, which only
+//! matters for what the sandbox can reach: its own mounts, and with
+//! `network = true` the host's network. Whether
+//! bubblewrap can start is probed once; if it cannot, builds fail saying so,
+//! unless the config explicitly allows running unsandboxed.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use super::BuildpackError;
+use crate::process::RunError;
 
 /// Host directories a step sees, and where.
 pub struct Mounts<'a> {
@@ -32,17 +37,56 @@ pub const IO: &str = "/kontain";
 
 pub struct Sandbox {
     pub bwrap: PathBuf,
-    pub allow_unsandboxed: bool,
+    /// Run steps on the host: only when bubblewrap cannot start and the
+    /// config explicitly allows it ([`probe`] decides).
+    pub unsandboxed: bool,
     pub network: bool,
     pub timeout: Duration,
+    /// The CNB user inside the sandbox.
     pub uid: u32,
     pub gid: u32,
+    /// The host user bubblewrap runs as: an unprivileged one when the server
+    /// is root, so that the sandbox's user maps to nobody on the host.
+    pub host_user: Option<(u32, u32)>,
+}
+
+/// The host user for sandboxes: `configured` (uid = gid) when the server
+/// runs as root and can switch to it; otherwise the server's own.
+pub fn host_user(configured: Option<u32>) -> Option<(u32, u32)> {
+    configured
+        .filter(|_| rustix::process::geteuid().is_root())
+        .map(|id| (id, id))
+}
+
+/// Whether bubblewrap can start here (as `user`), asked once per process
+/// with a step that does nothing; `Err` says why not.
+pub async fn probe(bwrap: &Path, user: Option<(u32, u32)>) -> Result<(), String> {
+    let mut cmd = tokio::process::Command::new(bwrap);
+    cmd.env_clear().args([
+        "--unshare-all",
+        "--die-with-parent",
+        "--ro-bind",
+        "/",
+        "/",
+        "--",
+        "true",
+    ]);
+    if let Some((uid, gid)) = user {
+        cmd.uid(uid).gid(gid);
+    }
+    match crate::process::run(&mut cmd, Duration::from_secs(20), 4096).await {
+        Ok(done) if done.status.success() => Ok(()),
+        Ok(done) => Err(String::from_utf8_lossy(&done.stderr).trim().to_owned()),
+        Err(RunError::Spawn(e)) => Err(format!("{}: {e}", bwrap.display())),
+        Err(RunError::Wait(e)) => Err(e.to_string()),
+        Err(RunError::Timeout) => Err("it did not answer within 20s".into()),
+    }
 }
 
 /// What a step did.
 pub struct Outcome {
     pub code: Option<i32>,
-    /// stdout and stderr, interleaved per stream (stdout first), capped.
+    /// The first part of stdout, then the last part of stderr.
     pub output: String,
 }
 
@@ -58,7 +102,13 @@ impl Sandbox {
         env: &[(String, String)],
         what: &str,
     ) -> Result<Outcome, BuildpackError> {
+        if self.unsandboxed {
+            return self.run_unsandboxed(mounts, program, args, env, what).await;
+        }
         let mut cmd = tokio::process::Command::new(&self.bwrap);
+        if let Some((uid, gid)) = self.host_user {
+            cmd.uid(uid).gid(gid);
+        }
         cmd.env_clear()
             .arg("--unshare-all")
             .arg("--die-with-parent")
@@ -93,13 +143,7 @@ impl Sandbox {
             cmd.arg("--setenv").arg(k).arg(v);
         }
         cmd.arg("--").arg(program).args(args);
-        match self.spawn(cmd, what).await {
-            Err(BuildpackError::SandboxUnavailable { message }) if self.allow_unsandboxed => {
-                tracing::warn!(%message, "bubblewrap cannot start: running {what} UNSANDBOXED, as kontain.toml allows");
-                self.run_unsandboxed(mounts, program, args, env, what).await
-            }
-            other => other,
-        }
+        self.spawn(cmd, what).await
     }
 
     /// The same step on the host, paths mapped to the host directories.
@@ -146,49 +190,23 @@ impl Sandbox {
         mut cmd: tokio::process::Command,
         what: &str,
     ) -> Result<Outcome, BuildpackError> {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
-        let child = cmd
-            .spawn()
-            .map_err(|e| BuildpackError::SandboxUnavailable {
-                message: format!("{}: {e}", self.bwrap.display()),
-            })?;
-        let group = crate::golang::KillGroup::new(child.id());
-        let output = match tokio::time::timeout(self.timeout, child.wait_with_output()).await {
-            Ok(r) => r.map_err(|e| BuildpackError::io(format!("running {what}"), e))?,
-            Err(_) => {
+        let done = match crate::process::run(&mut cmd, self.timeout, MAX_OUTPUT).await {
+            Ok(done) => done,
+            Err(RunError::Spawn(e)) => {
+                return Err(BuildpackError::io(format!("starting {what}"), e));
+            }
+            Err(RunError::Wait(e)) => return Err(BuildpackError::io(format!("running {what}"), e)),
+            Err(RunError::Timeout) => {
                 return Err(BuildpackError::Timeout {
                     what: what.to_owned(),
                     seconds: self.timeout.as_secs(),
                 });
             }
         };
-        group.disarm();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        // bubblewrap reports its own failures as "bwrap: ..." with exit 1
-        // before the program starts.
-        if output.status.code() == Some(1)
-            && output.stdout.is_empty()
-            && stderr.starts_with("bwrap:")
-        {
-            return Err(BuildpackError::SandboxUnavailable {
-                message: stderr.trim().to_owned(),
-            });
-        }
-        let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
-        text.push_str(&stderr);
-        if text.len() > MAX_OUTPUT {
-            let cut = text.len() - MAX_OUTPUT;
-            let cut = (cut..text.len())
-                .find(|i| text.is_char_boundary(*i))
-                .unwrap_or(text.len());
-            text = text[cut..].to_owned();
-        }
+        let mut text = String::from_utf8_lossy(&done.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&done.stderr));
         Ok(Outcome {
-            code: output.status.code(),
+            code: done.status.code(),
             output: text,
         })
     }

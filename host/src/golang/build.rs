@@ -11,10 +11,13 @@
 //! shared: both are content-addressed and verified by `go` itself.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use super::{GoError, Module};
+use crate::process::RunError;
+
+/// Compiler output kept for error messages.
+const MAX_OUTPUT: usize = 256 * 1024;
 
 /// How `go build` is called, as a module's `.ko.yaml` asks.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -285,22 +288,17 @@ impl Workspace {
                 ".".to_owned()
             } else {
                 format!("./{rel}")
-            })
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
-        let child = cmd.spawn().map_err(|e| GoError::NoGo {
-            command: toolchain.command.display().to_string(),
-            message: e.to_string(),
-        })?;
-        // go starts compilers and linkers of its own: on timeout or when the
-        // request goes away, the whole group is killed.
-        let group = KillGroup(child.id());
-        let output = match tokio::time::timeout(toolchain.timeout, child.wait_with_output()).await {
-            Ok(result) => result.map_err(|e| GoError::io("running go build".into(), e))?,
-            Err(_) => {
+            });
+        let output = match crate::process::run(&mut cmd, toolchain.timeout, MAX_OUTPUT).await {
+            Ok(done) => done,
+            Err(RunError::Spawn(e)) => {
+                return Err(GoError::NoGo {
+                    command: toolchain.command.display().to_string(),
+                    message: e.to_string(),
+                });
+            }
+            Err(RunError::Wait(e)) => return Err(GoError::io("running go build".into(), e)),
+            Err(RunError::Timeout) => {
                 return Err(GoError::Timeout {
                     package: package.to_string(),
                     target: target.to_string(),
@@ -308,7 +306,6 @@ impl Workspace {
                 });
             }
         };
-        group.disarm();
         if !output.status.success() {
             return Err(GoError::BuildFailed {
                 package: package.to_string(),
@@ -330,33 +327,6 @@ impl Workspace {
 
     pub fn module(&self) -> &Module {
         &self.module
-    }
-}
-
-/// Kills a process group when dropped, unless disarmed: child processes of
-/// a tool (go's compilers, a buildpack's scripts) go with it on a timeout or
-/// when the request is abandoned.
-pub struct KillGroup(Option<u32>);
-
-impl KillGroup {
-    pub fn new(leader: Option<u32>) -> KillGroup {
-        KillGroup(leader)
-    }
-
-    pub fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for KillGroup {
-    fn drop(&mut self) {
-        let pid = self
-            .0
-            .and_then(|id| i32::try_from(id).ok())
-            .and_then(rustix::process::Pid::from_raw);
-        if let Some(pid) = pid {
-            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-        }
     }
 }
 

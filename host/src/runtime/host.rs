@@ -198,7 +198,9 @@ fn buildpack_error(e: BuildpackError) -> wasmtime::Result<types::Error> {
     let message = e.to_string();
     Ok(match e {
         BuildpackError::InvalidName(_) => types::Error::InvalidName(message),
-        BuildpackError::UnknownRevision { .. } => types::Error::NotFound(message),
+        BuildpackError::UnknownRevision { .. } | BuildpackError::UnknownRepository { .. } => {
+            types::Error::NotFound(message)
+        }
         BuildpackError::Refused(_) => types::Error::Denied(message),
         BuildpackError::TooLarge { .. } | BuildpackError::Timeout { .. } => {
             types::Error::LimitExceeded(message)
@@ -208,7 +210,8 @@ fn buildpack_error(e: BuildpackError) -> wasmtime::Result<types::Error> {
         BuildpackError::NoGroupPassed { .. } | BuildpackError::BuildpackFailed { .. } => {
             types::Error::InvalidName(message)
         }
-        BuildpackError::BadBuilder(_) => types::Error::InvalidReference(message),
+        // The configured builder is the operator's to fix.
+        BuildpackError::BadBuilder(_) => types::Error::Internal(message),
         BuildpackError::Unreachable { .. }
         | BuildpackError::Git { .. }
         | BuildpackError::Tool { .. }
@@ -665,6 +668,7 @@ impl buildpack::Host for HostState {
             builder_image: builder_name,
             builder: &builder,
             run_image: (!run_image.is_empty()).then_some(run_image.as_str()),
+            allowed_registries: self.plugin.upstreams.as_deref(),
         };
         match self
             .builders

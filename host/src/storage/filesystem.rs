@@ -4,6 +4,7 @@
 //! holds files being written. Publishing is a `rename` within one
 //! filesystem, so readers see a whole, verified blob or nothing.
 
+use std::collections::HashSet;
 use std::fs;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -15,7 +16,9 @@ use tempfile::NamedTempFile;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
-use super::{BlobContent, BlobInfo, BlobWriter, ByteRange, Storage, StorageError, StoredManifest};
+use super::{
+    BlobContent, BlobInfo, BlobWriter, ByteRange, Collected, Storage, StorageError, StoredManifest,
+};
 use crate::oci::{Digest, MAX_MANIFEST_BYTES, MediaType, Sha256Writer};
 
 /// Temporary files older than this were left by a process that died while
@@ -28,6 +31,10 @@ const READ_CHUNK: usize = 256 * 1024;
 
 pub struct FilesystemStorage {
     root: PathBuf,
+    /// Reading a manifest or value older than this marks it used again
+    /// (sets its mtime), so that expiry keeps what is being served. `None`:
+    /// nothing expires, nothing is touched.
+    refresh_after: Option<Duration>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StorageError + '_ {
@@ -45,7 +52,10 @@ impl FilesystemStorage {
             let path = root.join(dir);
             fs::create_dir_all(&path).map_err(io_err(&path))?;
         }
-        let storage = FilesystemStorage { root };
+        let storage = FilesystemStorage {
+            root,
+            refresh_after: None,
+        };
         storage.remove_abandoned_temporaries();
         Ok(storage)
     }
@@ -67,8 +77,32 @@ impl FilesystemStorage {
         }
     }
 
+    /// Expiry after `ttl` of disuse: reads refresh what they read (at most
+    /// every tenth of `ttl`, to keep writes rare). Zero turns expiry off.
+    pub fn refreshing(mut self, ttl: Duration) -> Self {
+        self.refresh_after = (!ttl.is_zero()).then(|| ttl / 10);
+        self
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Marks `path` used now, if it was last marked long enough ago.
+    async fn refresh(&self, path: &Path) {
+        let Some(after) = self.refresh_after else {
+            return;
+        };
+        let path = path.to_owned();
+        let _ = tokio::task::spawn_blocking(move || {
+            let stale = fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| SystemTime::now().duration_since(t).unwrap_or_default() > after);
+            if stale && let Ok(f) = fs::File::open(&path) {
+                let _ = f.set_modified(SystemTime::now());
+            }
+        })
+        .await;
     }
 
     fn blob_path(&self, digest: &Digest) -> PathBuf {
@@ -276,6 +310,7 @@ impl Storage for FilesystemStorage {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(&path)(e)),
         };
+        self.refresh(&marker).await;
         Ok(Some(StoredManifest {
             digest: digest.clone(),
             media_type,
@@ -292,13 +327,138 @@ impl Storage for FilesystemStorage {
             .await
     }
 
+    async fn collect(&self, ttl: Duration) -> Result<Collected, StorageError> {
+        if ttl.is_zero() {
+            return Ok(Collected::default());
+        }
+        let this = FilesystemStorage {
+            root: self.root.clone(),
+            refresh_after: self.refresh_after,
+        };
+        tokio::task::spawn_blocking(move || this.collect_now(ttl))
+            .await
+            .map_err(|e| StorageError::Io {
+                path: self.root.clone(),
+                source: io::Error::other(e),
+            })
+    }
+
     async fn value(&self, key: &str) -> Result<Option<String>, StorageError> {
         let path = self.value_path(key);
         match tokio::fs::read_to_string(&path).await {
-            Ok(s) => Ok(Some(s)),
+            Ok(s) => {
+                self.refresh(&path).await;
+                Ok(Some(s))
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err(&path)(e)),
         }
+    }
+}
+
+/// Files in `dir` with their modification times.
+fn files_with_mtime(dir: &Path) -> Vec<(PathBuf, String, SystemTime, u64)> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            let name = e.file_name().to_str()?.to_owned();
+            Some((e.path(), name, meta.modified().ok()?, meta.len()))
+        })
+        .collect()
+}
+
+/// Digests an image manifest or index refers to: config, layers, children.
+fn references(bytes: &[u8]) -> Vec<Digest> {
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut add = |v: &serde_json::Value| {
+        if let Some(d) = v["digest"].as_str().and_then(|d| d.parse().ok()) {
+            out.push(d);
+        }
+    };
+    add(&doc["config"]);
+    for key in ["layers", "manifests"] {
+        for v in doc[key].as_array().into_iter().flatten() {
+            add(v);
+        }
+    }
+    out
+}
+
+impl FilesystemStorage {
+    /// The collection itself (blocking): roots are manifests and tag values
+    /// used within `ttl`; everything they reach (index children, configs,
+    /// layers) is kept whatever its age; then unreached manifests go, then
+    /// unreached blobs older than `ttl` (younger ones may belong to a
+    /// manifest being made), then old values.
+    fn collect_now(&self, ttl: Duration) -> Collected {
+        let cutoff = SystemTime::now()
+            .checked_sub(ttl)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut done = Collected::default();
+        let manifests_dir = self.root.join("manifests/sha256");
+        let blobs_dir = self.root.join("blobs/sha256");
+        let values_dir = self.root.join("values");
+
+        let manifests = files_with_mtime(&manifests_dir);
+        let values = files_with_mtime(&values_dir);
+        let mut live: HashSet<Digest> = HashSet::new();
+        let mut queue: Vec<Digest> = manifests
+            .iter()
+            .filter(|(_, _, t, _)| *t >= cutoff)
+            .filter_map(|(_, name, _, _)| format!("sha256:{name}").parse().ok())
+            .collect();
+        queue.extend(
+            values
+                .iter()
+                .filter(|(_, _, t, _)| *t >= cutoff)
+                .filter_map(|(path, _, _, _)| fs::read_to_string(path).ok())
+                .filter_map(|v| v.trim().parse::<Digest>().ok()),
+        );
+        while let Some(digest) = queue.pop() {
+            if !live.insert(digest.clone()) {
+                continue;
+            }
+            if self.manifest_path(&digest).exists()
+                && let Ok(bytes) = fs::read(self.blob_path(&digest))
+            {
+                queue.extend(references(&bytes));
+            }
+        }
+        let remove = |path: &Path, size: u64, counter: &mut usize, bytes: &mut u64| {
+            if fs::remove_file(path).is_ok() {
+                *counter += 1;
+                *bytes += size;
+            }
+        };
+        for (path, name, _, size) in &manifests {
+            let live = format!("sha256:{name}")
+                .parse::<Digest>()
+                .is_ok_and(|d| live.contains(&d));
+            if !live {
+                remove(path, *size, &mut done.manifests, &mut done.bytes);
+            }
+        }
+        for (path, name, modified, size) in files_with_mtime(&blobs_dir) {
+            let live = format!("sha256:{name}")
+                .parse::<Digest>()
+                .is_ok_and(|d| live.contains(&d));
+            if !live && modified < cutoff {
+                remove(&path, size, &mut done.blobs, &mut done.bytes);
+            }
+        }
+        for (path, _, modified, size) in &values {
+            if *modified < cutoff {
+                remove(path, *size, &mut done.values, &mut done.bytes);
+            }
+        }
+        done
     }
 }
 

@@ -1,0 +1,133 @@
+//! Running external tools (go, git, bubblewrap) on untrusted input: each in
+//! its own process group that is killed as a whole on a timeout or when the
+//! request goes away, with its output kept only up to a cap (a tool that
+//! prints forever must not fill the server's memory).
+
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// What a finished tool left.
+pub struct Finished {
+    pub status: ExitStatus,
+    /// The first `cap` bytes of stdout.
+    pub stdout: Vec<u8>,
+    /// The last `cap` bytes of stderr (where errors end up).
+    pub stderr: Vec<u8>,
+}
+
+pub enum RunError {
+    Spawn(std::io::Error),
+    Wait(std::io::Error),
+    Timeout,
+}
+
+/// Spawns `cmd` (its stdio is set here) and waits up to `timeout`.
+pub async fn run(
+    cmd: &mut tokio::process::Command,
+    timeout: Duration,
+    cap: usize,
+) -> Result<Finished, RunError> {
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(RunError::Spawn)?;
+    let group = KillGroup(child.id());
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let work = async {
+        let (out, err, status) = tokio::join!(
+            read_capped(stdout, cap, false),
+            read_capped(stderr, cap, true),
+            child.wait()
+        );
+        Ok::<_, std::io::Error>((out?, err?, status?))
+    };
+    let (stdout, stderr, status) = match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r.map_err(RunError::Wait)?,
+        Err(_) => return Err(RunError::Timeout),
+    };
+    group.disarm();
+    Ok(Finished {
+        status,
+        stdout,
+        stderr,
+    })
+}
+
+/// Reads a pipe to its end, keeping the first (or, with `tail`, the last)
+/// `cap` bytes.
+async fn read_capped(
+    pipe: Option<impl AsyncRead + Unpin>,
+    cap: usize,
+    tail: bool,
+) -> std::io::Result<Vec<u8>> {
+    let Some(mut pipe) = pipe else {
+        return Ok(Vec::new());
+    };
+    let mut kept = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = pipe.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(kept);
+        }
+        kept.extend_from_slice(&buf[..n]);
+        if kept.len() > cap {
+            if tail {
+                kept.drain(..kept.len() - cap);
+            } else {
+                kept.truncate(cap);
+            }
+        }
+    }
+}
+
+/// Kills a process group when dropped, unless disarmed.
+struct KillGroup(Option<u32>);
+
+impl KillGroup {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        let pid = self
+            .0
+            .and_then(|id| i32::try_from(id).ok())
+            .and_then(rustix::process::Pid::from_raw);
+        if let Some(pid) = pid {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn output_is_capped_and_timeouts_kill() {
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.args(["-c", "yes | head -c 1000000; echo err >&2"]);
+        let done = run(&mut cmd, Duration::from_secs(10), 1000)
+            .await
+            .ok()
+            .unwrap();
+        assert_eq!(done.stdout.len(), 1000);
+        assert_eq!(done.stderr, b"err\n");
+        let mut slow = tokio::process::Command::new("sh");
+        slow.args(["-c", "sleep 5 & sleep 5"]);
+        let start = std::time::Instant::now();
+        assert!(matches!(
+            run(&mut slow, Duration::from_millis(200), 100).await,
+            Err(RunError::Timeout)
+        ));
+        assert!(start.elapsed() < Duration::from_secs(2));
+    }
+}

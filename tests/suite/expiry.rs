@@ -1,0 +1,124 @@
+//! Expiry on the filesystem backend: what has not been used for the TTL
+//! goes, manifests before blobs, and a blob that a live manifest refers to
+//! stays however old it is.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode};
+use libtest_mimic::Trial;
+
+use crate::mirror::{ACCEPT_ALL, world};
+use crate::support::{Server, get_ok, http, trial};
+
+pub fn trials() -> Vec<Trial> {
+    vec![trial(
+        "expiry::unused_images_go_and_live_manifests_keep_their_blobs",
+        expiry,
+    )]
+}
+
+/// Every file of `dir` made `hours` old.
+fn age(dir: &Path, hours: u32) -> anyhow::Result<()> {
+    let status = Command::new("find")
+        .arg(dir)
+        .args(["-type", "f", "-exec", "touch", "-d"])
+        .arg(format!("{hours} hours ago"))
+        .args(["{}", "+"])
+        .status()?;
+    anyhow::ensure!(status.success(), "find/touch failed");
+    Ok(())
+}
+
+/// The digests an image manifest refers to.
+fn blobs_of(manifest: &serde_json::Value) -> Vec<String> {
+    let mut out = vec![
+        manifest["config"]["digest"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    ];
+    for layer in manifest["layers"].as_array().into_iter().flatten() {
+        out.push(layer["digest"].as_str().unwrap_or_default().to_owned());
+    }
+    out
+}
+
+fn stored(data: &Path, digest: &str) -> bool {
+    data.join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"))
+        .exists()
+}
+
+fn expiry() -> anyhow::Result<()> {
+    let world = world()?;
+    let server = Server::start(Some(&format!(
+        "[storage]\nbackend = \"filesystem\"\npath = \"data\"\nttl = \"1h\"\ncollect_every = \"300ms\"\n\
+         [upstream.registries.local]\nurl = \"http://{}\"\nallow_private = true\n\
+         [generators.mirror]\nsource = \"builtin:mirror\"\ngrants = [\"upstream\"]\n\
+         [generators.random]\nsource = \"builtin:random\"\ngrants = [\"random\"]\n",
+        world.registry.addr
+    )))?;
+    let data = server.dir.path().join("data");
+
+    // A mirrored image, every blob fetched, and a random one.
+    let live = get_ok(&server, "/v2/mirror/local/oci-image/manifests/v1")?;
+    let live_digest = live.header("docker-content-digest").to_owned();
+    let live_blobs = blobs_of(&live.json()?);
+    for blob in &live_blobs {
+        get_ok(&server, &format!("/v2/mirror/local/oci-image/blobs/{blob}"))?;
+    }
+    let dead = get_ok(&server, "/v2/random/manifests/2x1000")?;
+    let dead_digest = dead.header("docker-content-digest").to_owned();
+    let dead_blobs = blobs_of(&dead.json()?);
+    assert!(dead_blobs.iter().all(|b| stored(&data, b)));
+
+    // Two hours pass; then the mirrored image is pulled again by digest,
+    // which marks its manifest used.
+    age(&data, 2)?;
+    get_ok(
+        &server,
+        &format!("/v2/mirror/local/oci-image/manifests/{live_digest}"),
+    )?;
+    // A blob made just now that nothing refers to yet (an image being built).
+    let fresh = get_ok(&server, "/v2/random/manifests/1x10")?.json()?;
+    let fresh_blobs = blobs_of(&fresh);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stored(&data, &dead_blobs[1]) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "nothing expired:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    for blob in &dead_blobs {
+        assert!(
+            !stored(&data, blob),
+            "an unused, expired blob stayed: {blob}"
+        );
+    }
+    assert!(!stored(&data, &dead_digest), "the expired manifest stayed");
+    for blob in &live_blobs {
+        assert!(
+            stored(&data, blob),
+            "a blob of a live manifest went: {blob}"
+        );
+        get_ok(&server, &format!("/v2/mirror/local/oci-image/blobs/{blob}"))?;
+    }
+    for blob in &fresh_blobs {
+        assert!(stored(&data, blob), "a young blob went: {blob}");
+    }
+    let gone = http(
+        server.addr,
+        Method::GET,
+        &format!("/v2/random/blobs/{}", dead_blobs[1]),
+        &[("accept", ACCEPT_ALL)],
+    )?;
+    assert_eq!(gone.status, StatusCode::NOT_FOUND);
+    assert!(server.log().contains("expired unused storage"));
+    Ok(())
+}
