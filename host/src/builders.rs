@@ -48,6 +48,9 @@ pub enum BuildError {
     Buildpack(Box<crate::buildpack::BuildpackError>),
     #[error("the request was cancelled")]
     Cancelled,
+    /// A deterministic failure of the same build a moment ago.
+    #[error("{message} (the same build failed less than {}s ago; it is not retried before then)", FAILURE_MEMORY.as_secs())]
+    Remembered { message: String, refused: bool },
     #[error("a build task failed: {0}")]
     TaskFailed(String),
 }
@@ -68,6 +71,56 @@ pub struct Builders {
     cpu: Arc<Semaphore>,
     /// Concurrent requests for the same result build it once.
     locks: Arc<crate::upstream::KeyedLocks>,
+    failures: Arc<Failures>,
+}
+
+/// How long a build that failed on its inputs (a compile error, no
+/// detected group, a refused module) is answered from memory: anyone can
+/// ask for a broken program over and over, and each ask would otherwise
+/// cost a full build.
+const FAILURE_MEMORY: std::time::Duration = std::time::Duration::from_secs(300);
+
+#[derive(Default)]
+struct Failures(
+    std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, String, bool)>>,
+);
+
+impl Failures {
+    fn recent(&self, key: &str) -> Option<BuildError> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, (at, _, _)| at.elapsed() < FAILURE_MEMORY);
+        map.get(key)
+            .map(|(_, message, refused)| BuildError::Remembered {
+                message: message.clone(),
+                refused: *refused,
+            })
+    }
+
+    /// Remembers `error` if the same inputs would fail the same way again.
+    fn record(&self, key: &str, error: &BuildError) {
+        use crate::buildpack::BuildpackError as B;
+        use crate::golang::GoError as G;
+        let refused = match error {
+            BuildError::Go(e) => match **e {
+                G::BuildFailed { .. } => false,
+                G::UnsafeModule { .. } | G::BadOptions { .. } => true,
+                _ => return,
+            },
+            BuildError::Buildpack(e) => match **e {
+                B::NoGroupPassed { .. } | B::BuildpackFailed { .. } => false,
+                _ => return,
+            },
+            _ => return,
+        };
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() > 10_000 {
+            map.clear();
+        }
+        map.insert(
+            key.to_owned(),
+            (std::time::Instant::now(), error.to_string(), refused),
+        );
+    }
 }
 
 impl From<crate::buildpack::BuildpackError> for BuildError {
@@ -95,6 +148,7 @@ impl Builders {
             storage,
             cpu: Arc::new(Semaphore::new(cores)),
             locks: Default::default(),
+            failures: Default::default(),
         }
     }
 
@@ -255,6 +309,23 @@ pub(crate) fn config_env(config: &serde_json::Value) -> Vec<String> {
 }
 
 impl Builders {
+    /// Runs `build` for `key` unless the same build failed deterministically
+    /// within [`FAILURE_MEMORY`]; remembers such a failure.
+    pub(crate) async fn unless_failed_recently<T>(
+        &self,
+        key: &str,
+        build: impl std::future::Future<Output = Result<T, BuildError>>,
+    ) -> Result<T, BuildError> {
+        if let Some(failure) = self.failures.recent(key) {
+            return Err(failure);
+        }
+        let result = build.await;
+        if let Err(e) = &result {
+            self.failures.record(key, e);
+        }
+        result
+    }
+
     /// The manifest a build remembered under `key`, if it is still stored.
     pub(crate) async fn cached(&self, key: &str) -> Result<Option<StoredManifest>, BuildError> {
         match self.storage.tag(key).await? {

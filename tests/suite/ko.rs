@@ -490,6 +490,18 @@ fn compile_error() -> anyhow::Result<()> {
         message.contains("undefined: nope"),
         "docker pull shows the compiler's message: {message}"
     );
+    // Asked again at once: the same answer, without another build.
+    let again = http(
+        server.addr,
+        Method::GET,
+        "/v2/ko/example.com/broken/manifests/v1.0.0",
+        &[("accept", ACCEPT_ALL)],
+    )?;
+    let (_, repeated) = again.error()?;
+    assert!(
+        repeated.contains("undefined: nope") && repeated.contains("not retried"),
+        "{repeated}"
+    );
     Ok(())
 }
 

@@ -283,9 +283,13 @@ impl Builders {
             os,
             arch,
         };
-        let detected = lifecycle.detect().await.map_err(bp_error)?;
-        tracing::info!(url = %build.source.url, commit = %build.source.commit, group = ?detected.group.iter().map(|(b, _)| format!("{}@{}", b.id, b.version)).collect::<Vec<_>>(), "buildpacks detected");
-        let output = lifecycle.build(&detected).await.map_err(bp_error)?;
+        let output = self
+            .unless_failed_recently(&key, async {
+                let detected = lifecycle.detect().await.map_err(bp_error)?;
+                tracing::info!(url = %build.source.url, commit = %build.source.commit, group = ?detected.group.iter().map(|(b, _)| format!("{}@{}", b.id, b.version)).collect::<Vec<_>>(), "buildpacks detected");
+                lifecycle.build(&detected).await.map_err(bp_error)
+            })
+            .await?;
         let size = tree_size(work_dir.path()).map_err(io_error("measuring the build"))?;
         if size > config.max_source_bytes.0 {
             return Err(bp_error(BuildpackError::TooLarge {

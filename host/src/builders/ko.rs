@@ -107,35 +107,40 @@ impl Builders {
         if let Some(done) = self.cached(&key).await? {
             return Ok(done);
         }
-        let children = self.children(mirror, &build).await?;
-        let workspace = {
-            let module = build.module.clone();
-            let work = go.work_dir();
-            tokio::task::spawn_blocking(move || Workspace::new(&module, &work))
-                .await
-                .map_err(|e| BuildError::TaskFailed(e.to_string()))??
-        };
-        let kodata = {
-            let storage = storage.clone();
-            let dir = kodata_dir(build.module, build.package);
-            self.run_blocking(move |_| kodata_layer(storage.as_ref(), dir.as_deref()))
-                .await?
-        };
-        let mut images = Vec::new();
-        for child in &children {
-            let image = self
-                .ko_image(go, mirror, &build, &workspace, &kodata, child)
-                .await?;
-            images.push(image);
-        }
-        let result = match (build.base.media_type.as_str(), images.len()) {
-            (MediaType::OCI_INDEX | MediaType::DOCKER_MANIFEST_LIST, n) if n > 1 => {
-                self.ko_index(&build, &children, &images).await?
-            }
-            _ => images.swap_remove(0),
-        };
+        let result = self
+            .unless_failed_recently(&key, async {
+                let children = self.children(mirror, &build).await?;
+                let workspace = {
+                    let module = build.module.clone();
+                    let work = go.work_dir();
+                    tokio::task::spawn_blocking(move || Workspace::new(&module, &work))
+                        .await
+                        .map_err(|e| BuildError::TaskFailed(e.to_string()))??
+                };
+                let kodata = {
+                    let storage = storage.clone();
+                    let dir = kodata_dir(build.module, build.package);
+                    self.run_blocking(move |_| kodata_layer(storage.as_ref(), dir.as_deref()))
+                        .await?
+                };
+                let mut images = Vec::new();
+                for child in &children {
+                    let image = self
+                        .ko_image(go, mirror, &build, &workspace, &kodata, child)
+                        .await?;
+                    images.push(image);
+                }
+                let result = match (build.base.media_type.as_str(), images.len()) {
+                    (MediaType::OCI_INDEX | MediaType::DOCKER_MANIFEST_LIST, n) if n > 1 => {
+                        self.ko_index(&build, &children, &images).await?
+                    }
+                    _ => images.swap_remove(0),
+                };
+                Ok(result)
+            })
+            .await?;
         storage.put_tag(&key, &result.digest).await?;
-        tracing::info!(package = %build.package, version = %build.module.version, digest = %result.digest, platforms = children.len(), "built a ko image");
+        tracing::info!(package = %build.package, version = %build.module.version, digest = %result.digest, "built a ko image");
         Ok(result)
     }
 

@@ -190,6 +190,8 @@ fn guest_error(e: BuildError) -> wasmtime::Result<types::Error> {
         BuildError::Upstream(upstream) => upstream_error(*upstream),
         BuildError::Go(go) => go_error(*go),
         BuildError::Buildpack(bp) => buildpack_error(*bp),
+        BuildError::Remembered { refused: true, .. } => Ok(types::Error::Denied(e.to_string())),
+        BuildError::Remembered { .. } => Ok(types::Error::InvalidName(e.to_string())),
         other => Err(HostFailure::Build(other).into()),
     }
 }
