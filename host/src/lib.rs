@@ -11,6 +11,7 @@ pub mod config;
 pub mod files;
 pub mod generator;
 pub mod golang;
+pub mod locks;
 pub mod oci;
 pub mod process;
 pub mod registry;
@@ -31,12 +32,13 @@ use std::collections::HashMap;
 
 use crate::builders::Builders;
 use crate::buildpack::Buildpacks;
-use crate::config::{Config, CredentialsConfig, Origin, StorageConfig};
+use crate::config::{Backend, Config, CredentialsConfig, Origin, StorageConfig};
 use crate::golang::Go;
 use crate::registry::Registry;
 use crate::runtime::{Runtime, Services};
 use crate::storage::Storage;
 use crate::storage::filesystem::FilesystemStorage;
+use crate::storage::gcs::GcsStorage;
 use crate::upstream::{Client, Credentials, Endpoint, HostPattern, Mirror, Policy, Registries};
 
 /// How long open requests may take to finish after a shutdown signal.
@@ -92,15 +94,25 @@ impl Collector {
 
 /// Builds the registry that `config` describes.
 pub async fn build(config: &Config) -> anyhow::Result<App> {
-    let storage: Arc<dyn Storage> = match &config.storage {
-        StorageConfig::Filesystem { path, ttl, .. } => Arc::new(
+    let StorageConfig {
+        path,
+        ttl,
+        collect_every,
+        ..
+    } = &config.storage;
+    let storage: Arc<dyn Storage> = match (&config.storage.backend, &config.storage.gcs) {
+        (Backend::Gcs, Some(gcs)) => Arc::new(
+            GcsStorage::open(gcs, path)
+                .await
+                .with_context(|| format!("opening the bucket {}", gcs.bucket))?,
+        ),
+        _ => Arc::new(
             FilesystemStorage::open(path)
                 .map(|s| s.refreshing(*ttl))
                 .with_context(|| format!("opening storage at {}", path.display()))?,
         ),
     };
     let mirror = Arc::new(mirror(config, storage.clone())?);
-    let StorageConfig::Filesystem { path, .. } = &config.storage;
     let scratch = config.go.scratch.clone().unwrap_or_else(|| path.join("go"));
     let go = Go::new(
         &config.go,
@@ -117,9 +129,6 @@ pub async fn build(config: &Config) -> anyhow::Result<App> {
     let buildpacks = Buildpacks::new(&config.buildpack, bp_scratch, mirror.client().clone())
         .map_err(anyhow::Error::msg)?;
     let (go, buildpacks) = (Arc::new(go), Arc::new(buildpacks));
-    let StorageConfig::Filesystem {
-        ttl, collect_every, ..
-    } = &config.storage;
     let collector = Collector {
         storage: storage.clone(),
         go: go.clone(),

@@ -229,14 +229,20 @@ impl Registry {
                 .body(empty())
                 .unwrap_or_else(|_| Response::new(empty())));
         }
-        match self.storage.read_blob(&digest, range).await? {
-            Some(BlobContent::Stream { body, .. }) => Ok(builder
-                .body(stream(body))
-                .unwrap_or_else(|_| Response::new(empty()))),
-            Some(BlobContent::Redirect(url)) => Ok(Response::builder()
+        // Clients download from the bucket themselves (Range included),
+        // so a replica never carries blob bytes when storage can serve them.
+        if let Some(url) = self.storage.blob_location(&digest).await? {
+            return Ok(Response::builder()
                 .status(StatusCode::TEMPORARY_REDIRECT)
                 .header(header::LOCATION, url)
+                .header("docker-content-digest", digest.to_string())
+                .header(header::CONTENT_LENGTH, 0)
                 .body(empty())
+                .unwrap_or_else(|_| Response::new(empty())));
+        }
+        match self.storage.read_blob(&digest, range).await? {
+            Some(BlobContent { body, .. }) => Ok(builder
+                .body(stream(body))
                 .unwrap_or_else(|_| Response::new(empty()))),
             // Removed between the size check and the read.
             None => Err(ApiError::BlobUnknown(digest)),

@@ -1,6 +1,6 @@
 //! Content-addressed storage for blobs and manifests, behind the [`Storage`]
-//! trait so that backends (filesystem now, Google Cloud Storage later) are
-//! interchangeable.
+//! trait so that backends (a local directory, a Google Cloud Storage bucket
+//! shared by many replicas) are interchangeable.
 //!
 //! Invariants every backend keeps: a blob is visible only once it is complete
 //! and its digest verified (written aside, then published atomically); the
@@ -11,14 +11,16 @@
 //! Depends only on `oci`.
 
 pub mod filesystem;
+pub mod gcs;
 
-use std::io::{self, Write};
-use std::path::PathBuf;
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 
-use crate::oci::{Digest, MediaType};
+use crate::oci::{Digest, MediaType, Sha256Writer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -30,6 +32,8 @@ pub enum StorageError {
     CorruptMetadata { digest: Digest },
     #[error("storage I/O on {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error("the storage service failed to {operation}: {message}")]
+    Remote { operation: String, message: String },
 }
 
 /// A blob that has been stored.
@@ -62,15 +66,10 @@ impl ByteRange {
     }
 }
 
-/// How a blob's bytes reach the client.
-pub enum BlobContent {
-    /// The bytes themselves, streamed (`len` of them).
-    Stream {
-        len: u64,
-        body: BoxStream<'static, io::Result<Bytes>>,
-    },
-    /// Somewhere the client can fetch them itself (a signed storage URL).
-    Redirect(String),
+/// A blob's bytes (`len` of them), streamed.
+pub struct BlobContent {
+    pub len: u64,
+    pub body: BoxStream<'static, io::Result<Bytes>>,
 }
 
 /// Writes one blob. Bytes go to a private temporary location while their
@@ -92,6 +91,13 @@ pub trait BlobWriter: Write + Send {
 pub trait Storage: Send + Sync + 'static {
     /// The size of a stored blob, or `None`.
     async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, StorageError>;
+
+    /// Where clients should download a stored blob themselves (a `307` to a
+    /// signed bucket URL), or `None` to have the bytes streamed by kontain.
+    async fn blob_location(&self, digest: &Digest) -> Result<Option<String>, StorageError> {
+        let _ = digest;
+        Ok(None)
+    }
 
     /// The blob's bytes, all or `range` of them; `None` if it is not stored.
     async fn read_blob(
@@ -131,6 +137,15 @@ pub trait Storage: Send + Sync + 'static {
         Ok(self.value(key).await?.and_then(|v| v.trim().parse().ok()))
     }
 
+    /// Waits until this process holds the lease on `key` among every
+    /// process sharing this storage, so that work asked of many replicas at
+    /// once is done by one. Storage used by one process only needs no lease
+    /// (the in-process locks of [`crate::locks`] suffice): the default.
+    async fn lease(&self, key: &str) -> Result<Box<dyn Lease>, StorageError> {
+        let _ = key;
+        Ok(Box::new(NoLease))
+    }
+
     /// Removes what has not been used for `ttl`, never a blob that a kept
     /// manifest refers to. Backends that expire objects themselves (a
     /// bucket lifecycle rule) keep this default.
@@ -139,6 +154,13 @@ pub trait Storage: Send + Sync + 'static {
         Ok(Collected::default())
     }
 }
+
+/// A held lease: kept alive while it exists, released when dropped.
+pub trait Lease: Send + Sync {}
+
+struct NoLease;
+
+impl Lease for NoLease {}
 
 /// What one collection removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -157,4 +179,97 @@ pub fn write_blob(storage: &dyn Storage, bytes: &[u8]) -> Result<BlobInfo, Stora
         source,
     })?;
     w.commit(None)
+}
+
+/// Temporary files older than this were left by a process that died while
+/// writing; younger ones may belong to another process sharing the directory.
+const ABANDONED_AFTER: Duration = Duration::from_secs(3600);
+
+/// Deletes half-written blobs that a crashed process left in `dir`.
+fn remove_abandoned_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let now = SystemTime::now();
+    for entry in entries.flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > ABANDONED_AFTER);
+        if old && std::fs::remove_file(entry.path()).is_ok() {
+            tracing::info!(path = %entry.path().display(), "removed an abandoned temporary file");
+        }
+    }
+}
+
+/// A blob being written: bytes go to a private temporary file, hashed on
+/// the way, refused past the writer's limit.
+struct Spool {
+    file: Sha256Writer<BufWriter<tempfile::NamedTempFile>>,
+    limit: u64,
+}
+
+impl Spool {
+    fn new(dir: &Path, limit: u64) -> Result<Spool, StorageError> {
+        let tmp = tempfile::NamedTempFile::new_in(dir).map_err(|source| StorageError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        Ok(Spool {
+            file: Sha256Writer::new(BufWriter::with_capacity(1 << 20, tmp)),
+            limit,
+        })
+    }
+
+    fn written(&self) -> u64 {
+        self.file.written()
+    }
+
+    /// The finished file and what it holds; a digest other than `expected`
+    /// is an error (and the file is deleted).
+    fn finish(
+        self,
+        expected: Option<&Digest>,
+    ) -> Result<(BlobInfo, tempfile::NamedTempFile), StorageError> {
+        let (digest, size, buffered) = self.file.finish();
+        if let Some(expected) = expected
+            && *expected != digest
+        {
+            return Err(StorageError::DigestMismatch {
+                expected: expected.clone(),
+                actual: digest,
+            });
+        }
+        let tmp = buffered.into_inner().map_err(|e| StorageError::Io {
+            path: PathBuf::from("<blob writer>"),
+            source: e.into_error(),
+        })?;
+        Ok((BlobInfo { digest, size }, tmp))
+    }
+}
+
+impl Write for Spool {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.file.written() + buf.len() as u64 > self.limit {
+            return Err(io::Error::new(
+                io::ErrorKind::FileTooLarge,
+                format!("blob exceeds the limit of {} bytes", self.limit),
+            ));
+        }
+        self.file.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// The digest of a manifest about to be stored; too large a one is refused.
+fn manifest_digest(bytes: &[u8]) -> Result<Digest, StorageError> {
+    if bytes.len() as u64 > crate::oci::MAX_MANIFEST_BYTES {
+        return Err(StorageError::TooLarge {
+            limit: crate::oci::MAX_MANIFEST_BYTES,
+        });
+    }
+    Ok(Digest::sha256(bytes))
 }

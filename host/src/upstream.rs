@@ -11,13 +11,12 @@ mod client;
 mod image;
 mod policy;
 
-use std::collections::HashMap;
 use std::io::Write;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::OwnedMutexGuard;
 
+use crate::locks::Exclusive;
 use crate::oci::{Digest, MediaType, Reference};
 use crate::storage::{BlobInfo, Storage, StorageError, StoredManifest};
 pub use client::{Client, PlainError};
@@ -75,37 +74,12 @@ impl From<StorageError> for UpstreamError {
     }
 }
 
-/// One lock per key, so that concurrent requests for the same manifest or
-/// blob make one upstream fetch while the others wait for its result.
-#[derive(Default)]
-pub(crate) struct KeyedLocks(Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>);
-
-impl KeyedLocks {
-    pub(crate) async fn lock(&self, key: String) -> OwnedMutexGuard<()> {
-        let lock = {
-            let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            if map.len() > 4096 {
-                map.retain(|_, w| w.strong_count() > 0);
-            }
-            match map.get(&key).and_then(Weak::upgrade) {
-                Some(lock) => lock,
-                None => {
-                    let lock = Arc::new(tokio::sync::Mutex::new(()));
-                    map.insert(key, Arc::downgrade(&lock));
-                    lock
-                }
-            }
-        };
-        lock.lock_owned().await
-    }
-}
-
 /// The caching front of the upstream client.
 pub struct Mirror {
     client: Arc<Client>,
     registries: Registries,
     storage: Arc<dyn Storage>,
-    locks: KeyedLocks,
+    locks: Exclusive,
     max_blob_bytes: u64,
 }
 
@@ -119,8 +93,8 @@ impl Mirror {
         Mirror {
             client,
             registries,
+            locks: Exclusive::new(storage.clone()),
             storage,
-            locks: KeyedLocks::default(),
             max_blob_bytes,
         }
     }
@@ -207,7 +181,7 @@ impl Mirror {
         if let Some(stored) = self.storage.manifest(digest).await? {
             return Ok(stored);
         }
-        let _guard = self.locks.lock(format!("manifest {digest}")).await;
+        let _guard = self.locks.lock(format!("manifest {digest}")).await?;
         if let Some(stored) = self.storage.manifest(digest).await? {
             return Ok(stored);
         }
@@ -251,7 +225,7 @@ impl Mirror {
         if let Some(size) = self.storage.blob_size(&digest).await? {
             return Ok(BlobInfo { digest, size });
         }
-        let _guard = self.locks.lock(format!("blob {digest}")).await;
+        let _guard = self.locks.lock(format!("blob {digest}")).await?;
         if let Some(size) = self.storage.blob_size(&digest).await? {
             return Ok(BlobInfo { digest, size });
         }

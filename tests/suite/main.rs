@@ -7,6 +7,7 @@
 mod buildpack;
 mod expiry;
 mod flatten;
+mod gcs;
 mod http;
 mod ko;
 mod mirror;
@@ -28,6 +29,7 @@ fn main() -> ExitCode {
         ko::trials(),
         buildpack::trials(),
         expiry::trials(),
+        gcs::trials(),
         reload::trials(),
     ]
     .into_iter()

@@ -118,8 +118,7 @@ fn ungranted_import() -> anyhow::Result<()> {
     let config = Config::parse(text, Origin::BuiltIn)?;
     let dir = tempfile::tempdir()?;
     let mut config = config;
-    let kontain::config::StorageConfig::Filesystem { path, .. } = &mut config.storage;
-    *path = dir.path().to_owned();
+    config.storage.path = dir.path().to_owned();
     let Err(err) = rt().block_on(kontain::build(&config)) else {
         anyhow::bail!("a plugin importing kontain:generator/random without the grant was loaded");
     };

@@ -2,6 +2,7 @@
 //! server binary, dockerd and skopeo, and an HTTP client, each started on
 //! first use and stopped by `teardown`.
 
+pub mod gcs;
 pub mod images;
 pub mod upstream;
 
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use kontain::config::{Config, Origin};
 use kontain::registry::Registry;
 use libtest_mimic::Trial;
@@ -141,6 +142,17 @@ pub fn http(
     path: &str,
     headers: &[(&str, &str)],
 ) -> anyhow::Result<Reply> {
+    http_with_body(addr, method, path, headers, Bytes::new())
+}
+
+/// As [`http`], sending `body`.
+pub fn http_with_body(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> anyhow::Result<Reply> {
     rt().block_on(async {
         let stream = tokio::net::TcpStream::connect(addr).await?;
         let (mut sender, conn) =
@@ -153,9 +165,7 @@ pub fn http(
         for (k, v) in headers {
             builder = builder.header(*k, *v);
         }
-        let response = sender
-            .send_request(builder.body(Empty::<Bytes>::new())?)
-            .await?;
+        let response = sender.send_request(builder.body(Full::new(body))?).await?;
         let (parts, body) = response.into_parts();
         Ok(Reply {
             status: parts.status,
@@ -244,6 +254,12 @@ impl Server {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// `kill -9`: no chance to clean up.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn log(&self) -> String {

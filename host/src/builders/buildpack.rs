@@ -225,7 +225,7 @@ impl Builders {
         if let Some(done) = self.cached(&key).await? {
             return Ok(done);
         }
-        let _guard = self.locks.lock(key.clone()).await;
+        let _guard = self.builds.lock(key.clone()).await?;
         if let Some(done) = self.cached(&key).await? {
             return Ok(done);
         }

@@ -191,8 +191,7 @@ impl Builders {
 
     /// A small blob's bytes (at most `cap`).
     pub(super) async fn read_blob(&self, digest: &Digest, cap: u64) -> Result<Vec<u8>, BuildError> {
-        let Some(BlobContent::Stream { len, mut body }) =
-            self.storage().read_blob(digest, None).await?
+        let Some(BlobContent { len, mut body }) = self.storage().read_blob(digest, None).await?
         else {
             return Err(invalid(format!("blob {digest} is not stored")));
         };
@@ -238,7 +237,7 @@ pub(crate) fn open_layer(
     layer: &LayerInput,
 ) -> Result<Box<dyn Read>, BuildError> {
     let content = handle.block_on(storage.read_blob(&layer.digest, None))?;
-    let Some(BlobContent::Stream { body, .. }) = content else {
+    let Some(BlobContent { body, .. }) = content else {
         return Err(invalid(format!("layer {} is not stored", layer.digest)));
     };
     let reader = SyncIoBridge::new_with_handle(StreamReader::new(body), handle.clone());

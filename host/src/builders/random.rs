@@ -128,7 +128,7 @@ mod tests {
     use crate::storage::{BlobContent, Storage};
 
     async fn blob_bytes(s: &FilesystemStorage, d: &Digest) -> Vec<u8> {
-        let Some(BlobContent::Stream { body, .. }) = s.read_blob(d, None).await.unwrap() else {
+        let Some(BlobContent { body, .. }) = s.read_blob(d, None).await.unwrap() else {
             panic!("not stored");
         };
         let chunks: Vec<_> = body.collect().await;

@@ -84,6 +84,10 @@ impl ApiError {
             E::Storage(StorageError::TooLarge { .. }) => {
                 (StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid)
             }
+            // The bucket is unreachable or refusing: worth a retry.
+            E::Storage(StorageError::Remote { .. }) => {
+                (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable)
+            }
             E::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown),
         }
     }

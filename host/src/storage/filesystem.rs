@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 use std::fs;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -17,13 +17,10 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
 use super::{
-    BlobContent, BlobInfo, BlobWriter, ByteRange, Collected, Storage, StorageError, StoredManifest,
+    BlobContent, BlobInfo, BlobWriter, ByteRange, Collected, Spool, Storage, StorageError,
+    StoredManifest,
 };
-use crate::oci::{Digest, MAX_MANIFEST_BYTES, MediaType, Sha256Writer};
-
-/// Temporary files older than this were left by a process that died while
-/// writing; younger ones may belong to another process sharing the directory.
-const ABANDONED_AFTER: Duration = Duration::from_secs(3600);
+use crate::oci::{Digest, MediaType};
 
 /// Read blobs in chunks this large: big enough that per-chunk overhead
 /// disappears, small enough that many concurrent downloads stay cheap.
@@ -56,25 +53,8 @@ impl FilesystemStorage {
             root,
             refresh_after: None,
         };
-        storage.remove_abandoned_temporaries();
+        super::remove_abandoned_temporaries(&storage.tmp_dir());
         Ok(storage)
-    }
-
-    /// Deletes half-written blobs that a crashed process left in `tmp/`.
-    fn remove_abandoned_temporaries(&self) {
-        let Ok(entries) = fs::read_dir(self.tmp_dir()) else {
-            return;
-        };
-        let now = SystemTime::now();
-        for entry in entries.flatten() {
-            let old = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > ABANDONED_AFTER);
-            if old && fs::remove_file(entry.path()).is_ok() {
-                tracing::info!(path = %entry.path().display(), "removed an abandoned temporary file");
-            }
-        }
     }
 
     /// Expiry after `ttl` of disuse: reads refresh what they read (at most
@@ -157,50 +137,28 @@ fn write_atomically(tmp_dir: &Path, path: &Path, content: &[u8]) -> Result<(), S
 }
 
 struct FileBlobWriter {
-    file: Sha256Writer<BufWriter<NamedTempFile>>,
+    spool: Spool,
     blobs_dir: PathBuf,
-    limit: u64,
 }
 
 impl Write for FileBlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.file.written() + buf.len() as u64 > self.limit {
-            return Err(io::Error::new(
-                io::ErrorKind::FileTooLarge,
-                format!("blob exceeds the limit of {} bytes", self.limit),
-            ));
-        }
-        self.file.write(buf)
+        self.spool.write(buf)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
+        self.spool.flush()
     }
 }
 
 impl BlobWriter for FileBlobWriter {
     fn written(&self) -> u64 {
-        self.file.written()
+        self.spool.written()
     }
 
     fn commit(self: Box<Self>, expected: Option<&Digest>) -> Result<BlobInfo, StorageError> {
-        let FileBlobWriter {
-            file, blobs_dir, ..
-        } = *self;
-        let (digest, size, buffered) = file.finish();
-        if let Some(expected) = expected
-            && *expected != digest
-        {
-            return Err(StorageError::DigestMismatch {
-                expected: expected.clone(),
-                actual: digest,
-            });
-        }
-        let tmp = buffered.into_inner().map_err(|e| StorageError::Io {
-            path: blobs_dir.clone(),
-            source: e.into_error(),
-        })?;
-        let path = blobs_dir.join(digest.hex());
+        let (info, tmp) = self.spool.finish(expected)?;
+        let path = self.blobs_dir.join(info.digest.hex());
         // Blobs are immutable: if another writer published the same digest
         // first, its bytes are identical and this copy is simply dropped.
         if !path.exists() {
@@ -209,7 +167,7 @@ impl BlobWriter for FileBlobWriter {
                 source: e.error,
             })?;
         }
-        Ok(BlobInfo { digest, size })
+        Ok(info)
     }
 }
 
@@ -245,16 +203,13 @@ impl Storage for FilesystemStorage {
                 .map_err(io_err(&path))?;
         }
         let body = ReaderStream::with_capacity(file.take(len), READ_CHUNK).boxed();
-        Ok(Some(BlobContent::Stream { len, body }))
+        Ok(Some(BlobContent { len, body }))
     }
 
     fn blob_writer(&self, limit: u64) -> Result<Box<dyn BlobWriter>, StorageError> {
-        let tmp_dir = self.tmp_dir();
-        let tmp = NamedTempFile::new_in(&tmp_dir).map_err(io_err(&tmp_dir))?;
         Ok(Box::new(FileBlobWriter {
-            file: Sha256Writer::new(BufWriter::with_capacity(1 << 20, tmp)),
+            spool: Spool::new(&self.tmp_dir(), limit)?,
             blobs_dir: self.root.join("blobs").join("sha256"),
-            limit,
         }))
     }
 
@@ -263,12 +218,7 @@ impl Storage for FilesystemStorage {
         media_type: &MediaType,
         bytes: Bytes,
     ) -> Result<StoredManifest, StorageError> {
-        if bytes.len() as u64 > MAX_MANIFEST_BYTES {
-            return Err(StorageError::TooLarge {
-                limit: MAX_MANIFEST_BYTES,
-            });
-        }
-        let digest = Digest::sha256(&bytes);
+        let digest = super::manifest_digest(&bytes)?;
         let blob_path = self.blob_path(&digest);
         let manifest_path = self.manifest_path(&digest);
         let tmp_dir = self.tmp_dir();
@@ -474,16 +424,12 @@ mod tests {
     }
 
     async fn read_all(s: &FilesystemStorage, d: &Digest, r: Option<ByteRange>) -> Vec<u8> {
-        match s.read_blob(d, r).await.unwrap().expect("stored") {
-            BlobContent::Stream { body, .. } => {
-                let chunks: Vec<_> = body.collect().await;
-                chunks
-                    .into_iter()
-                    .flat_map(|c| c.unwrap().to_vec())
-                    .collect()
-            }
-            BlobContent::Redirect(_) => panic!("filesystem never redirects"),
-        }
+        let BlobContent { body, .. } = s.read_blob(d, r).await.unwrap().expect("stored");
+        let chunks: Vec<_> = body.collect().await;
+        chunks
+            .into_iter()
+            .flat_map(|c| c.unwrap().to_vec())
+            .collect()
     }
 
     #[tokio::test]

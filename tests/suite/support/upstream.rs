@@ -3,6 +3,7 @@
 //! (a flipped byte, a dead upstream, a redirect to somewhere forbidden).
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -10,8 +11,11 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
@@ -91,6 +95,8 @@ struct ProxyState {
     corrupt_blobs: AtomicBool,
     down: AtomicBool,
     redirect_blobs_to: Mutex<Option<String>>,
+    /// Blob bodies trickle out in pieces this far apart.
+    slow_blobs: Mutex<Option<std::time::Duration>>,
     /// When set, requests need `Bearer <TOKEN>`; 401s name this realm.
     token_realm: Mutex<Option<String>>,
     tokens_issued: AtomicUsize,
@@ -162,6 +168,13 @@ impl Proxy {
         self.state.tokens_issued.load(Ordering::SeqCst)
     }
 
+    /// Send blob bodies in eight pieces, `pause` before each (`None`: at once).
+    pub fn set_slow_blobs(&self, pause: Option<std::time::Duration>) {
+        if let Ok(mut s) = self.state.slow_blobs.lock() {
+            *s = pause;
+        }
+    }
+
     /// Answer blob GETs with a redirect to `base` + the original path.
     pub fn redirect_blobs_to(&self, base: Option<String>) {
         if let Ok(mut r) = self.state.redirect_blobs_to.lock() {
@@ -180,7 +193,7 @@ async fn forward(
     state: Arc<ProxyState>,
     upstream: SocketAddr,
     req: Request<hyper::body::Incoming>,
-) -> anyhow::Result<Response<Full<Bytes>>> {
+) -> anyhow::Result<Response<BoxBody<Bytes, Infallible>>> {
     if state.down.load(Ordering::SeqCst) {
         // Also on connections opened before the upstream "went down".
         anyhow::bail!("upstream is down");
@@ -188,7 +201,7 @@ async fn forward(
     if req.uri().path() == "/token" {
         state.tokens_issued.fetch_add(1, Ordering::SeqCst);
         let body = format!(r#"{{"token":"{TOKEN}","expires_in":300}}"#);
-        return Ok(Response::new(Full::new(Bytes::from(body))));
+        return Ok(Response::new(Full::new(Bytes::from(body)).boxed()));
     }
     let realm = state.token_realm.lock().ok().and_then(|r| r.clone());
     let authorized = req
@@ -206,7 +219,7 @@ async fn forward(
                     r#"Bearer realm="{realm}",service="kontain-test",scope="repository:x:pull""#
                 ),
             )
-            .body(Full::new(Bytes::from_static(b"{}")))?);
+            .body(Full::new(Bytes::from_static(b"{}")).boxed())?);
     }
     let path = req
         .uri()
@@ -220,7 +233,7 @@ async fn forward(
             return Ok(Response::builder()
                 .status(StatusCode::TEMPORARY_REDIRECT)
                 .header("location", format!("{base}{path}"))
-                .body(Full::new(Bytes::new()))?);
+                .body(Full::new(Bytes::new()).boxed())?);
         }
         let digest = path.rsplit('/').next().unwrap_or_default().to_owned();
         if let Ok(mut counts) = state.blob_gets.lock() {
@@ -253,7 +266,31 @@ async fn forward(
     {
         *last ^= 0xff;
     }
-    Ok(Response::from_parts(parts, Full::new(Bytes::from(body))))
+    let slow = *state
+        .slow_blobs
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?;
+    if is_blob_get
+        && parts.status == StatusCode::OK
+        && let Some(pause) = slow
+    {
+        // Eight pieces, each after a pause: a download that is visibly in
+        // progress for a while.
+        let piece = body.len().div_ceil(8).max(1);
+        let pieces: Vec<Bytes> = body.chunks(piece).map(Bytes::copy_from_slice).collect();
+        let stream = futures_util::stream::iter(pieces).then(move |p| async move {
+            tokio::time::sleep(pause).await;
+            Ok::<_, Infallible>(Frame::data(p))
+        });
+        return Ok(Response::from_parts(
+            parts,
+            BodyExt::boxed(StreamBody::new(stream)),
+        ));
+    }
+    Ok(Response::from_parts(
+        parts,
+        Full::new(Bytes::from(body)).boxed(),
+    ))
 }
 
 /// A listener that only counts connections, to prove none were made.
