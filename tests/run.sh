@@ -11,7 +11,8 @@ log() { printf '\n==> %s\n' "$*"; }
 # Debian packages the suite needs: docker.io (dockerd + docker), skopeo,
 # docker-registry (the upstream for mirror tests), busybox-static (a static
 # binary for runnable test images), golang-go (the toolchain ko builds with),
-# bubblewrap (the buildpack sandbox), git (buildpack sources).
+# bubblewrap (the buildpack sandbox), git (buildpack sources), debootstrap
+# (a local stand-in for the Dockerfile's base image).
 missing=()
 command -v dockerd >/dev/null || missing+=(docker.io)
 command -v skopeo >/dev/null || missing+=(skopeo)
@@ -20,6 +21,7 @@ dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 command -v go >/dev/null || missing+=(golang-go)
 command -v bwrap >/dev/null || missing+=(bubblewrap)
 command -v git >/dev/null || missing+=(git)
+command -v debootstrap >/dev/null || missing+=(debootstrap)
 if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
         log "installing ${missing[*]}"

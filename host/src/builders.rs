@@ -330,12 +330,50 @@ impl Builders {
         result
     }
 
-    /// The manifest a build remembered under `key`, if it is still stored.
+    /// The manifest a build remembered under `key`, if it and everything it
+    /// refers to are still stored. Expiry on a bucket (a lifecycle rule) can
+    /// remove a shared blob before a manifest that uses it; a rebuild, which
+    /// is reproducible, puts it back under the same digest.
     pub(crate) async fn cached(&self, key: &str) -> Result<Option<StoredManifest>, BuildError> {
-        match self.storage.tag(key).await? {
-            Some(digest) => Ok(self.storage.manifest(&digest).await?),
-            None => Ok(None),
+        let Some(digest) = self.storage.tag(key).await? else {
+            return Ok(None);
+        };
+        let Some(manifest) = self.storage.manifest(&digest).await? else {
+            return Ok(None);
+        };
+        Ok(self.complete(&manifest, 2).await?.then_some(manifest))
+    }
+
+    /// Whether every blob `manifest` refers to is stored, and for an index
+    /// every child manifest and its blobs (indexes nested `depth` deep).
+    async fn complete(&self, manifest: &StoredManifest, depth: u8) -> Result<bool, BuildError> {
+        let document: serde_json::Value =
+            serde_json::from_slice(&manifest.bytes).map_err(|e| invalid(e.to_string()))?;
+        let digests = |v: &serde_json::Value| -> Vec<Digest> {
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|d| d["digest"].as_str()?.parse().ok())
+                .collect()
+        };
+        for child in digests(&document["manifests"]) {
+            let stored = match self.storage.manifest(&child).await? {
+                Some(stored) if depth > 0 => stored,
+                _ => return Ok(false),
+            };
+            if !Box::pin(self.complete(&stored, depth - 1)).await? {
+                return Ok(false);
+            }
         }
+        let config = document["config"]["digest"]
+            .as_str()
+            .and_then(|d| d.parse().ok());
+        for blob in config.into_iter().chain(digests(&document["layers"])) {
+            if self.storage.blob_size(&blob).await?.is_none() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Stores `config` and a manifest that is `base` (a document of

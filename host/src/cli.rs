@@ -16,6 +16,7 @@ OPTIONS:
     -V, --version         print the version
 
 ENVIRONMENT:
+    KONTAIN_LISTEN        address:port to listen on (replaces [server] listen)
     PORT                  port to listen on (replaces the configured port)
     RUST_LOG              log filter, e.g. kontain=debug (default: info)
 ";

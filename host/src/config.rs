@@ -631,14 +631,27 @@ impl Config {
         Ok(config)
     }
 
-    /// Applies the `PORT` environment variable, as platforms like Cloud Run set it.
-    pub fn apply_env(&mut self, port: Option<&str>) -> Result<(), ConfigError> {
-        if let Some(port) = port {
-            let port = port.parse::<u16>().map_err(|_| ConfigError::Invalid {
-                origin: "environment".into(),
-                key: "PORT".into(),
-                message: format!("{port:?} is not a port number"),
+    /// Applies the environment (`var` reads it): `KONTAIN_LISTEN` replaces
+    /// the listen address (containers listen on `0.0.0.0`), then `PORT`, as
+    /// platforms like Cloud Run set it, replaces the port.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            origin: "environment".into(),
+            key: key.into(),
+            message,
+        };
+        if let Some(listen) = var("KONTAIN_LISTEN") {
+            self.server.listen = listen.parse().map_err(|_| {
+                invalid(
+                    "KONTAIN_LISTEN",
+                    format!("{listen:?} is not an address:port"),
+                )
             })?;
+        }
+        if let Some(port) = var("PORT") {
+            let port = port
+                .parse::<u16>()
+                .map_err(|_| invalid("PORT", format!("{port:?} is not a port number")))?;
             self.server.listen.set_port(port);
         }
         Ok(())
@@ -777,8 +790,18 @@ impl Config {
                 if !valid_bucket {
                     return Err(self.invalid("storage.gcs.bucket", "not a bucket name"));
                 }
-                if gcs.lease_ttl < Duration::from_secs(1) {
-                    return Err(self.invalid("storage.gcs.lease_ttl", "at least 1s"));
+                // Renewals come every third of the TTL, and GCS takes about
+                // one write per second to an object.
+                if gcs.lease_ttl < Duration::from_secs(5) {
+                    return Err(self.invalid("storage.gcs.lease_ttl", "at least 5s"));
+                }
+                // Never send Google credentials (or ask Google's IAM API to
+                // sign) for a bucket served somewhere else.
+                if gcs.endpoint.is_some() && !gcs.anonymous && gcs.credentials.is_none() {
+                    return Err(self.invalid(
+                        "storage.gcs.endpoint",
+                        "with an endpoint, give `credentials` (a key) or set `anonymous`",
+                    ));
                 }
                 if gcs.redirect == RedirectMode::Signed
                     && gcs.anonymous
@@ -898,9 +921,24 @@ mod tests {
     #[test]
     fn port_from_the_environment_replaces_the_configured_one() {
         let mut c = Config::parse(DEFAULT_CONFIG, Origin::BuiltIn).unwrap();
-        c.apply_env(Some("9999")).unwrap();
+        c.apply_env(|k| (k == "PORT").then(|| "9999".into()))
+            .unwrap();
         assert_eq!(c.server.listen.port(), 9999);
-        assert!(c.apply_env(Some("nope")).is_err());
+        assert!(
+            c.apply_env(|k| (k == "PORT").then(|| "nope".into()))
+                .is_err()
+        );
+        c.apply_env(|k| match k {
+            "KONTAIN_LISTEN" => Some("0.0.0.0:8080".into()),
+            "PORT" => Some("9090".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.server.listen.to_string(), "0.0.0.0:9090");
+        assert!(
+            c.apply_env(|k| (k == "KONTAIN_LISTEN").then(|| "x".into()))
+                .is_err()
+        );
     }
 
     #[test]
@@ -936,6 +974,12 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("signed URLs need"), "{err}");
+        let err = parse(
+            "[storage]\nbackend = \"gcs\"\n[storage.gcs]\nbucket = \"b-1\"\nendpoint = \"http://127.0.0.1:1\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("with an endpoint"), "{err}");
         let c = parse(
             "[storage]\nbackend = \"gcs\"\n[storage.gcs]\nbucket = \"b-1\"\ncredentials = \"sa.json\"\n",
         )

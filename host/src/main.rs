@@ -26,7 +26,7 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let mut config = Config::load(config.as_deref())?;
-    config.apply_env(std::env::var("PORT").ok().as_deref())?;
+    config.apply_env(|k| std::env::var(k).ok())?;
     tokio::runtime::Runtime::new()
         .context("starting the async runtime")?
         .block_on(kontain::run(config, kontain::shutdown_signal()))

@@ -89,7 +89,7 @@ pub fn spawn(config_path: &Path, config: &Config, runtime: Arc<Runtime>) -> noti
                     continue;
                 }
             };
-            if let Err(e) = config.apply_env(std::env::var("PORT").ok().as_deref()) {
+            if let Err(e) = config.apply_env(|k| std::env::var(k).ok()) {
                 tracing::error!(error = %e, "config not reloaded");
                 continue;
             }

@@ -241,7 +241,7 @@ fn takeover() -> anyhow::Result<()> {
         .registry
         .push(&dir.path().join("slow"), "v1", "slow", Some("oci"))?;
     let proxy = Proxy::start(world.registry.addr)?;
-    let extra = "lease_ttl = \"2s\"";
+    let extra = "lease_ttl = \"5s\"";
     let mut a = server(gcs, "kontain-leases", "l/", proxy.addr, extra)?;
     let b = server(gcs, "kontain-leases", "l/", proxy.addr, extra)?;
     let manifest = get_ok(&a, "/v2/mirror/local/slow/manifests/v1")?.json()?;

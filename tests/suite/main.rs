@@ -5,6 +5,7 @@
 //! `cargo test --release --test suite -- <filter>` runs a subset.
 
 mod buildpack;
+mod deploy;
 mod expiry;
 mod flatten;
 mod gcs;
@@ -21,6 +22,7 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let args = libtest_mimic::Arguments::from_args();
     let trials = [
+        deploy::trials(),
         http::trials(),
         plugins::trials(),
         pull::trials(),

@@ -396,17 +396,20 @@ impl Docker {
         Ok(docker)
     }
 
+    /// `docker` aimed at this daemon, to add arguments to.
+    pub fn command(&self) -> Command {
+        let mut command = Command::new("docker");
+        command.arg("-H").arg(format!(
+            "unix://{}",
+            self.dir.path().join("docker.sock").display()
+        ));
+        command
+    }
+
     /// Runs `docker <args>` against this daemon; its stdout, or an error with
     /// its stderr.
     pub fn run(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new("docker")
-            .arg("-H")
-            .arg(format!(
-                "unix://{}",
-                self.dir.path().join("docker.sock").display()
-            ))
-            .args(args)
-            .output()?;
+        let out = self.command().args(args).output()?;
         if !out.status.success() {
             bail!(
                 "docker {} failed: {}",

@@ -53,9 +53,11 @@ impl Builders {
     ) -> Result<StoredManifest, BuildError> {
         let key = format!("flatten {}", source.digest);
         let storage = self.storage();
-        if let Some(digest) = storage.tag(&key).await?
-            && let Some(done) = storage.manifest(&digest).await?
-        {
+        if let Some(done) = self.cached(&key).await? {
+            return Ok(done);
+        }
+        let _guard = self.builds.lock(key.clone()).await?;
+        if let Some(done) = self.cached(&key).await? {
             return Ok(done);
         }
         let document: Value =

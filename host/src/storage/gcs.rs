@@ -279,7 +279,7 @@ impl GcsStorage {
 
 /// What kontain reads back from an object's metadata.
 struct ObjectInfo {
-    size: Option<u64>,
+    size: u64,
     media_type: Option<String>,
 }
 
@@ -287,7 +287,13 @@ impl ObjectInfo {
     fn of(response: &ReadObjectResponse) -> ObjectInfo {
         let object = response.object();
         ObjectInfo {
-            size: object.metadata.get("size").and_then(|s| s.parse().ok()),
+            // Our own metadata first: not every server reports the size of
+            // a ranged read as the object's.
+            size: object
+                .metadata
+                .get("size")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(object.size.max(0) as u64),
             media_type: object.metadata.get("media-type").cloned(),
         }
     }
@@ -373,16 +379,7 @@ impl Storage for GcsStorage {
             .send()
             .await
         {
-            Ok(r) => {
-                let object = r.object();
-                Ok(Some(
-                    object
-                        .metadata
-                        .get("size")
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(object.size.max(0) as u64),
-                ))
-            }
+            Ok(r) => Ok(Some(ObjectInfo::of(&r).size)),
             Err(e) if status(&e) == Some(404) => Ok(None),
             // An empty object has no first byte.
             Err(e) if status(&e) == Some(416) => Ok(Some(0)),
@@ -444,14 +441,7 @@ impl Storage for GcsStorage {
         };
         let len = match range {
             Some(r) => r.len(),
-            None => match ObjectInfo::of(&response).size {
-                Some(size) => size,
-                None => {
-                    return Err(StorageError::CorruptMetadata {
-                        digest: digest.clone(),
-                    });
-                }
-            },
+            None => ObjectInfo::of(&response).size,
         };
         let body = futures_util::stream::unfold(response, |mut response| async move {
             let chunk = response.next().await?;
@@ -543,13 +533,24 @@ impl Storage for GcsStorage {
             bucket: self.bucket.clone(),
             object: self.hashed_object("leases", key),
             key: key.to_owned(),
+            process: self.holder.clone(),
             token: format!("{}/{n}", self.holder),
             ttl: self.lease_ttl,
             generation: Mutex::new(0),
         });
-        state.acquire().await?;
-        let heartbeat = tokio::spawn(state.clone().renew());
-        Ok(Box::new(GcsLease { state, heartbeat }))
+        // In a task of its own: if the request is dropped once the lease
+        // object is written, the task still finishes, and dropping the
+        // lease it made releases it.
+        let acquiring = tokio::spawn(async move {
+            state.acquire().await?;
+            let heartbeat = tokio::spawn(state.clone().renew());
+            Ok::<_, StorageError>(GcsLease { state, heartbeat })
+        });
+        let lease = acquiring.await.map_err(|e| StorageError::Remote {
+            operation: "take a lease".into(),
+            message: e.to_string(),
+        })??;
+        Ok(Box::new(lease))
     }
 }
 
@@ -566,6 +567,8 @@ struct LeaseState {
     bucket: String,
     object: String,
     key: String,
+    /// This process, as it names itself in lease records.
+    process: String,
     /// This acquisition, unique among all replicas.
     token: String,
     ttl: Duration,
@@ -605,7 +608,15 @@ impl LeaseState {
                 self.set_generation(object.generation);
                 Ok(true)
             }
-            Err(e) if status(&e) == Some(412) => Ok(false),
+            // The client retries lost responses; a retry of our own write
+            // that landed gets 412 too. The record says whose it is.
+            Err(e) if status(&e) == Some(412) => match self.current().await? {
+                Some((generation, Some(r))) if r.holder == self.token => {
+                    self.set_generation(generation);
+                    Ok(true)
+                }
+                _ => Ok(false),
+            },
             Err(e) => Err(remote(format!("write the lease {}", self.object))(e)),
         }
     }
@@ -649,10 +660,18 @@ impl LeaseState {
             }
             if let Some((generation, record)) = self.current().await? {
                 let now = GcsStorage::unix_ms();
-                // An unreadable record is treated as expired: it guards nothing.
-                let expired = record.as_ref().is_none_or(|r| r.expires_unix_ms <= now);
+                // An unreadable record guards nothing. A record of this
+                // process is a lease whose holder has finished (its local
+                // lock, which this caller now holds, was released with it)
+                // and whose release write has not landed yet.
+                let ours = format!("{}/", self.process);
+                let expired = record
+                    .as_ref()
+                    .is_none_or(|r| r.expires_unix_ms <= now || r.holder.starts_with(&ours));
                 if expired && self.swap(generation, now + self.ttl_ms()).await? {
-                    if let Some(r) = record.filter(|r| !r.holder.ends_with("/released")) {
+                    if let Some(r) = record.filter(|r| {
+                        !r.holder.ends_with("/released") && !r.holder.starts_with(&ours)
+                    }) {
                         tracing::warn!(key = %self.key, previous = %r.holder,
                             "took over a lease its holder stopped renewing");
                     }
