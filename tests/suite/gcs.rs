@@ -99,6 +99,9 @@ fn pulls() -> anyhow::Result<()> {
     assert!(path.contains("X-Goog-Signature="), "{location}");
     let bytes = get(gcs.addr, &path)?;
     assert_eq!(bytes.status, StatusCode::OK);
+    // A hot blob is signed once per half TTL, not per download.
+    let again = get(server.addr, &format!("/v2/random/blobs/{layer}"))?;
+    assert_eq!(again.header("location"), location);
     assert_eq!(sha256(&bytes.body), layer);
 
     // Real clients follow the redirects.

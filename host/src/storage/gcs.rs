@@ -19,10 +19,11 @@
 //! swap. Expiry times come from the holder's clock, so replica clocks must
 //! agree to well within the TTL (NTP does).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -64,8 +65,15 @@ enum Redirect {
         signer: Signer,
         endpoint: Option<String>,
         ttl: Duration,
+        /// URLs signed recently, by object: reused for half their life, so
+        /// that a hot blob costs one signature (an IAM call, with ADC) per
+        /// half TTL rather than one per download.
+        recent: Mutex<HashMap<String, (String, Instant)>>,
     },
 }
+
+/// Signed URLs remembered at most; past this the memory starts over.
+const MAX_SIGNED_URLS: usize = 10_000;
 
 fn remote(
     operation: impl Into<String>,
@@ -157,6 +165,7 @@ impl GcsStorage {
                     signer,
                     endpoint,
                     ttl: config.signed_url_ttl,
+                    recent: Mutex::default(),
                 }
             }
         };
@@ -407,7 +416,17 @@ impl Storage for GcsStorage {
                 signer,
                 endpoint,
                 ttl,
+                recent,
             } => {
+                let reusable = |recent: &HashMap<String, (String, Instant)>| {
+                    recent
+                        .get(&object)
+                        .filter(|(_, at)| at.elapsed() < *ttl / 2)
+                        .map(|(url, _)| url.clone())
+                };
+                if let Some(url) = reusable(&recent.lock().unwrap_or_else(|p| p.into_inner())) {
+                    return Ok(Some(url));
+                }
                 let mut builder = SignedUrlBuilder::for_object(&self.bucket, &object)
                     .with_method(http::Method::GET)
                     .with_expiration(*ttl);
@@ -421,6 +440,11 @@ impl Storage for GcsStorage {
                         operation: format!("sign a URL for {object}"),
                         message: e.to_string(),
                     })?;
+                let mut recent = recent.lock().unwrap_or_else(|p| p.into_inner());
+                if recent.len() >= MAX_SIGNED_URLS {
+                    recent.clear();
+                }
+                recent.insert(object, (url.clone(), Instant::now()));
                 Ok(Some(url))
             }
         }
