@@ -20,7 +20,9 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target").join("plugins"));
 
-    for dir in [&plugins, &wit] {
+    // The SDK includes the host's reference splitting by path.
+    let shared = manifest_dir.join("src/oci/image_ref.rs");
+    for dir in [&plugins, &wit, &shared] {
         println!("cargo:rerun-if-changed={}", dir.display());
     }
     println!("cargo:rerun-if-env-changed=KONTAIN_PLUGINS_TARGET_DIR");

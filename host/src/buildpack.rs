@@ -1,24 +1,40 @@
-//! Cloud Native Buildpacks, natively and daemonless: sources from git
-//! (`git`), buildpack executables confined by bubblewrap (`sandbox`), the
-//! platform's detect and build phases (`lifecycle`) and the launch
-//! environment (`env`). `builders::buildpack` unpacks builder images and
-//! exports the result onto the run image.
+//! The `buildpack` capability: git repositories built with Cloud Native
+//! Buildpacks, natively and daemonless. Sources from git (`git`), builder
+//! images unpacked once (`builder`), buildpack executables confined by
+//! bubblewrap (`sandbox`), the platform's detect and build phases
+//! (`lifecycle`, with build plans in `plan`), the launch environment
+//! (`env`), and the export onto the run image (`export`). Its config
+//! section is `[buildpack]` (`config`), which reloads live; its WIT host
+//! implementation is `wit`.
 //!
-//! Depends on `upstream` (its policy, for git's https URLs); knows nothing
-//! of wasm or HTTP serving.
+//! Depends on `upstream` (its policy, for git's https URLs, and images
+//! through the generator's scoped upstream), `image` and `storage`; knows
+//! nothing of wasm or HTTP serving.
 
+mod builder;
+pub mod config;
 pub mod env;
+mod export;
 mod git;
 pub mod lifecycle;
+mod plan;
 pub mod sandbox;
+pub mod wit;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
+use config::BuildpackConfig;
+pub use export::BuildpackBuild;
 pub use git::Source;
 
-use crate::config::BuildpackConfig;
-use crate::upstream::{Client, Refusal};
+use crate::generator::{Classify, ErrorKind};
+use crate::image::once::DirCache;
+use crate::image::{Builds, Cpu, ImageError, Remembered};
+use crate::storage::{ContentStore, StorageError};
+use crate::upstream::{Refusal, Upstream, UpstreamError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildpackError {
@@ -61,6 +77,53 @@ pub enum BuildpackError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Upstream(Box<UpstreamError>),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Remembered(#[from] Remembered),
+}
+
+impl From<UpstreamError> for BuildpackError {
+    fn from(e: UpstreamError) -> Self {
+        BuildpackError::Upstream(Box::new(e))
+    }
+}
+
+impl From<StorageError> for BuildpackError {
+    fn from(e: StorageError) -> Self {
+        BuildpackError::Image(e.into())
+    }
+}
+
+impl Classify for BuildpackError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            BuildpackError::InvalidName(_) => ErrorKind::InvalidName,
+            BuildpackError::UnknownRevision { .. } | BuildpackError::UnknownRepository { .. } => {
+                ErrorKind::NotFound
+            }
+            BuildpackError::Refused(_) => ErrorKind::Denied,
+            BuildpackError::TooLarge { .. } | BuildpackError::Timeout { .. } => {
+                ErrorKind::LimitExceeded
+            }
+            // The source cannot be built as it is: the request cannot
+            // succeed, and retrying will not help.
+            BuildpackError::NoGroupPassed { .. } | BuildpackError::BuildpackFailed { .. } => {
+                ErrorKind::BuildFailed
+            }
+            // The configured builder is the operator's to fix.
+            BuildpackError::BadBuilder(_) | BuildpackError::Io { .. } => ErrorKind::Internal,
+            BuildpackError::Unreachable { .. }
+            | BuildpackError::Git { .. }
+            | BuildpackError::Tool { .. }
+            | BuildpackError::SandboxUnavailable { .. } => ErrorKind::Unavailable,
+            BuildpackError::Upstream(e) => e.kind(),
+            BuildpackError::Image(e) => e.kind(),
+            BuildpackError::Remembered(e) => e.kind(),
+        }
+    }
 }
 
 impl BuildpackError {
@@ -69,20 +132,52 @@ impl BuildpackError {
     }
 }
 
-pub struct Buildpacks {
+/// What `[buildpack]` decides, replaced as a whole on reload; builds that
+/// started keep the settings they started with.
+struct Settings {
     git: git::Git,
-    client: Arc<Client>,
-    pub scratch: PathBuf,
-    pub config: BuildpackConfig,
-    /// Whether bubblewrap works here, probed on first use.
+    config: BuildpackConfig,
+    /// Whether bubblewrap works with these settings, probed on first use.
     sandbox: tokio::sync::OnceCell<Result<(), String>>,
+}
+
+impl Settings {
+    fn new(config: &BuildpackConfig) -> Settings {
+        Settings {
+            git: git::Git {
+                command: config.git_command.clone(),
+                template: config.git_url.clone(),
+                timeout: config.step_timeout,
+                max_bytes: config.max_source_bytes.0,
+            },
+            config: config.clone(),
+            sandbox: tokio::sync::OnceCell::new(),
+        }
+    }
+}
+
+/// Buildpack builds, as the `buildpack` capability offers them.
+pub struct Buildpacks {
+    settings: ArcSwap<Settings>,
+    upstream: Arc<Upstream>,
+    store: Arc<ContentStore>,
+    cpu: Cpu,
+    builds: Arc<Builds>,
+    scratch: PathBuf,
+    /// Checkouts, by URL and commit.
+    sources: DirCache,
+    /// Builder filesystems, by builder digest.
+    builders: DirCache,
 }
 
 impl Buildpacks {
     pub fn new(
         config: &BuildpackConfig,
         scratch: PathBuf,
-        client: Arc<Client>,
+        upstream: Arc<Upstream>,
+        store: Arc<ContentStore>,
+        cpu: Cpu,
+        builds: Arc<Builds>,
     ) -> Result<Buildpacks, String> {
         let scratch =
             std::path::absolute(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
@@ -91,34 +186,44 @@ impl Buildpacks {
             let _ = std::fs::remove_dir_all(scratch.join(leftover));
         }
         Ok(Buildpacks {
-            git: git::Git {
-                command: config.git_command.clone(),
-                template: config.git_url.clone(),
-                timeout: config.step_timeout,
-                max_bytes: config.max_source_bytes.0,
-            },
-            client,
+            settings: ArcSwap::from_pointee(Settings::new(config)),
+            upstream,
+            store,
+            cpu,
+            builds,
+            sources: DirCache::new(scratch.join("sources"), scratch.join("tmp")),
+            builders: DirCache::new(scratch.join("builders"), scratch.join("tmp")),
             scratch,
-            config: config.clone(),
-            sandbox: tokio::sync::OnceCell::new(),
         })
+    }
+
+    /// Applies a changed `[buildpack]` (but for `scratch`, which needs a
+    /// restart): builds from now on use the new settings.
+    pub fn reconfigure(&self, config: &BuildpackConfig) {
+        self.settings.store(Arc::new(Settings::new(config)));
+    }
+
+    /// Where builder and run images come from.
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
     }
 
     /// Whether steps must run unsandboxed: only if bubblewrap cannot start
     /// and the config allows it; an error if it cannot start otherwise.
-    pub async fn unsandboxed(&self) -> Result<bool, BuildpackError> {
-        let probe = self
+    async fn unsandboxed(&self, settings: &Settings) -> Result<bool, BuildpackError> {
+        let config = &settings.config;
+        let probe = settings
             .sandbox
             .get_or_init(|| {
                 sandbox::probe(
-                    &self.config.bwrap_command,
-                    sandbox::host_user(self.config.sandbox_user),
+                    &config.bwrap_command,
+                    sandbox::host_user(config.sandbox_user),
                 )
             })
             .await;
         match probe {
             Ok(()) => Ok(false),
-            Err(message) if self.config.allow_unsandboxed => {
+            Err(message) if config.allow_unsandboxed => {
                 tracing::warn!(%message, "bubblewrap cannot start: buildpacks run UNSANDBOXED, as kontain.toml allows");
                 Ok(true)
             }
@@ -130,8 +235,7 @@ impl Buildpacks {
 
     /// Removes checkouts and unpacked builders unused for `ttl`.
     pub fn collect(&self, ttl: std::time::Duration) -> usize {
-        crate::files::expire_dirs(&self.scratch.join("sources"), ttl)
-            + crate::files::expire_dirs(&self.scratch.join("builders"), ttl)
+        self.sources.expire(ttl) + self.builders.expire(ttl)
     }
 
     /// The commit `revision` names in `owner/repo`, checked out.
@@ -141,9 +245,18 @@ impl Buildpacks {
         repo: &str,
         revision: &str,
     ) -> Result<Source, BuildpackError> {
-        let url = self.git.url(owner, repo)?;
-        self.git
-            .fetch(&url, revision, self.client.policy(), &self.scratch)
+        let settings = self.settings.load_full();
+        let url = settings.git.url(owner, repo)?;
+        let policy = self.upstream.client().policy();
+        settings
+            .git
+            .fetch(
+                &url,
+                revision,
+                &policy,
+                &self.sources,
+                &self.scratch.join("tmp"),
+            )
             .await
     }
 }

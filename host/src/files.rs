@@ -1,5 +1,6 @@
-//! Directory trees on the local disk: copying and measuring them without
-//! ever following a symlink (the trees come from untrusted sources).
+//! Directory trees on the local disk: copying, measuring, owning and
+//! removing them without ever following a symlink (the trees come from
+//! untrusted sources), and expiring cache directories.
 
 use std::io;
 use std::path::Path;
@@ -64,6 +65,62 @@ pub fn fresh_dir(path: &Path) -> io::Result<()> {
     std::fs::create_dir(path)
 }
 
+/// A path inside `root` with no component that is a symlink (so that host
+/// reads and writes cannot be sent elsewhere) and no `..`.
+pub fn inside(root: &Path, rel: &str) -> Option<std::path::PathBuf> {
+    let mut path = root.to_owned();
+    for part in rel.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        if part == ".." {
+            return None;
+        }
+        path.push(part);
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return None;
+        }
+    }
+    Some(path)
+}
+
+/// Removes whatever is at `path` (a tree, a file, a symlink, not what it
+/// points to); nothing there is not an error.
+pub fn remove(path: &Path) {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => {
+            let _ = std::fs::remove_dir_all(path);
+        }
+        Ok(_) => {
+            let _ = std::fs::remove_file(path);
+        }
+        Err(_) => {}
+    }
+}
+
+/// A temporary directory (a build's work tree) that is removed, when
+/// dropped, on a blocking thread: it may be large.
+pub struct Scratch(Option<tempfile::TempDir>);
+
+impl Scratch {
+    pub fn new(dir: tempfile::TempDir) -> Self {
+        Scratch(Some(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.as_ref().map_or(Path::new(""), |d| d.path())
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let Some(dir) = self.0.take() else { return };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn_blocking(move || drop(dir));
+            }
+            Err(_) => drop(dir),
+        }
+    }
+}
+
 /// Whether `path` is a real directory (a symlink to one is not).
 pub fn is_real_dir(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
@@ -71,13 +128,6 @@ pub fn is_real_dir(path: &Path) -> bool {
 
 /// The marker a finished cache directory holds; its mtime is the last use.
 pub const COMPLETE: &str = "complete";
-
-/// Marks a cache directory (holding [`COMPLETE`]) used now.
-pub fn touch_complete(dir: &Path) {
-    if let Ok(f) = std::fs::File::open(dir.join(COMPLETE)) {
-        let _ = f.set_modified(std::time::SystemTime::now());
-    }
-}
 
 /// Removes the cache directories under `parent` (unpacked modules, builder
 /// filesystems, checkouts) whose [`COMPLETE`] marker was last used more than
@@ -121,6 +171,16 @@ fn make_writable(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn builder_paths_never_follow_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("cnb")).unwrap();
+        std::os::unix::fs::symlink("/etc", dir.path().join("cnb/buildpacks")).unwrap();
+        assert!(inside(dir.path(), "cnb/buildpacks/x").is_none());
+        assert!(inside(dir.path(), "cnb/../etc").is_none());
+        assert!(inside(dir.path(), "cnb/order.toml").is_some());
+    }
 
     #[test]
     fn copies_without_following_links() {

@@ -1,15 +1,19 @@
-//! The interface between the HTTP registry and whatever produces manifests:
-//! the registry routes a request and asks for a manifest through the
-//! [`Generators`] trait; the plugin runtime implements it. Neither side knows
-//! the other's internals (in particular, nothing here knows about wasm).
+//! The seam between the HTTP registry and whatever produces manifests: the
+//! registry routes a request and asks for a manifest through the
+//! [`Generators`] trait; the plugin runtime implements it.
+//!
+//! Failures cross the seam as one type, [`GeneratorError`], whose
+//! [`ErrorKind`] says what kind of failure it is; the registry is the only
+//! place that turns kinds into HTTP statuses and OCI codes. Capabilities
+//! classify their own errors with [`Classify`].
+//!
+//! Depends on `oci` and `storage` (the stored values it hands over); imports
+//! nothing from the capabilities, the runtime or the registry.
 
 use std::fmt;
-use std::time::Duration;
 
-use crate::builders::BuildError;
 use crate::oci::{Digest, Reference, RepositoryName};
 use crate::storage::{BlobInfo, StorageError, StoredManifest};
-use crate::upstream::UpstreamError;
 
 /// Which generator a request reaches, and the repository name it sees.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,54 +58,86 @@ impl fmt::Display for PluginId {
     }
 }
 
-/// The errors a plugin reports: the WIT `error` variant, host-side.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum GuestError {
-    #[error("{0}")]
-    InvalidReference(String),
-    #[error("{0}")]
-    InvalidName(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Denied(String),
-    #[error("{0}")]
-    LimitExceeded(String),
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    Internal(String),
+/// What kind of failure something is, whoever failed: a plugin, the host
+/// work it asked for, or the runtime around it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The repository name is not one this generator serves.
+    InvalidName,
+    /// The tag or digest is not one this generator serves.
+    InvalidReference,
+    /// No generator of that name is loaded (it was removed by a reload).
+    NameUnknown,
+    /// Nothing exists under this name or reference.
+    NotFound,
+    /// Not allowed: the upstream policy, a generator's registry list.
+    Denied,
+    /// A limit of the generator was reached: bytes, layers, time.
+    LimitExceeded,
+    /// The source named is refused for what it is (a module with symlinks,
+    /// build options that could run programs). Asking again will not help.
+    SourceRefused,
+    /// The source named cannot be built as it is (a compile error, no
+    /// buildpack group passed). Asking again will not help.
+    BuildFailed,
+    /// Something depended on is down or failing; retrying may help.
+    Unavailable,
+    /// The generator did not finish within its wall-time limit.
+    Deadline,
+    /// A bug, a crash or a server-side failure.
+    Internal,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum GeneratorError {
-    /// No generator of that name is loaded (it was removed by a reload).
-    #[error("no generator named {0:?} is loaded")]
-    NotLoaded(String),
-    /// The plugin answered with an error of its own.
-    #[error("{plugin}: {error}")]
-    Reported { plugin: PluginId, error: GuestError },
-    /// The plugin trapped: a panic, an out-of-bounds access, memory past its limit.
-    #[error("{plugin} crashed: {message}")]
-    Trapped { plugin: PluginId, message: String },
-    /// The plugin did not answer within its wall-time limit.
-    #[error("{plugin} did not finish within its limit of {}", humantime::format_duration(*.limit))]
-    DeadlineExceeded { plugin: PluginId, limit: Duration },
-    /// The host failed while doing work for the plugin.
-    #[error("{plugin}: {source}")]
-    Host {
-        plugin: PluginId,
-        #[source]
-        source: BuildError,
-    },
-    /// The host failed while talking to another registry for the plugin.
-    #[error("{plugin}: {source}")]
-    Upstream {
-        plugin: PluginId,
-        #[source]
-        source: Box<UpstreamError>,
-    },
-    /// The plugin returned a manifest that storage no longer has.
-    #[error(transparent)]
-    Storage(#[from] StorageError),
+impl ErrorKind {
+    /// Whether the same inputs would fail the same way again, so that the
+    /// failure may be answered from memory instead of by another build.
+    pub fn is_deterministic(self) -> bool {
+        matches!(self, ErrorKind::BuildFailed | ErrorKind::SourceRefused)
+    }
+}
+
+/// Errors that know what kind of failure they are.
+pub trait Classify: std::error::Error {
+    fn kind(&self) -> ErrorKind;
+}
+
+/// A failure to produce a manifest or blob, as the registry receives it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct GeneratorError {
+    pub kind: ErrorKind,
+    /// The plugin that answered (or crashed), when one did.
+    pub plugin: Option<PluginId>,
+    /// What a `docker pull` user reads, the plugin's name first.
+    pub message: String,
+}
+
+impl GeneratorError {
+    /// A failure of `plugin` (or of the host work it asked for).
+    pub fn of(plugin: &PluginId, kind: ErrorKind, message: impl fmt::Display) -> Self {
+        GeneratorError {
+            kind,
+            plugin: Some(plugin.clone()),
+            message: format!("{plugin}: {message}"),
+        }
+    }
+
+    /// A failure outside any plugin (storage, a generator that is gone).
+    pub fn host(error: &(impl Classify + ?Sized)) -> Self {
+        GeneratorError {
+            kind: error.kind(),
+            plugin: None,
+            message: error.to_string(),
+        }
+    }
+}
+
+impl Classify for StorageError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            // The bucket is unreachable or refusing: worth a retry.
+            StorageError::Remote { .. } => ErrorKind::Unavailable,
+            _ => ErrorKind::Internal,
+        }
+    }
 }

@@ -7,11 +7,15 @@
 
 mod digest;
 mod error_code;
+mod image_ref;
+mod manifest;
 mod media_type;
 mod name;
 
 pub use digest::{Digest, DigestError, Sha256Writer};
 pub use error_code::ErrorCode;
+pub use image_ref::split_reference;
+pub use manifest::references;
 pub use media_type::MediaType;
 pub use name::{NameError, Reference, RepositoryName, Tag};
 

@@ -1,8 +1,10 @@
 //! The OCI distribution API, pull side, over HTTP: routes, handlers, and the
 //! mapping of every failure to an OCI error response (`response`).
 //!
-//! Sees generators only through the `generator::Generators` trait and storage
-//! only through `storage::Storage`; knows nothing of wasm.
+//! Sees generators only through the `generator::Generators` trait (and its
+//! one error type, whose kinds `response` maps to statuses and OCI codes)
+//! and storage only through the content store; knows nothing of wasm or of
+//! any capability.
 
 mod endpoint;
 mod response;
@@ -21,9 +23,9 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
-use crate::generator::{GeneratorError, Generators, GuestError, ResolveRequest};
+use crate::generator::{ErrorKind, Generators, ResolveRequest};
 use crate::oci::{Digest, Reference, RepositoryName};
-use crate::storage::{BlobContent, ByteRange, Storage, StoredManifest};
+use crate::storage::{BlobContent, ByteRange, ContentStore, StoredManifest};
 use endpoint::Endpoint;
 pub use response::{ApiError, Body};
 use response::{empty, full, stream};
@@ -34,12 +36,12 @@ const LANDING: &str = "kontain: a registry that generates images when you pull t
     docker pull <this host>/random:4x100   # 4 layers of 100 random bytes\n";
 
 pub struct Registry {
-    storage: Arc<dyn Storage>,
+    storage: Arc<ContentStore>,
     generators: Arc<dyn Generators>,
 }
 
 impl Registry {
-    pub fn new(storage: Arc<dyn Storage>, generators: Arc<dyn Generators>) -> Self {
+    pub fn new(storage: Arc<ContentStore>, generators: Arc<dyn Generators>) -> Self {
         Registry {
             storage,
             generators,
@@ -195,11 +197,10 @@ impl Registry {
             // Not stored: a mirror fetches it now; others have nothing more.
             None => match self.generators.fetch_blob(route, digest.clone()).await {
                 Ok(info) if info.digest == digest => info.size,
-                Ok(_)
-                | Err(GeneratorError::Reported {
-                    error: GuestError::NotFound(_),
-                    ..
-                }) => return Err(ApiError::BlobUnknown(digest)),
+                Ok(_) => return Err(ApiError::BlobUnknown(digest)),
+                Err(e) if e.kind == ErrorKind::NotFound && e.plugin.is_some() => {
+                    return Err(ApiError::BlobUnknown(digest));
+                }
                 Err(e) => return Err(e.into()),
             },
         };

@@ -1,36 +1,49 @@
-//! The plugin runtime: the only module that touches wasmtime.
+//! The plugin runtime: the only module that names wasmtime.
 //!
-//! One [`Engine`] and [`Linker`] for the process; each generator is compiled
-//! and pre-instantiated once at load; each request gets a fresh [`Store`] with
-//! the plugin's memory limit, and runs under its wall-time limit. Epoch ticks
-//! make running wasm yield every few milliseconds, so a plugin stuck in a loop
-//! neither blocks a server thread nor outlives its deadline. Traps, timeouts
-//! and plugin errors all come back as [`GeneratorError`]s naming the plugin.
+//! One [`Engine`] for the process, and one [`Linker`] per set of grants:
+//! WASI, the always-available interfaces (`images`, `settings`), and the
+//! granted capabilities' interfaces, nothing else. Each generator is
+//! compiled and pre-instantiated once at load; each request gets a fresh
+//! [`Store`] with the plugin's memory limit, and runs under its wall-time
+//! limit. Epoch ticks make running wasm yield every few milliseconds, so a
+//! plugin stuck in a loop neither blocks a server thread nor outlives its
+//! deadline. Traps, timeouts and plugin errors all come back as
+//! [`GeneratorError`]s naming the plugin.
+//!
+//! One file per WIT interface: `images`, `settings` and `types` (`error`)
+//! here; each capability's in its own module (`<capability>/wit.rs`),
+//! which reaches wasmtime only through `host`.
 
 mod bindings;
-mod host;
+mod error;
+pub mod host;
+mod images;
 mod plugin;
+mod settings;
+mod state;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use wasmtime::component::{HasSelf, Linker};
-use wasmtime::{Config as EngineConfig, Engine, Store, Trap};
+use arc_swap::ArcSwap;
+use wasmtime::component::Linker;
+use wasmtime::{Config as EngineConfig, Engine, Store};
 
+use crate::capabilities::{Capability, Services};
 use crate::config::{Config, GeneratorConfig};
-use crate::generator::{GeneratorError, Generators, GuestError, PluginId, ResolveRequest, Route};
+use crate::generator::{ErrorKind, GeneratorError, Generators, ResolveRequest, Route};
 use crate::oci::{Digest, RepositoryName};
 use crate::routing::RouteTable;
 use crate::storage::{BlobInfo, StoredManifest};
 
 use bindings::exports::kontain::generator::generator as guest;
-use bindings::kontain::generator::types;
-pub use host::Services;
-use host::{HostFailure, HostState};
+use bindings::kontain::generator::{images as images_wit, settings as settings_wit, types};
+use host::Has;
 pub use plugin::LoadError;
 use plugin::Plugin;
+use state::HostState;
 
 /// How often running wasm is interrupted to yield back to the executor.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -51,11 +64,12 @@ struct Loaded {
 
 pub struct Runtime {
     engine: Engine,
-    linker: Linker<HostState>,
+    /// A linker per set of grants, made on first use.
+    linkers: Mutex<HashMap<BTreeSet<Capability>, Linker<HostState>>>,
     services: Services,
     /// Where compiled components are cached, if anywhere.
     cache_dir: Option<PathBuf>,
-    loaded: RwLock<Arc<Loaded>>,
+    loaded: ArcSwap<Loaded>,
     ticker: tokio::task::JoinHandle<()>,
 }
 
@@ -79,12 +93,6 @@ impl Runtime {
         let engine =
             Engine::new(&engine_config).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
 
-        let mut linker = Linker::<HostState>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
-        bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
-            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
-
         let ticker = {
             let engine = engine.clone();
             tokio::spawn(async move {
@@ -98,18 +106,43 @@ impl Runtime {
 
         let runtime = Runtime {
             engine,
-            linker,
+            linkers: Mutex::default(),
             services,
             cache_dir,
-            loaded: RwLock::new(Arc::new(Loaded {
+            loaded: ArcSwap::from_pointee(Loaded {
                 routes: RouteTable::default(),
                 plugins: HashMap::new(),
-            })),
+            }),
             ticker,
         };
         let loaded = runtime.load_all(config, None).await?;
-        *runtime.loaded.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(loaded);
+        runtime.loaded.store(Arc::new(loaded));
         Ok(runtime)
+    }
+
+    /// The linker for plugins granted exactly `grants`: WASI, the interfaces
+    /// every plugin has, and the granted capabilities', nothing else. A
+    /// plugin can only ever call what its linker holds.
+    fn linker(&self, grants: &BTreeSet<Capability>) -> Result<Linker<HostState>, RuntimeError> {
+        let mut linkers = self.linkers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(linker) = linkers.get(grants) {
+            return Ok(linker.clone());
+        }
+        let engine_error = |e: wasmtime::Error| RuntimeError::Engine(format!("{e:#}"));
+        let mut linker = Linker::<HostState>::new(&self.engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(engine_error)?;
+        images_wit::add_to_linker::<HostState, Has<Arc<crate::storage::ContentStore>>>(
+            &mut linker,
+            |s| s.view(|v| &v.store),
+        )
+        .map_err(engine_error)?;
+        settings_wit::add_to_linker::<HostState, Has<()>>(&mut linker, |s| s.view(|_| &()))
+            .map_err(engine_error)?;
+        for capability in grants {
+            capability.link(&mut linker).map_err(engine_error)?;
+        }
+        linkers.insert(grants.clone(), linker.clone());
+        Ok(linker)
     }
 
     /// Loads every generator of `config`. With `previous` (a reload), a
@@ -167,7 +200,7 @@ impl Runtime {
         {
             return Ok(old.clone());
         }
-        let (engine, linker) = (self.engine.clone(), self.linker.clone());
+        let (engine, linker) = (self.engine.clone(), self.linker(&grants)?);
         let (name_owned, generator_owned) = (name.to_owned(), generator.clone());
         let cache = self.cache_dir.clone();
         // Compiling is CPU-heavy; keep it off the async threads.
@@ -215,14 +248,11 @@ impl Runtime {
         {
             tracing::info!(generator = %name, "removed generator");
         }
-        *self.loaded.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(loaded);
+        self.loaded.store(Arc::new(loaded));
     }
 
     fn current(&self) -> Arc<Loaded> {
-        self.loaded
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.loaded.load_full()
     }
 
     fn plugin(&self, name: &str) -> Result<Arc<Plugin>, GeneratorError> {
@@ -230,7 +260,11 @@ impl Runtime {
             .plugins
             .get(name)
             .cloned()
-            .ok_or_else(|| GeneratorError::NotLoaded(name.to_owned()))
+            .ok_or_else(|| GeneratorError {
+                kind: ErrorKind::NameUnknown,
+                plugin: None,
+                message: format!("no generator named {name:?} is loaded"),
+            })
     }
 
     /// Runs one export of a fresh instance of `plugin` under its limits,
@@ -263,58 +297,18 @@ impl Runtime {
             tracing::debug!(plugin = %id, output = %output.trim_end(), "plugin output");
         }
         match outcome {
-            Err(_elapsed) => Err(GeneratorError::DeadlineExceeded { plugin: id, limit }),
-            Ok(Err(trap)) => Err(classify_trap(id, trap, limit)),
-            Ok(Ok(Err(error))) => Err(GeneratorError::Reported {
-                plugin: id,
-                error: guest_error(error),
-            }),
-            Ok(Ok(Ok(value))) => {
-                finish(store.data_mut(), value).map_err(|e| GeneratorError::Trapped {
-                    plugin: id,
-                    message: format!("returned an invalid handle: {e:#}"),
-                })
+            Err(_elapsed) => Err(error::deadline(&id, limit)),
+            Ok(Err(trap)) => Err(error::trapped(&id, trap, limit)),
+            Ok(Ok(Err(reported))) => {
+                let last = store.data_mut().call.last_error.take();
+                Err(error::reported(&id, reported, last))
             }
+            Ok(Ok(Ok(value))) => finish(store.data_mut(), value).map_err(|e| GeneratorError {
+                kind: ErrorKind::Internal,
+                plugin: Some(id.clone()),
+                message: format!("{id} crashed: returned an invalid handle: {e:#}"),
+            }),
         }
-    }
-}
-
-fn classify_trap(plugin: PluginId, error: wasmtime::Error, limit: Duration) -> GeneratorError {
-    if let Some(Trap::Interrupt) = error.downcast_ref::<Trap>() {
-        return GeneratorError::DeadlineExceeded { plugin, limit };
-    }
-    match error.downcast::<HostFailure>() {
-        Ok(HostFailure::Build(source)) => GeneratorError::Host { plugin, source },
-        Ok(HostFailure::Go(source)) => GeneratorError::Host {
-            plugin,
-            source: source.into(),
-        },
-        Ok(HostFailure::Buildpack(source)) => GeneratorError::Host {
-            plugin,
-            source: source.into(),
-        },
-        Ok(HostFailure::Upstream(source)) => GeneratorError::Upstream {
-            plugin,
-            source: Box::new(source),
-        },
-        Err(error) => GeneratorError::Trapped {
-            plugin,
-            // The root cause first: "wasm trap: ..." or the limiter's
-            // message, which is what the plugin author needs.
-            message: error.root_cause().to_string(),
-        },
-    }
-}
-
-fn guest_error(e: types::Error) -> GuestError {
-    match e {
-        types::Error::InvalidReference(m) => GuestError::InvalidReference(m),
-        types::Error::InvalidName(m) => GuestError::InvalidName(m),
-        types::Error::NotFound(m) => GuestError::NotFound(m),
-        types::Error::Denied(m) => GuestError::Denied(m),
-        types::Error::LimitExceeded(m) => GuestError::LimitExceeded(m),
-        types::Error::Unavailable(m) => GuestError::Unavailable(m),
-        types::Error::Internal(m) => GuestError::Internal(m),
     }
 }
 

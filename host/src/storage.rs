@@ -1,26 +1,42 @@
-//! Content-addressed storage for blobs and manifests, behind the [`Storage`]
-//! trait so that backends (a local directory, a Google Cloud Storage bucket
-//! shared by many replicas) are interchangeable.
+//! Storage in two layers, as distribution's storage drivers are:
 //!
-//! Invariants every backend keeps: a blob is visible only once it is complete
-//! and its digest verified (written aside, then published atomically); the
-//! digest is computed while the bytes are written, never in a second pass;
-//! manifests are stored by digest with their media type, so a `HEAD` by tag
-//! followed by a `GET` by digest returns the same bytes.
+//! - a [`Driver`] is a dumb store of named objects: create one if absent,
+//!   replace one, read it (or a range), stat, list by prefix, delete, mark
+//!   used, take a lease, and say where clients may download it themselves.
+//!   Two drivers: a local directory ([`filesystem`]) and a Google Cloud
+//!   Storage bucket shared by many replicas ([`gcs`]).
+//! - the [`ContentStore`] above it owns everything else, once for both:
+//!   digests and their verification, manifests, tags and values, use marks,
+//!   work done once across replicas, and expiry ([`expiry`]).
+//!
+//! Invariants: a blob is visible only once it is complete and its digest
+//! verified (spooled aside, hashed on the way, then published); manifests are
+//! stored by digest with their media type and re-hashed when read, so a
+//! `HEAD` by tag followed by a `GET` by digest returns the same bytes.
 //!
 //! Depends only on `oci`.
 
+pub mod config;
+mod content;
+pub mod expiry;
 pub mod filesystem;
 pub mod gcs;
+mod spool;
 
-use std::io::{self, BufWriter, Write};
+use std::io;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 
-use crate::oci::{Digest, MediaType, Sha256Writer};
+use crate::oci::{Digest, MediaType};
+
+use config::{Backend, StorageConfig};
+pub use content::{BlobWriter, ContentStore, Held, KeyedLocks};
+pub use expiry::Collected;
+pub use spool::Spool;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -34,6 +50,15 @@ pub enum StorageError {
     Io { path: PathBuf, source: io::Error },
     #[error("the storage service failed to {operation}: {message}")]
     Remote { operation: String, message: String },
+}
+
+impl StorageError {
+    pub(crate) fn io(path: &Path) -> impl FnOnce(io::Error) -> StorageError + '_ {
+        move |source| StorageError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
 }
 
 /// A blob that has been stored.
@@ -72,204 +97,94 @@ pub struct BlobContent {
     pub body: BoxStream<'static, io::Result<Bytes>>,
 }
 
-/// Writes one blob. Bytes go to a private temporary location while their
-/// digest is computed; [`BlobWriter::commit`] verifies and publishes them.
-/// Dropping a writer without committing discards everything written.
-///
-/// The writer is synchronous on purpose: the work feeding it (tar, gzip,
-/// hashing) is CPU-bound and runs on a blocking thread.
-pub trait BlobWriter: Write + Send {
-    /// Bytes written so far.
-    fn written(&self) -> u64;
-
-    /// Publishes the blob. With `expected`, a different digest is an error and
-    /// nothing is published.
-    fn commit(self: Box<Self>, expected: Option<&Digest>) -> Result<BlobInfo, StorageError>;
+/// What a driver knows of an object besides its bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stat {
+    pub size: u64,
+    /// When it was created or last marked used, whichever is later.
+    pub used: SystemTime,
 }
 
-#[async_trait::async_trait]
-pub trait Storage: Send + Sync + 'static {
-    /// The size of a stored blob, or `None`.
-    async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, StorageError>;
-
-    /// Where clients should download a stored blob themselves (a `307` to a
-    /// signed bucket URL), or `None` to have the bytes streamed by kontain.
-    async fn blob_location(&self, digest: &Digest) -> Result<Option<String>, StorageError> {
-        let _ = digest;
-        Ok(None)
-    }
-
-    /// The blob's bytes, all or `range` of them; `None` if it is not stored.
-    async fn read_blob(
-        &self,
-        digest: &Digest,
-        range: Option<ByteRange>,
-    ) -> Result<Option<BlobContent>, StorageError>;
-
-    /// A writer for a new blob of at most `limit` bytes.
-    fn blob_writer(&self, limit: u64) -> Result<Box<dyn BlobWriter>, StorageError>;
-
-    /// Stores a manifest's exact bytes and its media type.
-    async fn put_manifest(
-        &self,
-        media_type: &MediaType,
-        bytes: Bytes,
-    ) -> Result<StoredManifest, StorageError>;
-
-    /// A stored manifest, or `None`.
-    async fn manifest(&self, digest: &Digest) -> Result<Option<StoredManifest>, StorageError>;
-
-    /// Sets a small named value (a tag's digest, a plugin's cache entry),
-    /// replacing what it held before, atomically.
-    async fn put_value(&self, key: &str, value: &str) -> Result<(), StorageError>;
-
-    /// The value last set for `key`.
-    async fn value(&self, key: &str) -> Result<Option<String>, StorageError>;
-
-    /// Remembers that `key` (a tag, in a generator's own naming) pointed at
-    /// `digest`, replacing what it pointed at before.
-    async fn put_tag(&self, key: &str, digest: &Digest) -> Result<(), StorageError> {
-        self.put_value(key, &digest.to_string()).await
-    }
-
-    /// What `key` last pointed at.
-    async fn tag(&self, key: &str) -> Result<Option<Digest>, StorageError> {
-        Ok(self.value(key).await?.and_then(|v| v.trim().parse().ok()))
-    }
-
-    /// Waits until this process holds the lease on `key` among every
-    /// process sharing this storage, so that work asked of many replicas at
-    /// once is done by one. Storage used by one process only needs no lease
-    /// (the in-process locks of [`crate::locks`] suffice): the default.
-    async fn lease(&self, key: &str) -> Result<Box<dyn Lease>, StorageError> {
-        let _ = key;
-        Ok(Box::new(NoLease))
-    }
-
-    /// Removes what has not been used for `ttl`, never a blob that a kept
-    /// manifest refers to. Backends that expire objects themselves (a
-    /// bucket lifecycle rule) keep this default.
-    async fn collect(&self, ttl: std::time::Duration) -> Result<Collected, StorageError> {
-        let _ = ttl;
-        Ok(Collected::default())
-    }
+/// One object of a listing.
+#[derive(Clone, Debug)]
+pub struct Listed {
+    /// The object's key, e.g. `blobs/sha256/<hex>`.
+    pub key: String,
+    pub stat: Stat,
 }
 
 /// A held lease: kept alive while it exists, released when dropped.
 pub trait Lease: Send + Sync {}
 
-struct NoLease;
+/// A store of named objects. Keys are relative, `/`-separated paths made by
+/// the content store (`blobs/sha256/<hex>`, `manifests/sha256/<hex>`,
+/// `values/<hex>`); a driver maps them to files or object names and knows
+/// nothing of what they hold.
+#[async_trait::async_trait]
+pub trait Driver: Send + Sync + 'static {
+    /// A local directory for spooling blobs before they are published.
+    fn spool_dir(&self) -> &Path;
 
-impl Lease for NoLease {}
+    /// Publishes a spooled file as `key` unless `key` exists (objects of
+    /// one key are equal, so an existing one is success). Runs on a
+    /// blocking thread.
+    fn publish(&self, key: &str, file: tempfile::NamedTempFile) -> Result<(), StorageError>;
 
-/// What one collection removed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Collected {
-    pub manifests: usize,
-    pub blobs: usize,
-    pub values: usize,
-    pub bytes: u64,
+    /// Creates `key` holding `bytes` unless it exists.
+    async fn create(&self, key: &str, bytes: Bytes) -> Result<(), StorageError>;
+
+    /// Sets `key` to `bytes`, replacing what it held, atomically.
+    async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StorageError>;
+
+    /// The object's size and last use, or `None`.
+    async fn stat(&self, key: &str) -> Result<Option<Stat>, StorageError>;
+
+    /// The object's bytes, all or `range` of them.
+    async fn read(
+        &self,
+        key: &str,
+        range: Option<ByteRange>,
+    ) -> Result<Option<BlobContent>, StorageError>;
+
+    /// A small object whole (refused past `cap` bytes), with its stat.
+    async fn read_small(&self, key: &str, cap: u64) -> Result<Option<(Bytes, Stat)>, StorageError>;
+
+    /// Marks `key` used now (expiry keeps what was used within its TTL).
+    async fn touch(&self, key: &str) -> Result<(), StorageError>;
+
+    /// Every object whose key starts with `prefix`.
+    async fn list(&self, prefix: &str) -> Result<Vec<Listed>, StorageError>;
+
+    /// Removes `key`; an absent key is not an error.
+    async fn delete(&self, key: &str) -> Result<(), StorageError>;
+
+    /// Waits until this process holds the lease on `key` among every process
+    /// sharing this store, so that work asked of many at once is done once.
+    async fn lease(&self, key: &str) -> Result<Box<dyn Lease>, StorageError>;
+
+    /// Where clients may download `key` themselves (a `307` to a signed
+    /// bucket URL), or `None` to have the bytes streamed by kontain.
+    async fn location(&self, key: &str) -> Result<Option<String>, StorageError> {
+        let _ = key;
+        Ok(None)
+    }
 }
 
-/// Stores `bytes` as one blob from a blocking context.
-pub fn write_blob(storage: &dyn Storage, bytes: &[u8]) -> Result<BlobInfo, StorageError> {
-    let mut w = storage.blob_writer(bytes.len() as u64)?;
-    w.write_all(bytes).map_err(|source| StorageError::Io {
-        path: PathBuf::from("<blob writer>"),
-        source,
-    })?;
-    w.commit(None)
-}
-
-/// Temporary files older than this were left by a process that died while
-/// writing; younger ones may belong to another process sharing the directory.
-const ABANDONED_AFTER: Duration = Duration::from_secs(3600);
-
-/// Deletes half-written blobs that a crashed process left in `dir`.
-fn remove_abandoned_temporaries(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
+/// The content store `config` describes: its driver, and its TTL.
+pub async fn open(config: &StorageConfig) -> Result<ContentStore, StorageError> {
+    let driver: Arc<dyn Driver> = match (config.backend, &config.gcs) {
+        (Backend::Gcs, Some(gcs)) => Arc::new(gcs::GcsDriver::open(gcs, &config.path).await?),
+        _ => Arc::new(filesystem::FilesystemDriver::open(&config.path)?),
     };
-    let now = SystemTime::now();
-    for entry in entries.flatten() {
-        let old = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > ABANDONED_AFTER);
-        if old && std::fs::remove_file(entry.path()).is_ok() {
-            tracing::info!(path = %entry.path().display(), "removed an abandoned temporary file");
-        }
-    }
+    Ok(ContentStore::new(driver, config.ttl))
 }
 
-/// A blob being written: bytes go to a private temporary file, hashed on
-/// the way, refused past the writer's limit.
-struct Spool {
-    file: Sha256Writer<BufWriter<tempfile::NamedTempFile>>,
-    limit: u64,
-}
-
-impl Spool {
-    fn new(dir: &Path, limit: u64) -> Result<Spool, StorageError> {
-        let tmp = tempfile::NamedTempFile::new_in(dir).map_err(|source| StorageError::Io {
-            path: dir.to_owned(),
-            source,
-        })?;
-        Ok(Spool {
-            file: Sha256Writer::new(BufWriter::with_capacity(1 << 20, tmp)),
-            limit,
-        })
-    }
-
-    fn written(&self) -> u64 {
-        self.file.written()
-    }
-
-    /// The finished file and what it holds; a digest other than `expected`
-    /// is an error (and the file is deleted).
-    fn finish(
-        self,
-        expected: Option<&Digest>,
-    ) -> Result<(BlobInfo, tempfile::NamedTempFile), StorageError> {
-        let (digest, size, buffered) = self.file.finish();
-        if let Some(expected) = expected
-            && *expected != digest
-        {
-            return Err(StorageError::DigestMismatch {
-                expected: expected.clone(),
-                actual: digest,
-            });
-        }
-        let tmp = buffered.into_inner().map_err(|e| StorageError::Io {
-            path: PathBuf::from("<blob writer>"),
-            source: e.into_error(),
-        })?;
-        Ok((BlobInfo { digest, size }, tmp))
-    }
-}
-
-impl Write for Spool {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.file.written() + buf.len() as u64 > self.limit {
-            return Err(io::Error::new(
-                io::ErrorKind::FileTooLarge,
-                format!("blob exceeds the limit of {} bytes", self.limit),
-            ));
-        }
-        self.file.write(buf)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
-    }
-}
-
-/// The digest of a manifest about to be stored; too large a one is refused.
-fn manifest_digest(bytes: &[u8]) -> Result<Digest, StorageError> {
-    if bytes.len() as u64 > crate::oci::MAX_MANIFEST_BYTES {
-        return Err(StorageError::TooLarge {
-            limit: crate::oci::MAX_MANIFEST_BYTES,
-        });
-    }
-    Ok(Digest::sha256(bytes))
+/// A content store on a fresh filesystem driver under `dir`, for tests.
+#[cfg(test)]
+pub(crate) fn test_store(dir: &Path) -> Arc<ContentStore> {
+    let driver = filesystem::FilesystemDriver::open(dir).expect("a store in a temporary directory");
+    Arc::new(ContentStore::new(
+        Arc::new(driver),
+        std::time::Duration::ZERO,
+    ))
 }

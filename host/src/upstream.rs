@@ -1,27 +1,36 @@
-//! Other registries: a client (`client`) that speaks the distribution API and
-//! its token dance, a connection policy (`policy`) against SSRF, the naming
-//! rules for upstream images (`image`), and [`Mirror`], the caching front that
-//! generators use — manifests cached by digest, tags re-resolved with `HEAD`
-//! and served stale when the upstream is down, blobs streamed into storage
-//! and verified, concurrent requests for one thing sharing one fetch.
+//! The `upstream` capability: other registries. A client (`client`) that
+//! speaks the distribution API and its token dance, a connection policy
+//! (`policy`) against SSRF, the naming rules for upstream images (`image`),
+//! and the caching front generators use (`mirror`): manifests cached by
+//! digest, tags re-resolved with `HEAD` and served stale when the upstream
+//! is down, blobs streamed into storage and verified, concurrent requests
+//! for one thing sharing one fetch. Its config section is `[upstream]`
+//! (`config`), which reloads live; its WIT host implementation is `wit`.
 //!
-//! Depends on `oci` and `storage`; knows nothing of wasm or HTTP serving.
+//! `flatten`, `go` and `buildpack` fetch their images through a [`Scoped`]
+//! upstream, so a generator's own registry list (`upstreams`) is checked
+//! in one place for all of them. Depends on `oci`, `storage` and `image`;
+//! knows nothing of wasm or HTTP serving.
 
 mod client;
+pub mod config;
 mod image;
+mod mirror;
 mod policy;
+pub mod wit;
 
-use std::io::Write;
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use arc_swap::ArcSwap;
 
-use crate::locks::Exclusive;
-use crate::oci::{Digest, MediaType, Reference};
-use crate::storage::{BlobInfo, Storage, StorageError, StoredManifest};
+use crate::generator::{Classify, ErrorKind};
+use crate::oci::Digest;
+use crate::storage::{BlobInfo, ContentStore, StorageError, StoredManifest};
 pub use client::{Client, PlainError};
-pub use image::{Credentials, DOCKER_HUB, Endpoint, Registries, UpstreamImage, split_reference};
-pub use policy::{HostPattern, Policy, Refusal};
+use config::{CredentialsConfig, UpstreamConfig};
+pub use image::{Credentials, DOCKER_HUB, Endpoint, Registries, UpstreamImage};
+pub use policy::{HostPattern, Policy, Refusal, SharedPolicy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -29,6 +38,15 @@ pub enum UpstreamError {
     InvalidImage(String),
     #[error(transparent)]
     Refused(Refusal),
+    #[error(
+        "generator {generator} may not reach the registry {registry:?} (its `upstreams` in kontain.toml: {})",
+        allowed.join(", ")
+    )]
+    NotForGenerator {
+        generator: String,
+        registry: String,
+        allowed: Vec<String>,
+    },
     #[error("{image}:{reference} was not found upstream")]
     NotFound { image: String, reference: String },
     #[error(
@@ -54,7 +72,7 @@ pub enum UpstreamError {
         limit: u64,
     },
     #[error(transparent)]
-    Storage(StorageError),
+    Storage(#[from] StorageError),
 }
 
 impl UpstreamError {
@@ -68,35 +86,117 @@ impl UpstreamError {
     }
 }
 
-impl From<StorageError> for UpstreamError {
-    fn from(e: StorageError) -> Self {
-        UpstreamError::Storage(e)
+impl Classify for UpstreamError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            UpstreamError::InvalidImage(_) => ErrorKind::InvalidName,
+            UpstreamError::Refused(_)
+            | UpstreamError::NotForGenerator { .. }
+            | UpstreamError::Unauthorized { .. } => ErrorKind::Denied,
+            UpstreamError::NotFound { .. } => ErrorKind::NotFound,
+            UpstreamError::TooLarge { .. } => ErrorKind::LimitExceeded,
+            UpstreamError::Failing { .. }
+            | UpstreamError::Unreachable { .. }
+            | UpstreamError::DigestMismatch { .. } => ErrorKind::Unavailable,
+            UpstreamError::Storage(e) => e.kind(),
+        }
     }
 }
 
-/// The caching front of the upstream client.
-pub struct Mirror {
-    client: Arc<Client>,
+/// What `[upstream]` (with the hosts other sections need) decides.
+struct Settings {
     registries: Registries,
-    storage: Arc<dyn Storage>,
-    locks: Exclusive,
     max_blob_bytes: u64,
 }
 
-impl Mirror {
-    pub fn new(
-        client: Arc<Client>,
-        registries: Registries,
-        storage: Arc<dyn Storage>,
-        max_blob_bytes: u64,
-    ) -> Self {
-        Mirror {
-            client,
-            registries,
-            locks: Exclusive::new(storage.clone()),
-            storage,
-            max_blob_bytes,
+/// Other registries, as the `upstream` capability offers them: the
+/// policy-checked client, the registries `kontain.toml` names, and the
+/// store their manifests and blobs are cached in.
+pub struct Upstream {
+    client: Arc<Client>,
+    policy: SharedPolicy,
+    settings: ArcSwap<Settings>,
+    store: Arc<ContentStore>,
+}
+
+/// The policy and settings `config` describes; `extra` are hosts other
+/// sections need reached (module proxies, the git host), each allowed as
+/// exactly itself.
+fn settings(config: &UpstreamConfig, extra: &[HostPattern]) -> Result<(Policy, Settings), String> {
+    let password = |c: &CredentialsConfig| -> Result<Credentials, String> {
+        let password = match (&c.password, &c.password_env) {
+            (Some(p), _) => p.clone(),
+            (None, Some(var)) => std::env::var(var)
+                .map_err(|e| format!("reading the upstream password from ${var}: {e}"))?,
+            (None, None) => String::new(),
+        };
+        Ok(Credentials {
+            username: c.username.clone(),
+            password,
+        })
+    };
+    let mut allow: Vec<HostPattern> = config.allow.iter().map(|p| HostPattern::new(p)).collect();
+    allow.extend(extra.iter().cloned());
+    let mut private_ok = Vec::new();
+    let mut named = HashMap::new();
+    for (name, u) in &config.registries {
+        let Some(pattern) = HostPattern::exactly(&u.url) else {
+            continue;
+        };
+        if u.allow_private {
+            private_ok.push(pattern);
+        } else {
+            allow.push(pattern);
         }
+        let endpoint = Endpoint {
+            name: name.clone(),
+            base: u.url.clone(),
+            credentials: u.credentials().as_ref().map(password).transpose()?,
+        };
+        named.insert(name.clone(), Arc::new(endpoint));
+    }
+    let by_host = config
+        .credentials
+        .iter()
+        .map(|(host, c)| Ok((host.clone(), password(c)?)))
+        .collect::<Result<HashMap<_, _>, String>>()?;
+    Ok((
+        Policy::new(allow, private_ok),
+        Settings {
+            registries: Registries::new(named, by_host),
+            max_blob_bytes: config.max_blob_bytes.0,
+        },
+    ))
+}
+
+impl Upstream {
+    pub fn new(
+        config: &UpstreamConfig,
+        extra: &[HostPattern],
+        store: Arc<ContentStore>,
+    ) -> Result<Self, String> {
+        let (policy, settings) = settings(config, extra)?;
+        let policy = SharedPolicy::new(policy);
+        let client = Arc::new(Client::new(policy.clone())?);
+        Ok(Upstream {
+            client,
+            policy,
+            settings: ArcSwap::from_pointee(settings),
+            store,
+        })
+    }
+
+    /// Applies a changed `[upstream]`: requests from now on use the new
+    /// allowlist, named upstreams, credentials and limits.
+    pub fn reconfigure(
+        &self,
+        config: &UpstreamConfig,
+        extra: &[HostPattern],
+    ) -> Result<(), String> {
+        let (policy, settings) = settings(config, extra)?;
+        self.policy.replace(policy);
+        self.settings.store(Arc::new(settings));
+        Ok(())
     }
 
     /// The policy-checked HTTP client, for other protocols (Go module proxies).
@@ -105,239 +205,71 @@ impl Mirror {
     }
 
     pub fn parse(&self, image: &str) -> Result<UpstreamImage, UpstreamError> {
-        self.registries
+        self.settings
+            .load()
+            .registries
             .parse(image)
             .map_err(UpstreamError::InvalidImage)
     }
 
-    /// The manifest of `image` at `reference`, from cache or upstream.
+    /// This upstream as `generator` may use it: only the registries
+    /// `allowed` names, if it names any.
+    pub fn scoped<'a>(&'a self, generator: &'a str, allowed: Option<&'a [String]>) -> Scoped<'a> {
+        Scoped {
+            upstream: self,
+            generator,
+            allowed,
+        }
+    }
+}
+
+/// The upstream as one generator may use it.
+#[derive(Clone, Copy)]
+pub struct Scoped<'a> {
+    upstream: &'a Upstream,
+    generator: &'a str,
+    allowed: Option<&'a [String]>,
+}
+
+impl Scoped<'_> {
+    /// `image` parsed, if this generator may reach its registry.
+    pub fn check(&self, image: &str) -> Result<UpstreamImage, UpstreamError> {
+        let parsed = self.upstream.parse(image)?;
+        match self.allowed {
+            Some(allowed) if !allowed.contains(&parsed.endpoint.name) => {
+                Err(UpstreamError::NotForGenerator {
+                    generator: self.generator.to_owned(),
+                    registry: parsed.endpoint.name.clone(),
+                    allowed: allowed.to_vec(),
+                })
+            }
+            _ => Ok(parsed),
+        }
+    }
+
+    /// The manifest of `image` at `reference` (a tag or a digest), from
+    /// cache or upstream.
     pub async fn manifest(
         &self,
         image: &str,
         reference: &str,
         accept: &[String],
     ) -> Result<StoredManifest, UpstreamError> {
-        let upstream = self.parse(image)?;
-        let reference: Reference = reference
-            .parse()
-            .map_err(|e| UpstreamError::InvalidImage(format!("{reference:?}: {e}")))?;
-        match reference {
-            Reference::Digest(digest) => self.manifest_by_digest(&upstream, &digest, accept).await,
-            Reference::Tag(tag) => {
-                let key = tag_key(&upstream, tag.as_str(), accept);
-                match self.resolve_tag(&upstream, tag.as_str(), accept).await {
-                    Ok(stored) => {
-                        if let Err(e) = self.storage.put_tag(&key, &stored.digest).await {
-                            tracing::warn!(%upstream, error = %e, "could not remember the tag");
-                        }
-                        Ok(stored)
-                    }
-                    Err(e) if e.upstream_down() => match self.stale(&key).await? {
-                        Some(stored) => {
-                            tracing::warn!(%upstream, %tag, digest = %stored.digest, error = %e, "upstream down: serving the cached tag");
-                            Ok(stored)
-                        }
-                        None => Err(e),
-                    },
-                    Err(e) => Err(e),
-                }
-            }
-        }
-    }
-
-    async fn stale(&self, key: &str) -> Result<Option<StoredManifest>, UpstreamError> {
-        let Some(digest) = self.storage.tag(key).await? else {
-            return Ok(None);
-        };
-        Ok(self.storage.manifest(&digest).await?)
-    }
-
-    /// HEAD the tag (HEADs do not count against Docker Hub's rate limit),
-    /// then fetch by digest unless the digest is cached.
-    async fn resolve_tag(
-        &self,
-        upstream: &UpstreamImage,
-        tag: &str,
-        accept: &[String],
-    ) -> Result<StoredManifest, UpstreamError> {
-        let head = self.client.head_manifest(upstream, tag, accept).await?;
-        match head.digest {
-            Some(digest) => self.manifest_by_digest(upstream, &digest, accept).await,
-            None => {
-                // A registry that does not say the digest: GET by tag instead.
-                let (bytes, media_type) = self.client.get_manifest(upstream, tag, accept).await?;
-                self.store_manifest(upstream, None, bytes, &media_type)
-                    .await
-            }
-        }
-    }
-
-    async fn manifest_by_digest(
-        &self,
-        upstream: &UpstreamImage,
-        digest: &Digest,
-        accept: &[String],
-    ) -> Result<StoredManifest, UpstreamError> {
-        if let Some(stored) = self.storage.manifest(digest).await? {
-            return Ok(stored);
-        }
-        let _guard = self.locks.lock(format!("manifest {digest}")).await?;
-        if let Some(stored) = self.storage.manifest(digest).await? {
-            return Ok(stored);
-        }
-        let (bytes, media_type) = self
-            .client
-            .get_manifest(upstream, &digest.to_string(), accept)
-            .await?;
-        self.store_manifest(upstream, Some(digest), bytes, &media_type)
-            .await
-    }
-
-    async fn store_manifest(
-        &self,
-        upstream: &UpstreamImage,
-        expected: Option<&Digest>,
-        bytes: Bytes,
-        media_type: &str,
-    ) -> Result<StoredManifest, UpstreamError> {
-        let actual = Digest::sha256(&bytes);
-        if let Some(expected) = expected
-            && *expected != actual
-        {
-            return Err(UpstreamError::DigestMismatch {
-                image: upstream.to_string(),
-                expected: expected.clone(),
-                actual,
-            });
-        }
-        let media_type: MediaType = media_type
-            .parse()
-            .map_err(|e| UpstreamError::InvalidImage(format!("{upstream}: {e}")))?;
-        Ok(self.storage.put_manifest(&media_type, bytes).await?)
+        let upstream = self.check(image)?;
+        self.upstream.manifest(&upstream, reference, accept).await
     }
 
     /// A blob of `image`, from storage or streamed from upstream into it.
     pub async fn blob(&self, image: &str, digest: &str) -> Result<BlobInfo, UpstreamError> {
-        let upstream = self.parse(image)?;
+        let upstream = self.check(image)?;
         let digest: Digest = digest
             .parse()
             .map_err(|e| UpstreamError::InvalidImage(format!("{digest:?}: {e}")))?;
-        if let Some(size) = self.storage.blob_size(&digest).await? {
-            return Ok(BlobInfo { digest, size });
-        }
-        let _guard = self.locks.lock(format!("blob {digest}")).await?;
-        if let Some(size) = self.storage.blob_size(&digest).await? {
-            return Ok(BlobInfo { digest, size });
-        }
-        self.download(&upstream, digest).await
+        self.upstream.blob(&upstream, digest).await
     }
 
-    async fn download(
-        &self,
-        upstream: &UpstreamImage,
-        digest: Digest,
-    ) -> Result<BlobInfo, UpstreamError> {
-        let too_large = || UpstreamError::TooLarge {
-            image: upstream.to_string(),
-            what: "a blob",
-            limit: self.max_blob_bytes,
-        };
-        let mut response = self.client.get_blob(upstream, &digest).await?;
-        if response
-            .content_length()
-            .is_some_and(|n| n > self.max_blob_bytes)
-        {
-            return Err(too_large());
-        }
-        let mut writer = self.storage.blob_writer(self.max_blob_bytes)?;
-        // Bytes arrive on the async side; hashing and writing happen on a
-        // blocking thread. `None` on the channel means "abandon".
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<Bytes>>(32);
-        let expected = digest.clone();
-        let writing = tokio::task::spawn_blocking(move || -> Result<BlobInfo, WriteFailure> {
-            while let Some(chunk) = rx.blocking_recv() {
-                let Some(chunk) = chunk else {
-                    return Err(WriteFailure::Abandoned);
-                };
-                writer.write_all(&chunk).map_err(WriteFailure::Io)?;
-            }
-            writer
-                .commit(Some(&expected))
-                .map_err(WriteFailure::Storage)
-        });
-        let mut transfer_error = None;
-        loop {
-            match response.chunk().await {
-                Ok(Some(chunk)) => {
-                    if tx.send(Some(chunk)).await.is_err() {
-                        break; // the writer failed; its error is reported below
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let _ = tx.send(None).await;
-                    transfer_error = Some(e);
-                    break;
-                }
-            }
-        }
-        drop(tx);
-        let written = writing.await.map_err(|e| {
-            UpstreamError::Storage(StorageError::Io {
-                path: "blob writer".into(),
-                source: std::io::Error::other(e),
-            })
-        })?;
-        if let Some(e) = transfer_error {
-            return Err(UpstreamError::Unreachable {
-                image: upstream.to_string(),
-                message: format!("the transfer of {digest} broke off: {e}"),
-            });
-        }
-        match written {
-            Ok(info) => {
-                tracing::info!(%upstream, %digest, size = info.size, "cached a blob");
-                Ok(info)
-            }
-            Err(WriteFailure::Storage(StorageError::DigestMismatch { expected, actual })) => {
-                Err(UpstreamError::DigestMismatch {
-                    image: upstream.to_string(),
-                    expected,
-                    actual,
-                })
-            }
-            Err(WriteFailure::Io(e)) if e.kind() == std::io::ErrorKind::FileTooLarge => {
-                Err(too_large())
-            }
-            Err(WriteFailure::Io(e)) => Err(UpstreamError::Storage(StorageError::Io {
-                path: "blob writer".into(),
-                source: e,
-            })),
-            Err(WriteFailure::Storage(e)) => Err(UpstreamError::Storage(e)),
-            Err(WriteFailure::Abandoned) => Err(UpstreamError::Unreachable {
-                image: upstream.to_string(),
-                message: format!("the transfer of {digest} broke off"),
-            }),
-        }
+    /// The store images are cached in.
+    pub fn store(&self) -> &Arc<ContentStore> {
+        &self.upstream.store
     }
-}
-
-enum WriteFailure {
-    Abandoned,
-    Io(std::io::Error),
-    Storage(StorageError),
-}
-
-/// The storage key remembering what a tag resolved to. The client's `Accept`
-/// list is part of it: a client that takes only single-platform manifests
-/// must not make the tag look single-platform for everyone else.
-fn tag_key(upstream: &UpstreamImage, tag: &str, accept: &[String]) -> String {
-    let mut accept: Vec<&str> = accept.iter().map(String::as_str).collect();
-    accept.sort_unstable();
-    accept.dedup();
-    format!(
-        "mirror {}:{tag} accept={}",
-        upstream.cache_key(),
-        accept.join(",")
-    )
 }

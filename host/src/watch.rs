@@ -1,22 +1,26 @@
-//! Hot reload: watches `kontain.toml` and every plugin file it names, and on a
-//! change (debounced) re-reads the config and hands it to the runtime, which
-//! compiles changed plugins off the request path and swaps them in.
+//! Hot reload: watches `kontain.toml` and every plugin file it names, and
+//! when one of them really changed (its content, not just its metadata; our
+//! own reads do not count), re-reads the config and applies what can change
+//! without a restart: generators and their routing (`[server] domains`
+//! included) through the runtime, `[upstream]`, `[go]` and `[buildpack]`
+//! through the capabilities' services. What needs a restart is logged by
+//! name (`needs a restart: storage`).
 //!
 //! Directories are watched rather than files, so that editors and deploy
 //! tools that replace a file by renaming a new one over it are seen.
-//! Generators and their routing (including `[server] domains`) reload live;
-//! `[server] listen`, `[storage]` and `[upstream]` need a restart (the first
-//! two are logged when they change).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use notify::event::{AccessKind, EventKind};
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
+use crate::capabilities::Services;
 use crate::config::{Config, Source};
+use crate::oci::Digest;
 use crate::runtime::Runtime;
 
 /// Changes closer together than this are applied once.
@@ -44,21 +48,47 @@ fn watched_files(config_path: &Path, config: &Config) -> BTreeSet<PathBuf> {
     files
 }
 
+/// What each watched file holds (a missing one holds nothing).
+fn contents(files: &BTreeSet<PathBuf>) -> BTreeMap<PathBuf, Option<Digest>> {
+    files
+        .iter()
+        .map(|f| (f.clone(), std::fs::read(f).ok().map(|b| Digest::sha256(&b))))
+        .collect()
+}
+
+/// Whether an event may mean new content: reads (opening, closing after
+/// reading, access times) do not.
+fn may_change(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(notify::event::AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
 /// Starts watching `config_path` (the file `config` was read from).
-pub fn spawn(config_path: &Path, config: &Config, runtime: Arc<Runtime>) -> notify::Result<Watch> {
+pub fn spawn(
+    config_path: &Path,
+    config: &Config,
+    runtime: Arc<Runtime>,
+    services: Services,
+) -> notify::Result<Watch> {
     // Read the file by the path it was first read by (so that relative paths
     // in it resolve the same way); match events by its absolute path.
     let read_path = config_path.to_owned();
     let config_path = std::path::absolute(config_path)?;
     let (tx, mut rx) = mpsc::unbounded_channel::<PathBuf>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event {
+        if let Ok(event) = event
+            && may_change(&event.kind)
+        {
             for path in event.paths {
                 let _ = tx.send(path);
             }
         }
     })?;
     let mut files = watched_files(&config_path, config);
+    let mut seen = contents(&files);
     let mut dirs = BTreeSet::new();
     watch_dirs(&mut watcher, &files, &mut dirs);
     let startup = config.clone();
@@ -82,29 +112,65 @@ pub fn spawn(config_path: &Path, config: &Config, runtime: Arc<Runtime>) -> noti
                     Err(_) => break,
                 }
             }
-            let mut config = match Config::from_file(&read_path) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(error = %e, "config not reloaded; the running generators keep serving");
-                    continue;
-                }
-            };
-            if let Err(e) = config.apply_env(|k| std::env::var(k).ok()) {
-                tracing::error!(error = %e, "config not reloaded");
+            let now = contents(&files);
+            if now == seen {
                 continue;
             }
-            if config.server.listen != current.server.listen
-                || format!("{:?}", config.storage) != format!("{:?}", current.storage)
-            {
-                tracing::warn!("[server] and [storage] changes take effect at the next restart");
-            }
-            runtime.reload(&config).await;
+            seen = now;
+            let Some(config) = read(&read_path) else {
+                continue;
+            };
+            apply(&current, &config, &runtime, &services).await;
             files = watched_files(&config_path, &config);
+            seen = contents(&files);
             watch_dirs(&mut watcher, &files, &mut dirs);
             current = config;
         }
     });
     Ok(Watch { task })
+}
+
+/// The config at `path` with the environment applied; an invalid one is
+/// logged (once per change) and left alone.
+fn read(path: &Path) -> Option<Config> {
+    let mut config = match Config::from_file(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "config not reloaded; the running generators keep serving");
+            return None;
+        }
+    };
+    if let Err(e) = config.apply_env(|k| std::env::var(k).ok()) {
+        tracing::error!(error = %e, "config not reloaded");
+        return None;
+    }
+    Some(config)
+}
+
+/// Applies `next` over `current`: everything that reloads live, and a log
+/// line naming each part that waits for a restart.
+async fn apply(current: &Config, next: &Config, runtime: &Runtime, services: &Services) {
+    for name in current.needs_restart(next) {
+        tracing::warn!("needs a restart: {name}");
+    }
+    let sections = [
+        ("upstream", current.upstream != next.upstream),
+        ("go", current.go != next.go),
+        ("buildpack", current.buildpack != next.buildpack),
+    ];
+    if sections.iter().any(|(_, changed)| *changed) {
+        match services.reconfigure(next) {
+            Ok(()) => {
+                for (name, _) in sections.iter().filter(|(_, changed)| *changed) {
+                    tracing::info!("reloaded [{name}]");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "sections not reloaded; the previous settings stay")
+            }
+        }
+    }
+    runtime.reload(next).await;
 }
 
 fn watch_dirs(watcher: &mut impl Watcher, files: &BTreeSet<PathBuf>, dirs: &mut BTreeSet<PathBuf>) {

@@ -1,7 +1,7 @@
 //! The Google Cloud Storage backend against a real emulator: pulls by real
 //! clients through redirects to the bucket, replicas sharing one bucket
-//! doing each piece of work once, and a replica killed mid-work whose lease
-//! another replica takes over.
+//! doing each piece of work once, a replica killed mid-work whose lease
+//! another replica takes over, and expiry over the bucket.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -28,6 +28,10 @@ pub fn trials() -> Vec<Trial> {
         trial(
             "gcs::a_killed_replicas_lease_expires_and_another_replica_finishes",
             takeover,
+        ),
+        trial(
+            "gcs::expiry_keeps_a_layer_a_newer_image_shares_until_that_image_expires",
+            expiry,
         ),
     ]
 }
@@ -297,5 +301,104 @@ fn takeover() -> anyhow::Result<()> {
     );
     let log = b.log();
     assert!(log.contains("took over a lease"), "{log}");
+    Ok(())
+}
+
+/// Every digest an image manifest names: its config and layers.
+fn blobs_of(manifest: &serde_json::Value) -> Vec<String> {
+    let layers = manifest["layers"].as_array().into_iter().flatten();
+    std::iter::once(&manifest["config"])
+        .chain(layers)
+        .filter_map(|d| d["digest"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn expiry() -> anyhow::Result<()> {
+    let gcs = fake_gcs()?;
+    let world = world()?;
+    gcs.create_bucket("kontain-expiry")?;
+    // Images A and B share their first layer; B is pushed later.
+    let dir = tempfile::tempdir()?;
+    let shared = images::layer(&[Entry::File("shared", b"in both images", 0o644)])?;
+    for (name, own) in [("expiry-a", &b"only in a"[..]), ("expiry-b", b"only in b")] {
+        let image = Image {
+            layers: vec![
+                shared.clone(),
+                images::layer(&[Entry::File("own", own, 0o644)])?,
+            ],
+            cmd: vec!["/bin/true".into()],
+            architecture: "amd64",
+        };
+        images::single(&dir.path().join(name), "v1", &image)?;
+        world
+            .registry
+            .push(&dir.path().join(name), "v1", name, Some("oci"))?;
+    }
+    let proxy = Proxy::start(world.registry.addr)?;
+    let storage = gcs.storage_config("kontain-expiry", "e/", "").replacen(
+        "[storage]\n",
+        "[storage]\nttl = \"3s\"\ncollect_every = \"300ms\"\n",
+        1,
+    );
+    let server = Server::start(Some(&format!(
+        "{storage}[upstream.registries.local]\nurl = \"http://{}\"\nallow_private = true\n\
+         [generators.mirror]\nsource = \"builtin:mirror\"\ngrants = [\"upstream\"]\n",
+        proxy.addr
+    )))?;
+    let pull = |image: &str| -> anyhow::Result<(String, Vec<String>)> {
+        let reply = get_ok(&server, &format!("/v2/mirror/local/{image}/manifests/v1"))?;
+        let blobs = blobs_of(&reply.json()?);
+        for blob in &blobs {
+            let redirect = get(
+                server.addr,
+                &format!("/v2/mirror/local/{image}/blobs/{blob}"),
+            )?;
+            let bytes = get(gcs.addr, &at(redirect.header("location"), gcs.addr)?)?;
+            assert_eq!(&sha256(&bytes.body), blob, "{image}: {blob}");
+        }
+        Ok((reply.header("docker-content-digest").to_owned(), blobs))
+    };
+    let stored = |digest: &str| -> anyhow::Result<bool> {
+        let name = format!("e/blobs/sha256/{}", digest.trim_start_matches("sha256:"));
+        Ok(gcs
+            .objects("kontain-expiry", &name)?
+            .iter()
+            .any(|(n, _)| *n == name))
+    };
+    let (a, a_blobs) = pull("expiry-a")?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let (b, b_blobs) = pull("expiry-b")?;
+    let layer = a_blobs[1].clone();
+    assert!(b_blobs.contains(&layer), "A and B share {layer}");
+    // B stays in use (pulled by digest) until A's manifest has expired.
+    let a_manifest = format!("e/manifests/sha256/{}", a.trim_start_matches("sha256:"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !gcs.objects("kontain-expiry", &a_manifest)?.is_empty() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "A never expired:\n{}",
+            server.log()
+        );
+        get_ok(&server, &format!("/v2/mirror/local/expiry-b/manifests/{b}"))?;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(stored(&layer)?, "the layer B still uses went with A");
+    pull("expiry-b")?;
+    assert_eq!(
+        proxy.blob_gets().get(&layer).copied(),
+        Some(1),
+        "B pulled completely without fetching the shared layer again"
+    );
+    // Once B is unused for the TTL too, the layer leaves the bucket.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stored(&layer)? {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the layer never expired:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(server.log().contains("expired unused storage"));
     Ok(())
 }

@@ -15,6 +15,7 @@ mod mirror;
 mod plugins;
 mod pull;
 mod reload;
+mod storage;
 mod support;
 
 use std::process::ExitCode;
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
         buildpack::trials(),
         expiry::trials(),
         gcs::trials(),
+        storage::trials(),
         reload::trials(),
     ]
     .into_iter()

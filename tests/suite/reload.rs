@@ -24,6 +24,14 @@ pub fn trials() -> Vec<Trial> {
             "reload::a_garbage_plugin_leaves_the_old_version_serving",
             garbage,
         ),
+        trial(
+            "reload::the_upstream_allowlist_changes_without_a_restart_and_storage_says_it_needs_one",
+            allowlist,
+        ),
+        trial(
+            "reload::a_new_go_build_timeout_applies_without_a_restart",
+            build_timeout,
+        ),
     ]
 }
 
@@ -36,6 +44,13 @@ fn replace(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)?;
     Ok(())
+}
+
+/// Waits until the server's log holds `line`.
+fn logged(server: &Server, line: &str) -> anyhow::Result<()> {
+    eventually(|| Ok(server.log().contains(line)))
+        .map(drop)
+        .map_err(|e| anyhow::anyhow!("{e}: no {line:?} in the log:\n{}", server.log()))
 }
 
 /// Polls `check` until it holds (or 20 s pass); returns how long it took.
@@ -146,5 +161,61 @@ fn garbage() -> anyhow::Result<()> {
             .contains("the previous version, if any, keeps serving"))
     })?;
     assert_eq!(digest_of(&server)?, v1, "the old version keeps serving");
+    Ok(())
+}
+
+/// The mirror's refusal of `localhost`: which rule refused it.
+fn localhost_refusal(server: &Server) -> anyhow::Result<String> {
+    let reply = http(
+        server.addr,
+        Method::GET,
+        "/v2/mirror/localhost/x/manifests/latest",
+        &[],
+    )?;
+    anyhow::ensure!(reply.status == StatusCode::FORBIDDEN, "{}", reply.status);
+    Ok(reply.error()?.1)
+}
+
+fn allowlist() -> anyhow::Result<()> {
+    let config = |allow: &str, ttl: &str| {
+        format!(
+            "[storage]\nbackend = \"filesystem\"\npath = \"data\"\nttl = \"{ttl}\"\n\
+             [upstream]\nallow = [{allow}]\n\
+             [generators.mirror]\nsource = \"builtin:mirror\"\ngrants = [\"upstream\"]\n"
+        )
+    };
+    let server = Server::start(Some(&config("", "10d")))?;
+    let refused = localhost_refusal(&server)?;
+    assert!(
+        refused.contains("not on the upstream allowlist"),
+        "{refused}"
+    );
+    // Allowed now: the next rule (no loopback addresses) refuses instead,
+    // without a connection, and without a restart.
+    let path = server.dir.path().join("kontain.toml");
+    replace(&path, config("\"localhost\"", "20d").as_bytes())?;
+    logged(&server, "reloaded [upstream]")?;
+    let refused = localhost_refusal(&server)?;
+    assert!(refused.contains("loopback, private"), "{refused}");
+    logged(&server, "needs a restart: storage")
+}
+
+fn build_timeout() -> anyhow::Result<()> {
+    let config = crate::ko::config(None)?;
+    let server = Server::start(Some(&config))?;
+    let path = server.dir.path().join("kontain.toml");
+    let quick = config.replacen("[go]\n", "[go]\nbuild_timeout = \"1ms\"\n", 1);
+    replace(&path, quick.as_bytes())?;
+    logged(&server, "reloaded [go]")?;
+    let reply = http(
+        server.addr,
+        Method::GET,
+        "/v2/ko/example.com/tools/cmd/echo/manifests/v0.1.0",
+        &[],
+    )?;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{:?}", reply.body);
+    let (code, message) = reply.error()?;
+    assert_eq!(code, "DENIED");
+    assert!(message.contains("took longer than the limit"), "{message}");
     Ok(())
 }

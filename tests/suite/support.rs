@@ -22,6 +22,12 @@ use libtest_mimic::Trial;
 
 /// A trial whose body returns `anyhow::Result`, its error printed in full.
 pub fn trial(name: &str, test: fn() -> anyhow::Result<()>) -> Trial {
+    trial_with(name, test)
+}
+
+/// As [`trial`], for a body that carries its own values (one test run
+/// against several backends, say).
+pub fn trial_with(name: &str, test: impl FnOnce() -> anyhow::Result<()> + Send + 'static) -> Trial {
     Trial::test(name, move || test().map_err(|e| format!("{e:?}").into()))
 }
 

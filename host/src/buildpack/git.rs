@@ -13,6 +13,8 @@ use std::time::Duration;
 use url::Url;
 
 use super::BuildpackError;
+use crate::image::once::DirCache;
+use crate::image::work::blocking;
 use crate::process::RunError;
 use crate::upstream::Policy;
 
@@ -196,27 +198,34 @@ impl Git {
     }
 
     /// The commit `revision` names, and the commit's files under `dir`.
+    /// The commit `revision` names, and the commit's files, checked out
+    /// once into `sources`; `tmp` holds the work of one fetch.
     pub async fn fetch(
         &self,
         url: &Url,
         revision: &str,
         policy: &Policy,
-        scratch: &Path,
+        sources: &DirCache,
+        tmp: &Path,
     ) -> Result<Source, BuildpackError> {
         check_revision(revision)?;
-        let tmp = scratch.join("tmp");
-        std::fs::create_dir_all(&tmp)
-            .map_err(|e| BuildpackError::io(format!("creating {}", tmp.display()), e))?;
-        let work = tempfile::Builder::new()
-            .prefix("git-")
-            .tempdir_in(&tmp)
-            .map_err(|e| BuildpackError::io("creating a directory".into(), e))?;
+        let tmp = tmp.to_owned();
+        let work = blocking(move || {
+            std::fs::create_dir_all(&tmp)
+                .map_err(|e| BuildpackError::io(format!("creating {}", tmp.display()), e))?;
+            let work = tempfile::Builder::new()
+                .prefix("git-")
+                .tempdir_in(&tmp)
+                .map_err(|e| BuildpackError::io("creating a directory".into(), e))?;
+            for d in ["home", "repo"] {
+                std::fs::create_dir_all(work.path().join(d))
+                    .map_err(|e| BuildpackError::io("creating a directory".into(), e))?;
+            }
+            Ok::<_, BuildpackError>(work)
+        })
+        .await?;
         let home = work.path().join("home");
         let repo = work.path().join("repo");
-        for d in [&home, &repo] {
-            std::fs::create_dir_all(d)
-                .map_err(|e| BuildpackError::io("creating a directory".into(), e))?;
-        }
         let mut ls = self.command(url, policy, &home).await?;
         ls.args(["ls-remote", "--", url.as_str()]);
         let refs = self.run(ls, &format!("ls-remote {url}")).await?;
@@ -283,57 +292,49 @@ impl Git {
         // the cache is per URL, so that one repository's (unadvertised) SHA
         // never serves another's checkout.
         let url_digest = crate::oci::Digest::sha256(url.as_str().as_bytes());
-        let done = scratch
-            .join("sources")
-            .join(format!("{}-{commit}", &url_digest.hex()[..16]));
-        let source = Source {
+        let key = format!("{}-{commit}", &url_digest.hex()[..16]);
+        let (home, repo, commit_ref, init) = (&home, &repo, &commit, &init);
+        let done = sources
+            .get_or_make(&key, |dir: PathBuf| async move {
+                let commit = commit_ref;
+                let mut fetch = self.command(url, policy, home).await?;
+                init(&mut fetch);
+                fetch.args(["fetch", "-q", "--depth", "1", "--", url.as_str(), commit]);
+                self.run(fetch, &format!("fetch {commit}")).await?;
+                let mut checkout = self.command(url, policy, home).await?;
+                init(&mut checkout);
+                checkout.args([
+                    "-c",
+                    "core.symlinks=true",
+                    "checkout",
+                    "-q",
+                    "--detach",
+                    commit,
+                ]);
+                self.run(checkout, &format!("checkout {commit}")).await?;
+                let (repo, src, max) = (repo.clone(), dir.join("src"), self.max_bytes);
+                let what = format!("{url} at {commit}");
+                blocking(move || {
+                    std::fs::remove_dir_all(repo.join(".git"))
+                        .map_err(|e| BuildpackError::io("removing .git".into(), e))?;
+                    let size = crate::files::tree_size(&repo)
+                        .map_err(|e| BuildpackError::io("measuring the checkout".into(), e))?;
+                    if size > max {
+                        return Err(BuildpackError::TooLarge { what, limit: max });
+                    }
+                    std::fs::rename(&repo, &src)
+                        .map_err(|e| BuildpackError::io("moving the checkout".into(), e))
+                })
+                .await
+            })
+            .await?;
+        // The work directory (git's home, what is left of the repository)
+        // goes when `work` is dropped.
+        Ok(Source {
             url: url.to_string(),
-            commit: commit.clone(),
+            commit,
             dir: done.join("src"),
-        };
-        if done.join("complete").exists() {
-            crate::files::touch_complete(&done);
-            return Ok(source);
-        }
-        let mut fetch = self.command(url, policy, &home).await?;
-        init(&mut fetch);
-        fetch.args(["fetch", "-q", "--depth", "1", "--", url.as_str(), &commit]);
-        self.run(fetch, &format!("fetch {commit}")).await?;
-        let mut checkout = self.command(url, policy, &home).await?;
-        init(&mut checkout);
-        checkout.args([
-            "-c",
-            "core.symlinks=true",
-            "checkout",
-            "-q",
-            "--detach",
-            &commit,
-        ]);
-        self.run(checkout, &format!("checkout {commit}")).await?;
-        std::fs::remove_dir_all(repo.join(".git"))
-            .map_err(|e| BuildpackError::io("removing .git".into(), e))?;
-        let size = crate::files::tree_size(&repo)
-            .map_err(|e| BuildpackError::io("measuring the checkout".into(), e))?;
-        if size > self.max_bytes {
-            return Err(BuildpackError::TooLarge {
-                what: format!("{url} at {commit}"),
-                limit: self.max_bytes,
-            });
-        }
-        std::fs::write(work.path().join("complete"), b"")
-            .map_err(|e| BuildpackError::io("marking the checkout".into(), e))?;
-        std::fs::remove_dir_all(&home).ok();
-        std::fs::rename(&repo, work.path().join("src"))
-            .map_err(|e| BuildpackError::io("moving the checkout".into(), e))?;
-        if let Some(parent) = done.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| BuildpackError::io("creating a directory".into(), e))?;
-        }
-        let kept = work.keep();
-        if std::fs::rename(&kept, &done).is_err() {
-            let _ = std::fs::remove_dir_all(&kept);
-        }
-        Ok(source)
+        })
     }
 }
 

@@ -13,8 +13,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use serde_json::json;
 
-use crate::builders::BuildError;
-use crate::generator::{GeneratorError, GuestError};
+use crate::generator::{ErrorKind, GeneratorError};
 use crate::oci::{Digest, ErrorCode, NameError, RepositoryName};
 use crate::storage::StorageError;
 
@@ -94,13 +93,10 @@ impl ApiError {
 
     fn detail(&self) -> serde_json::Value {
         match self {
-            ApiError::Generator(
-                GeneratorError::Reported { plugin, .. }
-                | GeneratorError::Trapped { plugin, .. }
-                | GeneratorError::DeadlineExceeded { plugin, .. }
-                | GeneratorError::Host { plugin, .. }
-                | GeneratorError::Upstream { plugin, .. },
-            ) => json!({ "generator": plugin.name, "version": plugin.version }),
+            ApiError::Generator(GeneratorError {
+                plugin: Some(plugin),
+                ..
+            }) => json!({ "generator": plugin.name, "version": plugin.version }),
             ApiError::RangeNotSatisfiable { size } => json!({ "size": size }),
             _ => serde_json::Value::Null,
         }
@@ -134,28 +130,22 @@ impl ApiError {
     }
 }
 
+/// What each kind of generator failure is, over HTTP.
 fn classify_generator(e: &GeneratorError) -> (StatusCode, ErrorCode) {
-    use GeneratorError as G;
-    match e {
-        G::NotLoaded(_) => (StatusCode::NOT_FOUND, ErrorCode::NameUnknown),
-        G::Reported { error, .. } => match error {
-            GuestError::InvalidReference(_) => (StatusCode::BAD_REQUEST, ErrorCode::TagInvalid),
-            GuestError::InvalidName(_) => (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
-            GuestError::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown),
-            GuestError::Denied(_) | GuestError::LimitExceeded(_) => {
-                (StatusCode::FORBIDDEN, ErrorCode::Denied)
-            }
-            GuestError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
-            GuestError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown),
-        },
-        G::Trapped { .. } => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown),
-        G::DeadlineExceeded { .. } => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Unavailable),
-        G::Host {
-            source: BuildError::LimitExceeded { .. },
-            ..
-        } => (StatusCode::FORBIDDEN, ErrorCode::Denied),
-        G::Host { .. } | G::Upstream { .. } | G::Storage(_) => {
-            (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown)
+    match e.kind {
+        ErrorKind::InvalidReference => (StatusCode::BAD_REQUEST, ErrorCode::TagInvalid),
+        // A source that cannot be built as it is: the name asks for
+        // something that cannot exist.
+        ErrorKind::InvalidName | ErrorKind::BuildFailed => {
+            (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid)
         }
+        ErrorKind::NameUnknown => (StatusCode::NOT_FOUND, ErrorCode::NameUnknown),
+        ErrorKind::NotFound => (StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown),
+        ErrorKind::Denied | ErrorKind::LimitExceeded | ErrorKind::SourceRefused => {
+            (StatusCode::FORBIDDEN, ErrorCode::Denied)
+        }
+        ErrorKind::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
+        ErrorKind::Deadline => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Unavailable),
+        ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown),
     }
 }

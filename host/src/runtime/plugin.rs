@@ -10,8 +10,9 @@ use wasmtime::Engine;
 use wasmtime::component::{Component, Linker};
 
 use super::bindings::PluginPre;
-use super::host::HostState;
-use crate::config::{Capability, GeneratorConfig, Limits, Source};
+use super::state::HostState;
+use crate::capabilities::Capability;
+use crate::config::{GeneratorConfig, Limits, Source};
 use crate::generator::PluginId;
 use crate::oci::Digest;
 
@@ -246,7 +247,7 @@ fn check_import(name: &str, import: &str, grants: &BTreeSet<Capability>) -> Resu
             import: import.to_owned(),
         });
     }
-    if let Some(capability) = Capability::ALL.iter().find(|c| c.interface() == interface) {
+    if let Some(capability) = Capability::ALL.iter().find(|c| c.name() == interface) {
         if !grants.contains(capability) {
             return Err(LoadError::NotGranted {
                 name: name.to_owned(),

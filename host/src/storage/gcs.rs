@@ -1,61 +1,57 @@
-//! The Google Cloud Storage backend: one bucket (under a prefix) shared by
-//! every replica of kontain.
+//! The Google Cloud Storage driver: one bucket (under a prefix) shared by
+//! every replica of kontain. A key is an object name after the prefix.
 //!
-//! Objects: `blobs/sha256/<hex>` (the bytes), `manifests/sha256/<hex>` (the
-//! bytes, media type in metadata), `values/<sha256 of key>` (tags, plugin
-//! caches), `leases/<sha256 of key>` (who is doing a piece of work).
+//! Objects are created with `ifGenerationMatch=0`: the first replica to
+//! finish publishes, a racing one gets `412` and keeps what is there (objects
+//! of one key are equal). An upload becomes visible only when it completes,
+//! and the content store hashed the bytes locally before it began, so no
+//! reader can see a partial or unverified object. Every object carries its
+//! last use (`used`, Unix milliseconds) in its metadata.
 //!
-//! Blobs and manifests are created with `ifGenerationMatch=0`: the first
-//! replica to finish publishes, a racing one gets `412` and keeps what is
-//! there (same digest, same bytes). An upload becomes visible only when it
-//! completes, and the bytes were hashed locally before it began, so no
-//! reader can see a partial or unverified object.
-//!
-//! Leases make replicas that are asked for the same work at once do it
-//! once: created with `ifGenerationMatch=0`, renewed by the holder every
-//! third of their TTL (compare-and-swap on the generation), released by
-//! writing them expired. A replica that dies stops renewing; once the lease
-//! is past its expiry another replica takes it with the same compare-and-
-//! swap. Expiry times come from the holder's clock, so replica clocks must
-//! agree to well within the TTL (NTP does).
+//! Reads and writes go through the official client (`google-cloud-storage`,
+//! JSON API); listing, deleting and marking use (whose calls in that crate
+//! are gRPC, which emulators do not serve) go to the JSON API directly with
+//! the same credentials (`json`). Leases are in `lease`.
+
+mod json;
+mod lease;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
+use google_cloud_auth::credentials::Credentials;
 use google_cloud_auth::signer::Signer;
 use google_cloud_storage::builder::storage::SignedUrlBuilder;
 use google_cloud_storage::client::Storage as Client;
 use google_cloud_storage::model_ext::ReadRange;
 use google_cloud_storage::read_object::ReadObjectResponse;
-use serde::{Deserialize, Serialize};
 
-use super::{
-    BlobContent, BlobInfo, BlobWriter, ByteRange, Lease, Spool, Storage, StorageError,
-    StoredManifest,
-};
-use crate::config::{GcsConfig, RedirectMode};
-use crate::oci::{Digest, MAX_MANIFEST_BYTES, MediaType};
+use super::config::{GcsConfig, RedirectMode};
+use super::{BlobContent, ByteRange, Driver, Lease, Listed, Stat, StorageError};
+use crate::oci::Digest;
 
-/// Values are small (a digest, a plugin's cache entry).
-const MAX_VALUE_BYTES: u64 = 1 << 20;
+/// Lease records are small JSON documents.
+const MAX_LEASE_BYTES: u64 = 1 << 20;
 
-pub struct GcsStorage {
+/// Signed URLs remembered at most; past this the memory starts over.
+const MAX_SIGNED_URLS: usize = 10_000;
+
+pub struct GcsDriver {
     client: Client,
     /// `projects/_/buckets/<name>`, as the client names buckets.
     bucket: String,
-    bucket_name: String,
     prefix: String,
     redirect: Redirect,
+    json: json::JsonApi,
+    leases: lease::Leases,
     spool: PathBuf,
-    lease_ttl: Duration,
-    /// Names this process in the leases it holds.
-    holder: String,
-    leases_taken: AtomicU64,
+    /// Blob writers publish from blocking threads; uploads run here.
+    handle: tokio::runtime::Handle,
 }
 
 enum Redirect {
@@ -72,9 +68,6 @@ enum Redirect {
     },
 }
 
-/// Signed URLs remembered at most; past this the memory starts over.
-const MAX_SIGNED_URLS: usize = 10_000;
-
 fn remote(
     operation: impl Into<String>,
 ) -> impl FnOnce(google_cloud_storage::Error) -> StorageError {
@@ -89,8 +82,23 @@ fn status(e: &google_cloud_storage::Error) -> Option<u16> {
     e.http_status_code()
 }
 
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn from_unix_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// The metadata a new object is written with: its use, now.
+fn fresh() -> [(&'static str, String); 1] {
+    [("used", unix_ms().to_string())]
+}
+
 /// The outcome of a create-only write: `412` means the object exists, and
-/// content-addressed objects of one name are equal, so that is success too.
+/// objects of one key are equal, so that is success too.
 fn created(
     result: google_cloud_storage::Result<google_cloud_storage::model::Object>,
     object: &str,
@@ -103,18 +111,26 @@ fn created(
 }
 
 fn read_key(path: &Path) -> Result<serde_json::Value, StorageError> {
-    let text = std::fs::read_to_string(path).map_err(|source| StorageError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(StorageError::io(path))?;
     serde_json::from_str(&text).map_err(|e| StorageError::Remote {
         operation: format!("read the service-account key {}", path.display()),
         message: e.to_string(),
     })
 }
 
-impl GcsStorage {
-    /// Connects to the bucket `config` names; uploads are spooled under
+/// What a read tells of the object: our own metadata first, since not every
+/// server reports the size of a ranged read as the object's.
+fn stat_of(response: &ReadObjectResponse) -> Stat {
+    let object = response.object();
+    let number = |k: &str| object.metadata.get(k).and_then(|s| s.parse::<u64>().ok());
+    Stat {
+        size: number("size").unwrap_or(object.size.max(0) as u64),
+        used: number("used").map_or(UNIX_EPOCH, from_unix_ms),
+    }
+}
+
+impl GcsDriver {
+    /// Connects to the bucket `config` names; blobs are spooled under
     /// `local`. Nothing is sent until the first request.
     pub async fn open(config: &GcsConfig, local: &Path) -> Result<Self, StorageError> {
         // The auth crate signs with whatever rustls provider is installed.
@@ -124,7 +140,7 @@ impl GcsStorage {
             message: e.to_string(),
         };
         let key = config.credentials.as_deref().map(read_key).transpose()?;
-        let credentials = match (&key, config.anonymous) {
+        let credentials: Credentials = match (&key, config.anonymous) {
             (_, true) => google_cloud_auth::credentials::anonymous::Builder::new().build(),
             (Some(key), false) => {
                 google_cloud_auth::credentials::service_account::Builder::new(key.clone())
@@ -140,7 +156,7 @@ impl GcsStorage {
             .as_ref()
             .map(|u| u.as_str().trim_end_matches('/').to_owned());
         let mut builder = Client::builder()
-            .with_credentials(credentials)
+            .with_credentials(credentials.clone())
             .with_resumable_upload_threshold(
                 usize::try_from(config.resumable_upload_threshold.0).unwrap_or(usize::MAX),
             );
@@ -163,62 +179,48 @@ impl GcsStorage {
                 .map_err(auth_failed)?;
                 Redirect::Signed {
                     signer,
-                    endpoint,
+                    endpoint: endpoint.clone(),
                     ttl: config.signed_url_ttl,
                     recent: Mutex::default(),
                 }
             }
         };
         let spool = local.join("spool");
-        std::fs::create_dir_all(&spool).map_err(|source| StorageError::Io {
-            path: spool.clone(),
-            source,
-        })?;
-        super::remove_abandoned_temporaries(&spool);
+        std::fs::create_dir_all(&spool).map_err(StorageError::io(&spool))?;
+        super::spool::remove_abandoned(&spool);
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        Ok(GcsStorage {
+        let bucket = format!("projects/_/buckets/{}", config.bucket);
+        Ok(GcsDriver {
+            json: json::JsonApi::new(
+                endpoint
+                    .as_deref()
+                    .unwrap_or("https://storage.googleapis.com"),
+                &config.bucket,
+                credentials,
+            )?,
+            leases: lease::Leases {
+                client: client.clone(),
+                bucket: bucket.clone(),
+                ttl: config.lease_ttl,
+                holder: format!(
+                    "{}/{}/{:08x}",
+                    host.trim(),
+                    std::process::id(),
+                    rand::random::<u32>()
+                ),
+                taken: AtomicU64::new(0),
+            },
             client,
-            bucket: format!("projects/_/buckets/{}", config.bucket),
-            bucket_name: config.bucket.clone(),
+            bucket,
             prefix: config.prefix.clone(),
             redirect,
             spool,
-            lease_ttl: config.lease_ttl,
-            holder: format!(
-                "{}/{}/{:08x}",
-                host.trim(),
-                std::process::id(),
-                rand::random::<u32>()
-            ),
-            leases_taken: AtomicU64::new(0),
+            handle: tokio::runtime::Handle::current(),
         })
     }
 
-    fn blob_object(&self, digest: &Digest) -> String {
-        format!(
-            "{}blobs/{}/{}",
-            self.prefix,
-            digest.algorithm_name(),
-            digest.hex()
-        )
-    }
-
-    fn manifest_object(&self, digest: &Digest) -> String {
-        format!(
-            "{}manifests/{}/{}",
-            self.prefix,
-            digest.algorithm_name(),
-            digest.hex()
-        )
-    }
-
-    fn hashed_object(&self, kind: &str, key: &str) -> String {
-        // Keys are arbitrary text; hashing makes them safe object names.
-        format!(
-            "{}{kind}/{}",
-            self.prefix,
-            Digest::sha256(key.as_bytes()).hex()
-        )
+    fn object(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
     }
 
     /// Starts reading `object`; `None` if it does not exist.
@@ -240,175 +242,33 @@ impl GcsStorage {
         }
     }
 
-    /// A small object's bytes (refused past `cap`) and its metadata.
-    async fn read_small(
-        &self,
-        object: &str,
-        cap: u64,
-    ) -> Result<Option<(Bytes, ObjectInfo)>, StorageError> {
-        let Some(mut response) = self.open_object(object, ReadRange::all()).await? else {
-            return Ok(None);
-        };
-        let info = ObjectInfo::of(&response);
-        let mut bytes = BytesMut::new();
-        while let Some(chunk) = response.next().await {
-            let chunk = chunk.map_err(remote(format!("read {object}")))?;
-            bytes.extend_from_slice(&chunk);
-            if bytes.len() as u64 > cap {
-                return Err(StorageError::TooLarge { limit: cap });
-            }
-        }
-        Ok(Some((bytes.freeze(), info)))
-    }
-
-    /// Creates `object` unless it exists (`412`: someone else created it
-    /// first, and content-addressed objects are equal).
-    async fn create(
-        &self,
-        object: &str,
-        bytes: Bytes,
-        metadata: &[(&str, String)],
-    ) -> Result<(), StorageError> {
-        let result = self
+    /// Writes `object`: only if absent (`create`), or replacing it.
+    async fn write(&self, object: &str, bytes: Bytes, create: bool) -> Result<(), StorageError> {
+        let metadata = fresh();
+        let mut request = self
             .client
             .write_object(&self.bucket, object, bytes)
-            .set_if_generation_match(0)
-            .set_metadata(metadata.iter().map(|(k, v)| (*k, v.as_str())))
-            .send_buffered()
-            .await;
-        created(result, object)
-    }
-
-    fn unix_ms() -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
-    }
-}
-
-/// What kontain reads back from an object's metadata.
-struct ObjectInfo {
-    size: u64,
-    media_type: Option<String>,
-}
-
-impl ObjectInfo {
-    fn of(response: &ReadObjectResponse) -> ObjectInfo {
-        let object = response.object();
-        ObjectInfo {
-            // Our own metadata first: not every server reports the size of
-            // a ranged read as the object's.
-            size: object
-                .metadata
-                .get("size")
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(object.size.max(0) as u64),
-            media_type: object.metadata.get("media-type").cloned(),
+            .set_metadata(metadata.iter().map(|(k, v)| (*k, v.as_str())));
+        if create {
+            request = request.set_if_generation_match(0);
         }
-    }
-}
-
-/// Spools a blob locally, then uploads it whole on commit.
-struct GcsBlobWriter {
-    spool: Spool,
-    client: Client,
-    bucket: String,
-    object_prefix: String,
-    handle: tokio::runtime::Handle,
-}
-
-impl std::io::Write for GcsBlobWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.spool.write(buf)
+        created(request.send_buffered().await, object)
     }
 
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.spool.flush()
-    }
-}
-
-impl BlobWriter for GcsBlobWriter {
-    fn written(&self) -> u64 {
-        self.spool.written()
-    }
-
-    fn commit(self: Box<Self>, expected: Option<&Digest>) -> Result<BlobInfo, StorageError> {
-        let GcsBlobWriter {
-            spool,
-            client,
-            bucket,
-            object_prefix,
-            handle,
-        } = *self;
-        let (info, tmp) = spool.finish(expected)?;
-        let object = format!("{object_prefix}{}", info.digest.hex());
-        let file = tmp.reopen().map_err(|source| StorageError::Io {
-            path: tmp.path().to_owned(),
-            source,
-        })?;
-        let metadata = [
-            ("digest", info.digest.to_string()),
-            ("size", info.size.to_string()),
-        ];
-        let upload = async {
-            let result = client
-                .write_object(&bucket, &object, tokio::fs::File::from_std(file))
-                .set_if_generation_match(0)
-                .set_content_type("application/octet-stream")
-                .set_metadata(metadata.iter().map(|(k, v)| (*k, v.as_str())))
-                .send_buffered()
-                .await;
-            created(result, &object)
-        };
-        // Writers run on blocking threads; a thread of our own makes waiting
-        // for the async upload safe from any caller.
-        std::thread::scope(|s| {
-            s.spawn(|| handle.block_on(upload))
-                .join()
-                .unwrap_or_else(|_| {
-                    Err(StorageError::Remote {
-                        operation: format!("upload {object}"),
-                        message: "the upload thread panicked".into(),
-                    })
-                })
-        })?;
-        Ok(info)
-    }
-}
-
-#[async_trait::async_trait]
-impl Storage for GcsStorage {
-    async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
-        let object = self.blob_object(digest);
-        // One byte: the metadata without the body.
-        match self
-            .client
-            .read_object(&self.bucket, &object)
-            .set_read_range(ReadRange::segment(0, 1))
-            .send()
-            .await
-        {
-            Ok(r) => Ok(Some(ObjectInfo::of(&r).size)),
-            Err(e) if status(&e) == Some(404) => Ok(None),
-            // An empty object has no first byte.
-            Err(e) if status(&e) == Some(416) => Ok(Some(0)),
-            Err(e) => Err(remote(format!("read {object}"))(e)),
-        }
-    }
-
-    async fn blob_location(&self, digest: &Digest) -> Result<Option<String>, StorageError> {
-        let object = self.blob_object(digest);
+    /// A signed or public URL for `object`, per the redirect mode.
+    async fn url_for(&self, object: String) -> Result<Option<String>, StorageError> {
         match &self.redirect {
             Redirect::None => Ok(None),
             Redirect::Public(base) => {
                 let mut url = base.clone();
+                let bucket = self.bucket.trim_start_matches("projects/_/buckets/");
                 url.path_segments_mut()
                     .map_err(|()| StorageError::Remote {
                         operation: "build a public URL".into(),
                         message: format!("{base} cannot be a base URL"),
                     })?
                     .pop_if_empty()
-                    .push(&self.bucket_name)
+                    .push(bucket)
                     .extend(object.split('/'));
                 Ok(Some(url.to_string()))
             }
@@ -449,13 +309,83 @@ impl Storage for GcsStorage {
             }
         }
     }
+}
 
-    async fn read_blob(
+#[async_trait::async_trait]
+impl Driver for GcsDriver {
+    fn spool_dir(&self) -> &Path {
+        &self.spool
+    }
+
+    fn publish(&self, key: &str, file: tempfile::NamedTempFile) -> Result<(), StorageError> {
+        let object = self.object(key);
+        let size = file
+            .as_file()
+            .metadata()
+            .map_err(StorageError::io(file.path()))?
+            .len();
+        let reopened = file.reopen().map_err(StorageError::io(file.path()))?;
+        let metadata = [("size", size.to_string()), ("used", unix_ms().to_string())];
+        let upload = async {
+            let result = self
+                .client
+                .write_object(&self.bucket, &object, tokio::fs::File::from_std(reopened))
+                .set_if_generation_match(0)
+                .set_content_type("application/octet-stream")
+                .set_metadata(metadata.iter().map(|(k, v)| (*k, v.as_str())))
+                .send_buffered()
+                .await;
+            created(result, &object)
+        };
+        // Writers publish from blocking threads; a thread of our own makes
+        // waiting for the async upload safe from any caller.
+        std::thread::scope(|s| {
+            s.spawn(|| self.handle.block_on(upload))
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(StorageError::Remote {
+                        operation: format!("upload {object}"),
+                        message: "the upload thread panicked".into(),
+                    })
+                })
+        })
+    }
+
+    async fn create(&self, key: &str, bytes: Bytes) -> Result<(), StorageError> {
+        self.write(&self.object(key), bytes, true).await
+    }
+
+    async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StorageError> {
+        self.write(&self.object(key), bytes, false).await
+    }
+
+    async fn stat(&self, key: &str) -> Result<Option<Stat>, StorageError> {
+        let object = self.object(key);
+        // One byte: the metadata without the body.
+        match self
+            .client
+            .read_object(&self.bucket, &object)
+            .set_read_range(ReadRange::segment(0, 1))
+            .send()
+            .await
+        {
+            Ok(r) => Ok(Some(stat_of(&r))),
+            Err(e) if status(&e) == Some(404) => Ok(None),
+            // An empty object has no first byte.
+            Err(e) if status(&e) == Some(416) => Ok(Some(Stat {
+                size: 0,
+                used: UNIX_EPOCH,
+            })),
+            Err(e) => Err(remote(format!("read {object}"))(e)),
+        }
+    }
+
+    async fn read(
         &self,
-        digest: &Digest,
+        key: &str,
         range: Option<ByteRange>,
     ) -> Result<Option<BlobContent>, StorageError> {
-        let object = self.blob_object(digest);
+        let object = self.object(key);
         let read_range = match range {
             Some(r) => ReadRange::segment(r.first, r.len()),
             None => ReadRange::all(),
@@ -465,7 +395,7 @@ impl Storage for GcsStorage {
         };
         let len = match range {
             Some(r) => r.len(),
-            None => ObjectInfo::of(&response).size,
+            None => stat_of(&response).size,
         };
         let body = futures_util::stream::unfold(response, |mut response| async move {
             let chunk = response.next().await?;
@@ -475,302 +405,45 @@ impl Storage for GcsStorage {
         Ok(Some(BlobContent { len, body }))
     }
 
-    fn blob_writer(&self, limit: u64) -> Result<Box<dyn BlobWriter>, StorageError> {
-        let handle = tokio::runtime::Handle::try_current().map_err(|e| StorageError::Io {
-            path: self.spool.clone(),
-            source: std::io::Error::other(e),
-        })?;
-        Ok(Box::new(GcsBlobWriter {
-            spool: Spool::new(&self.spool, limit)?,
-            client: self.client.clone(),
-            bucket: self.bucket.clone(),
-            object_prefix: format!("{}blobs/sha256/", self.prefix),
-            handle,
-        }))
-    }
-
-    async fn put_manifest(
-        &self,
-        media_type: &MediaType,
-        bytes: Bytes,
-    ) -> Result<StoredManifest, StorageError> {
-        let digest = super::manifest_digest(&bytes)?;
-        let metadata = [
-            ("media-type", media_type.to_string()),
-            ("digest", digest.to_string()),
-            ("size", bytes.len().to_string()),
-        ];
-        self.create(&self.manifest_object(&digest), bytes.clone(), &metadata)
-            .await?;
-        Ok(StoredManifest {
-            digest,
-            media_type: media_type.clone(),
-            bytes,
-        })
-    }
-
-    async fn manifest(&self, digest: &Digest) -> Result<Option<StoredManifest>, StorageError> {
-        let object = self.manifest_object(digest);
-        let Some((bytes, info)) = self.read_small(&object, MAX_MANIFEST_BYTES).await? else {
+    async fn read_small(&self, key: &str, cap: u64) -> Result<Option<(Bytes, Stat)>, StorageError> {
+        let object = self.object(key);
+        let Some(mut response) = self.open_object(&object, ReadRange::all()).await? else {
             return Ok(None);
         };
-        let corrupt = || StorageError::CorruptMetadata {
-            digest: digest.clone(),
-        };
-        // The bucket is trusted less than the digest it is asked for.
-        if Digest::sha256(&bytes) != *digest {
-            return Err(corrupt());
+        let stat = stat_of(&response);
+        let mut bytes = BytesMut::new();
+        while let Some(chunk) = response.next().await {
+            let chunk = chunk.map_err(remote(format!("read {object}")))?;
+            bytes.extend_from_slice(&chunk);
+            if bytes.len() as u64 > cap {
+                return Err(StorageError::TooLarge { limit: cap });
+            }
         }
-        let media_type = info
-            .media_type
-            .and_then(|m| m.parse().ok())
-            .ok_or_else(corrupt)?;
-        Ok(Some(StoredManifest {
-            digest: digest.clone(),
-            media_type,
-            bytes,
-        }))
+        Ok(Some((bytes.freeze(), stat)))
     }
 
-    async fn put_value(&self, key: &str, value: &str) -> Result<(), StorageError> {
-        let object = self.hashed_object("values", key);
-        self.client
-            .write_object(&self.bucket, &object, value.to_owned())
-            .send_buffered()
-            .await
-            .map_err(remote(format!("write {object}")))?;
-        Ok(())
+    async fn touch(&self, key: &str) -> Result<(), StorageError> {
+        self.json.set_metadata(&self.object(key), &fresh()).await
     }
 
-    async fn value(&self, key: &str) -> Result<Option<String>, StorageError> {
-        let object = self.hashed_object("values", key);
-        Ok(self
-            .read_small(&object, MAX_VALUE_BYTES)
-            .await?
-            .map(|(bytes, _)| String::from_utf8_lossy(&bytes).into_owned()))
+    async fn list(&self, prefix: &str) -> Result<Vec<Listed>, StorageError> {
+        let mut listed = self.json.list(&self.object(prefix)).await?;
+        for item in &mut listed {
+            item.key = item.key.split_off(self.prefix.len());
+        }
+        Ok(listed)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        self.json.delete(&self.object(key)).await
     }
 
     async fn lease(&self, key: &str) -> Result<Box<dyn Lease>, StorageError> {
-        let n = self.leases_taken.fetch_add(1, Ordering::Relaxed);
-        let state = Arc::new(LeaseState {
-            client: self.client.clone(),
-            bucket: self.bucket.clone(),
-            object: self.hashed_object("leases", key),
-            key: key.to_owned(),
-            process: self.holder.clone(),
-            token: format!("{}/{n}", self.holder),
-            ttl: self.lease_ttl,
-            generation: Mutex::new(0),
-        });
-        // In a task of its own: if the request is dropped once the lease
-        // object is written, the task still finishes, and dropping the
-        // lease it made releases it.
-        let acquiring = tokio::spawn(async move {
-            state.acquire().await?;
-            let heartbeat = tokio::spawn(state.clone().renew());
-            Ok::<_, StorageError>(GcsLease { state, heartbeat })
-        });
-        let lease = acquiring.await.map_err(|e| StorageError::Remote {
-            operation: "take a lease".into(),
-            message: e.to_string(),
-        })??;
-        Ok(Box::new(lease))
-    }
-}
-
-/// The content of a lease object.
-#[derive(Serialize, Deserialize)]
-struct LeaseRecord {
-    holder: String,
-    key: String,
-    expires_unix_ms: u64,
-}
-
-struct LeaseState {
-    client: Client,
-    bucket: String,
-    object: String,
-    key: String,
-    /// This process, as it names itself in lease records.
-    process: String,
-    /// This acquisition, unique among all replicas.
-    token: String,
-    ttl: Duration,
-    /// The lease object's generation as last written by us.
-    generation: Mutex<i64>,
-}
-
-impl LeaseState {
-    fn record(&self, expires_unix_ms: u64) -> String {
-        serde_json::to_string(&LeaseRecord {
-            holder: self.token.clone(),
-            key: self.key.clone(),
-            expires_unix_ms,
-        })
-        .unwrap_or_default()
+        let object = self.object(&format!("leases/{}", Digest::sha256(key.as_bytes()).hex()));
+        self.leases.take(object, key).await
     }
 
-    fn generation(&self) -> i64 {
-        *self.generation.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn set_generation(&self, generation: i64) {
-        *self.generation.lock().unwrap_or_else(|p| p.into_inner()) = generation;
-    }
-
-    /// Writes our record expiring at `expires` if the object is still at
-    /// `generation` (`0`: does not exist). `Ok(false)`: someone else wrote.
-    async fn swap(&self, generation: i64, expires: u64) -> Result<bool, StorageError> {
-        let result = self
-            .client
-            .write_object(&self.bucket, &self.object, self.record(expires))
-            .set_if_generation_match(generation)
-            .send_buffered()
-            .await;
-        match result {
-            Ok(object) => {
-                self.set_generation(object.generation);
-                Ok(true)
-            }
-            // The client retries lost responses; a retry of our own write
-            // that landed gets 412 too. The record says whose it is.
-            Err(e) if status(&e) == Some(412) => match self.current().await? {
-                Some((generation, Some(r))) if r.holder == self.token => {
-                    self.set_generation(generation);
-                    Ok(true)
-                }
-                _ => Ok(false),
-            },
-            Err(e) => Err(remote(format!("write the lease {}", self.object))(e)),
-        }
-    }
-
-    /// The lease object's generation and record, if it exists.
-    async fn current(&self) -> Result<Option<(i64, Option<LeaseRecord>)>, StorageError> {
-        let read = self
-            .client
-            .read_object(&self.bucket, &self.object)
-            .send()
-            .await;
-        let mut response = match read {
-            Ok(r) => r,
-            Err(e) if status(&e) == Some(404) => return Ok(None),
-            Err(e) => return Err(remote(format!("read the lease {}", self.object))(e)),
-        };
-        let generation = response.object().generation;
-        let mut bytes = Vec::new();
-        while let Some(chunk) = response.next().await {
-            let chunk = chunk.map_err(remote(format!("read the lease {}", self.object)))?;
-            bytes.extend_from_slice(&chunk);
-            if bytes.len() as u64 > MAX_VALUE_BYTES {
-                break;
-            }
-        }
-        Ok(Some((generation, serde_json::from_slice(&bytes).ok())))
-    }
-
-    fn ttl_ms(&self) -> u64 {
-        self.ttl.as_millis() as u64
-    }
-
-    /// Waits until the lease is ours.
-    async fn acquire(&self) -> Result<(), StorageError> {
-        // Check often enough that a released lease is picked up quickly,
-        // rarely enough that waiting replicas cost the bucket little.
-        let poll = (self.ttl / 10).clamp(Duration::from_millis(50), Duration::from_millis(500));
-        loop {
-            if self.swap(0, GcsStorage::unix_ms() + self.ttl_ms()).await? {
-                return Ok(());
-            }
-            if let Some((generation, record)) = self.current().await? {
-                let now = GcsStorage::unix_ms();
-                // An unreadable record guards nothing. A record of this
-                // process is a lease whose holder has finished (its local
-                // lock, which this caller now holds, was released with it)
-                // and whose release write has not landed yet.
-                let ours = format!("{}/", self.process);
-                let expired = record
-                    .as_ref()
-                    .is_none_or(|r| r.expires_unix_ms <= now || r.holder.starts_with(&ours));
-                if expired && self.swap(generation, now + self.ttl_ms()).await? {
-                    if let Some(r) = record.filter(|r| {
-                        !r.holder.ends_with("/released") && !r.holder.starts_with(&ours)
-                    }) {
-                        tracing::warn!(key = %self.key, previous = %r.holder,
-                            "took over a lease its holder stopped renewing");
-                    }
-                    return Ok(());
-                }
-            } else {
-                continue; // deleted (by a lifecycle rule) just now: create it
-            }
-            let jitter = Duration::from_millis(rand::random::<u64>() % 50);
-            tokio::time::sleep(poll + jitter).await;
-        }
-    }
-
-    /// Renews the lease every third of its TTL until aborted.
-    async fn renew(self: Arc<Self>) {
-        loop {
-            tokio::time::sleep(self.ttl / 3).await;
-            let expires = GcsStorage::unix_ms() + self.ttl_ms();
-            match self.swap(self.generation(), expires).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    tracing::warn!(key = %self.key, "lost a lease (renewed too late); another replica may repeat this work");
-                    return;
-                }
-                Err(e) => tracing::warn!(key = %self.key, error = %e, "could not renew a lease"),
-            }
-        }
-    }
-
-    /// Marks the lease expired so that a waiting replica takes it at once.
-    async fn release(&self) {
-        let released = serde_json::to_string(&LeaseRecord {
-            holder: format!("{}/released", self.token),
-            key: self.key.clone(),
-            expires_unix_ms: 0,
-        })
-        .unwrap_or_default();
-        let mut generation = self.generation();
-        for _ in 0..2 {
-            let result = self
-                .client
-                .write_object(&self.bucket, &self.object, released.clone())
-                .set_if_generation_match(generation)
-                .send_buffered()
-                .await;
-            match result {
-                Ok(_) => return,
-                // A renewal we aborted may have landed: if the lease is
-                // still ours, release that generation.
-                Err(e) if status(&e) == Some(412) => match self.current().await {
-                    Ok(Some((g, Some(r)))) if r.holder == self.token => generation = g,
-                    _ => return,
-                },
-                Err(e) => {
-                    tracing::warn!(key = %self.key, error = %e, "could not release a lease; it expires by itself");
-                    return;
-                }
-            }
-        }
-    }
-}
-
-struct GcsLease {
-    state: Arc<LeaseState>,
-    heartbeat: tokio::task::JoinHandle<()>,
-}
-
-impl Lease for GcsLease {}
-
-impl Drop for GcsLease {
-    fn drop(&mut self) {
-        self.heartbeat.abort();
-        let state = self.state.clone();
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move { state.release().await });
-        }
+    async fn location(&self, key: &str) -> Result<Option<String>, StorageError> {
+        self.url_for(self.object(key)).await
     }
 }

@@ -14,7 +14,7 @@ use url::Url;
 
 use super::UpstreamError;
 use super::image::UpstreamImage;
-use super::policy::{CheckedResolver, Policy, Refusal};
+use super::policy::{CheckedResolver, Policy, Refusal, SharedPolicy};
 use crate::oci::{Digest, MAX_MANIFEST_BYTES};
 
 const MAX_REDIRECTS: usize = 10;
@@ -31,7 +31,7 @@ enum Auth {
 
 pub struct Client {
     http: reqwest::Client,
-    policy: Arc<Policy>,
+    policy: SharedPolicy,
     tokens: Mutex<HashMap<String, (Auth, Instant)>>,
 }
 
@@ -41,7 +41,7 @@ pub struct ManifestHead {
 }
 
 impl Client {
-    pub fn new(policy: Arc<Policy>) -> Result<Client, String> {
+    pub fn new(policy: SharedPolicy) -> Result<Client, String> {
         // reqwest is built without a default crypto provider; pick ring once
         // per process (a second install is harmlessly refused).
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -58,9 +58,10 @@ impl Client {
                 if attempt.previous().len() >= MAX_REDIRECTS {
                     return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
                 }
+                let policy = redirect_policy.current();
                 let checked = match attempt.previous().first() {
-                    Some(origin) => redirect_policy.check_from(origin, attempt.url()),
-                    None => redirect_policy.check_url(attempt.url()),
+                    Some(origin) => policy.check_from(origin, attempt.url()),
+                    None => policy.check_url(attempt.url()),
                 };
                 match checked {
                     Ok(()) => attempt.follow(),
@@ -155,6 +156,7 @@ impl Client {
         accept: &[String],
     ) -> Result<Response, UpstreamError> {
         self.policy
+            .current()
             .check_url(&url)
             .map_err(UpstreamError::Refused)?;
         let scope = format!("repository:{}:pull", image.repository);
@@ -225,6 +227,7 @@ impl Client {
                 let mut realm = Url::parse(realm).map_err(|_| unauthorized())?;
                 // The token service is a connection like any other.
                 self.policy
+                    .current()
                     .check_from(&image.endpoint.base, &realm)
                     .map_err(UpstreamError::Refused)?;
                 {
@@ -278,9 +281,10 @@ impl Client {
         }
     }
 
-    /// The connection policy, for tools that connect on their own (git).
-    pub fn policy(&self) -> &Policy {
-        &self.policy
+    /// The connection policy in force, for tools that connect on their own
+    /// (git).
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.current()
     }
 
     /// A plain `GET` of `url` for other protocols that share this client's
@@ -288,7 +292,10 @@ impl Client {
     /// is in. The URL, every redirect and every resolved address are checked
     /// as for registries.
     pub async fn get(&self, url: Url) -> Result<Response, PlainError> {
-        self.policy.check_url(&url).map_err(PlainError::Refused)?;
+        self.policy
+            .current()
+            .check_url(&url)
+            .map_err(PlainError::Refused)?;
         self.http.get(url).send().await.map_err(plain_error)
     }
 }

@@ -114,19 +114,6 @@ impl Registries {
     }
 }
 
-/// `name[:tag][@digest]` split into the name and the tag or digest (`latest`
-/// when neither is given).
-pub fn split_reference(image: &str) -> (&str, &str) {
-    if let Some((name, digest)) = image.split_once('@') {
-        return (name, digest);
-    }
-    let last = image.rfind('/').map_or(0, |i| i + 1);
-    match image[last..].find(':') {
-        Some(i) => (&image[..last + i], &image[last + i + 1..]),
-        None => (image, "latest"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

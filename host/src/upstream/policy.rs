@@ -9,6 +9,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use url::{Host, Url};
 
 /// Why a connection was refused; the message names the rule.
@@ -58,6 +59,13 @@ impl HostPattern {
             host: host.to_owned(),
             port,
         }
+    }
+
+    /// Exactly the host and port of an http(s) URL (a module proxy, a git
+    /// host): allowed as itself, and nothing else on that name.
+    pub fn exactly(url: &Url) -> Option<Self> {
+        let (host, port) = (url.host_str()?, url.port_or_known_default()?);
+        Some(HostPattern::new(&format!("{host}:{port}")))
     }
 
     fn matches_host(&self, host: &str) -> bool {
@@ -229,15 +237,34 @@ fn embedded_v4(hi: u16, lo: u16) -> Ipv4Addr {
     Ipv4Addr::new(a, b, c, d)
 }
 
+/// The policy in force, replaced as a whole when the config reloads; every
+/// check reads the one current at that moment.
+#[derive(Clone, Default)]
+pub struct SharedPolicy(Arc<ArcSwap<Policy>>);
+
+impl SharedPolicy {
+    pub fn new(policy: Policy) -> Self {
+        SharedPolicy(Arc::new(ArcSwap::from_pointee(policy)))
+    }
+
+    pub fn current(&self) -> Arc<Policy> {
+        self.0.load_full()
+    }
+
+    pub fn replace(&self, policy: Policy) {
+        self.0.store(Arc::new(policy));
+    }
+}
+
 /// A DNS resolver for the HTTP client that drops special addresses, so the
 /// check happens on exactly the addresses that will be dialled.
 pub struct CheckedResolver {
-    pub policy: Arc<Policy>,
+    pub policy: SharedPolicy,
 }
 
 impl reqwest::dns::Resolve for CheckedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let policy = self.policy.clone();
+        let policy = self.policy.current();
         let host = name.as_str().to_owned();
         Box::pin(async move {
             let resolved: Vec<SocketAddr> =

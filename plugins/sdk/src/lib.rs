@@ -58,18 +58,10 @@ pub fn accept_all() -> Vec<String> {
     MANIFEST_TYPES.iter().map(|s| (*s).to_owned()).collect()
 }
 
-/// `name[:tag][@digest]` split into the name and the tag or digest
-/// (`latest` when neither is given).
-pub fn split_reference(image: &str) -> (&str, &str) {
-    if let Some((name, digest)) = image.split_once('@') {
-        return (name, digest);
-    }
-    let last = image.rfind('/').map_or(0, |i| i + 1);
-    match image[last..].rfind(':') {
-        Some(i) => (&image[..last + i], &image[last + i + 1..]),
-        None => (image, "latest"),
-    }
-}
+// The host's own copy, so that plugins and host split references alike.
+#[path = "../../../host/src/oci/image_ref.rs"]
+mod image_ref;
+pub use image_ref::split_reference;
 
 /// A generator: turns a request for a tag (or an unknown digest) into a
 /// manifest the host has stored.

@@ -128,6 +128,25 @@ impl FakeGcs {
         Ok(())
     }
 
+    /// Writes `bytes` as `name`, replacing what is there (an object as
+    /// something other than kontain would leave it).
+    pub fn put_object(&self, bucket: &str, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+        let reply = http_with_body(
+            self.addr,
+            Method::POST,
+            &format!("/upload/storage/v1/b/{bucket}/o?uploadType=media&name={name}"),
+            &[("content-type", "application/octet-stream")],
+            Bytes::copy_from_slice(bytes),
+        )?;
+        anyhow::ensure!(
+            reply.status == StatusCode::OK,
+            "writing {name}: {} {:?}",
+            reply.status,
+            reply.body
+        );
+        Ok(())
+    }
+
     /// Names and sizes of the objects under `prefix`.
     pub fn objects(&self, bucket: &str, prefix: &str) -> anyhow::Result<Vec<(String, u64)>> {
         let reply = http(

@@ -87,21 +87,26 @@ pub async fn fetch(
                 return Err(GoError::InvalidPath(format!("{path:?} leaves the proxy")));
             }
             let file = dir.join(path);
-            let mut f = match std::fs::File::open(&file) {
-                Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Answer::Missing),
-                Err(e) => return Err(GoError::io(format!("reading {}", file.display()), e)),
-            };
-            let len = f
-                .metadata()
-                .map_err(|e| GoError::io(format!("reading {}", file.display()), e))?
-                .len();
-            if len > cap {
-                return Err(too_large());
-            }
-            std::io::copy(&mut std::io::Read::take(&mut f, cap + 1), out)
-                .map_err(|e| GoError::io(format!("reading {}", file.display()), e))?;
-            Ok(Answer::Found(()))
+            // A local directory: read it off the async threads.
+            tokio::task::block_in_place(|| {
+                let mut f = match std::fs::File::open(&file) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Ok(Answer::Missing);
+                    }
+                    Err(e) => return Err(GoError::io(format!("reading {}", file.display()), e)),
+                };
+                let len = f
+                    .metadata()
+                    .map_err(|e| GoError::io(format!("reading {}", file.display()), e))?
+                    .len();
+                if len > cap {
+                    return Err(too_large());
+                }
+                std::io::copy(&mut std::io::Read::take(&mut f, cap + 1), out)
+                    .map_err(|e| GoError::io(format!("reading {}", file.display()), e))?;
+                Ok(Answer::Found(()))
+            })
         }
         Proxy::Http(base) => {
             let url = base

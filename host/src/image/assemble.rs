@@ -1,10 +1,13 @@
-//! Assembling an image: the config blob and the manifest over stored layers.
+//! Assembling an image: the config blob and the manifest over stored layers
+//! ([`assemble`]), or a base image's manifest with layers added on top
+//! ([`extend`]).
 //!
 //! JSON is written through `serde_json::Value`, whose maps are sorted, so the
 //! same inputs always give the same bytes and the same digest (oci-spec keeps
 //! labels and annotations in `HashMap`s, whose order changes per process).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use oci_spec::image::{
@@ -12,9 +15,12 @@ use oci_spec::image::{
     ImageManifestBuilder, Os, RootFsBuilder,
 };
 
-use super::{BuildError, Builders, LayerBlob};
+use serde_json::{Value, json};
+
+use super::json::canonical;
+use super::{ImageError, LayerBlob};
 use crate::oci::{Digest, MediaType};
-use crate::storage::{StoredManifest, write_blob};
+use crate::storage::{ContentStore, StoredManifest};
 
 /// The creation time written when a generator gives none: fixed, so that
 /// images are reproducible.
@@ -75,18 +81,17 @@ pub struct ImageSpec {
     pub created: Option<String>,
 }
 
-fn invalid(e: impl std::fmt::Display) -> BuildError {
-    BuildError::InvalidImage(e.to_string())
+fn invalid(e: impl std::fmt::Display) -> ImageError {
+    ImageError::Invalid(e.to_string())
 }
 
-fn oci_digest(d: &Digest) -> Result<oci_spec::image::Digest, BuildError> {
+fn oci_digest(d: &Digest) -> Result<oci_spec::image::Digest, ImageError> {
     d.to_string().parse().map_err(invalid)
 }
 
 /// Serialises with sorted keys; see the module comment.
-fn canonical_json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, BuildError> {
-    let value = serde_json::to_value(value).map_err(invalid)?;
-    serde_json::to_vec(&value).map_err(invalid)
+fn canonical_json<T: serde::Serialize>(value: &T) -> Result<Bytes, ImageError> {
+    canonical(&serde_json::to_value(value).map_err(invalid)?)
 }
 
 fn non_empty(v: &[String]) -> Option<Vec<String>> {
@@ -94,10 +99,10 @@ fn non_empty(v: &[String]) -> Option<Vec<String>> {
 }
 
 /// The config blob's bytes for `spec` over `layers`.
-pub fn config_json(spec: &ImageSpec, layers: &[LayerBlob]) -> Result<Vec<u8>, BuildError> {
+pub fn config_json(spec: &ImageSpec, layers: &[LayerBlob]) -> Result<Bytes, ImageError> {
     let layer_entries = spec.history.iter().filter(|h| !h.empty_layer).count();
     if !spec.history.is_empty() && layer_entries != layers.len() {
-        return Err(BuildError::InvalidImage(format!(
+        return Err(ImageError::Invalid(format!(
             "{} history entries describe layers but the image has {} layers",
             layer_entries,
             layers.len()
@@ -169,55 +174,107 @@ pub fn config_json(spec: &ImageSpec, layers: &[LayerBlob]) -> Result<Vec<u8>, Bu
     canonical_json(&image.build().map_err(invalid)?)
 }
 
-impl Builders {
-    /// Stores the config blob and the manifest for `spec` over `layers`.
-    pub async fn assemble(
-        &self,
-        format: ManifestFormat,
-        spec: &ImageSpec,
-        layers: &[LayerBlob],
-        annotations: &[(String, String)],
-    ) -> Result<StoredManifest, BuildError> {
-        let config_bytes = config_json(spec, layers)?;
-        let storage = self.storage().clone();
-        let config_len = config_bytes.len() as u64;
-        let config_blob =
-            tokio::task::spawn_blocking(move || write_blob(storage.as_ref(), &config_bytes))
-                .await
-                .map_err(|e| BuildError::TaskFailed(e.to_string()))??;
-
-        let config = DescriptorBuilder::default()
-            .media_type(format.config_type())
-            .digest(oci_digest(&config_blob.digest)?)
-            .size(config_len)
-            .build()
-            .map_err(invalid)?;
-        let layer_descriptors = layers
-            .iter()
-            .map(|l| {
-                DescriptorBuilder::default()
-                    .media_type(format.layer_type())
-                    .digest(oci_digest(&l.digest)?)
-                    .size(l.size)
-                    .build()
-                    .map_err(invalid)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut manifest = ImageManifestBuilder::default()
-            .schema_version(2u32)
-            .media_type(format.manifest_type())
-            .config(config)
-            .layers(layer_descriptors);
-        if !annotations.is_empty() {
-            manifest = manifest.annotations(annotations.iter().cloned().collect::<HashMap<_, _>>());
-        }
-        let bytes = canonical_json(&manifest.build().map_err(invalid)?)?;
-        let media_type = MediaType::from_static(format.manifest_type());
-        Ok(self
-            .storage()
-            .put_manifest(&media_type, Bytes::from(bytes))
-            .await?)
+/// Stores the config blob and the manifest for `spec` over `layers`.
+pub async fn assemble(
+    store: &Arc<ContentStore>,
+    format: ManifestFormat,
+    spec: &ImageSpec,
+    layers: &[LayerBlob],
+    annotations: &[(String, String)],
+) -> Result<StoredManifest, ImageError> {
+    let config_bytes = config_json(spec, layers)?;
+    let config_len = config_bytes.len() as u64;
+    let config_blob = store.put_blob(config_bytes).await?;
+    let config = DescriptorBuilder::default()
+        .media_type(format.config_type())
+        .digest(oci_digest(&config_blob.digest)?)
+        .size(config_len)
+        .build()
+        .map_err(invalid)?;
+    let layer_descriptors = layers
+        .iter()
+        .map(|l| {
+            DescriptorBuilder::default()
+                .media_type(format.layer_type())
+                .digest(oci_digest(&l.digest)?)
+                .size(l.size)
+                .build()
+                .map_err(invalid)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut manifest = ImageManifestBuilder::default()
+        .schema_version(2u32)
+        .media_type(format.manifest_type())
+        .config(config)
+        .layers(layer_descriptors);
+    if !annotations.is_empty() {
+        manifest = manifest.annotations(annotations.iter().cloned().collect::<HashMap<_, _>>());
     }
+    let bytes = canonical_json(&manifest.build().map_err(invalid)?)?;
+    let media_type = MediaType::from_static(format.manifest_type());
+    Ok(store.put_manifest(&media_type, bytes).await?)
+}
+
+/// Adds `layers` on top of an image config: each one's diff id to the
+/// rootfs, and its history entry.
+pub fn add_layers<'a>(
+    config: &mut Value,
+    layers: impl IntoIterator<Item = (&'a LayerBlob, Value)>,
+) -> Result<(), ImageError> {
+    let (ids, entries): (Vec<Value>, Vec<Value>) = layers
+        .into_iter()
+        .map(|(layer, entry)| (json!(layer.diff_id.to_string()), entry))
+        .unzip();
+    let root = config
+        .as_object_mut()
+        .ok_or_else(|| invalid("an image config that is not an object"))?;
+    root.entry("rootfs")
+        .or_insert_with(|| json!({"type": "layers", "diff_ids": []}))
+        .get_mut("diff_ids")
+        .and_then(Value::as_array_mut)
+        .ok_or_else(|| invalid("an image config without rootfs.diff_ids"))?
+        .extend(ids);
+    let history = root.entry("history").or_insert_with(|| json!([]));
+    match history.as_array_mut() {
+        Some(history) => history.extend(entries),
+        None => *history = Value::Array(entries),
+    }
+    Ok(())
+}
+
+/// Stores `config` and a manifest that is `manifest` (a base image's, of
+/// `base_type`) with `layers` appended, typed like the base's layers and
+/// listed in `config` already; `annotate` may edit the manifest last.
+pub async fn extend(
+    store: &Arc<ContentStore>,
+    base_type: &MediaType,
+    mut manifest: Value,
+    config: &Value,
+    layers: &[&LayerBlob],
+    annotate: impl FnOnce(&mut Value),
+) -> Result<StoredManifest, ImageError> {
+    let config_bytes = canonical(config)?;
+    let config_len = config_bytes.len();
+    let config_blob = store.put_blob(config_bytes).await?;
+    let layer_type = if base_type.as_str() == MediaType::DOCKER_MANIFEST {
+        MediaType::DOCKER_LAYER_GZIP
+    } else {
+        MediaType::OCI_LAYER_GZIP
+    };
+    manifest["config"]["digest"] = json!(config_blob.digest.to_string());
+    manifest["config"]["size"] = json!(config_len);
+    let list = manifest["layers"]
+        .as_array_mut()
+        .ok_or_else(|| invalid("a base manifest without layers"))?;
+    for layer in layers {
+        list.push(json!({
+            "mediaType": layer_type,
+            "digest": layer.digest.to_string(),
+            "size": layer.size,
+        }));
+    }
+    annotate(&mut manifest);
+    Ok(store.put_manifest(base_type, canonical(&manifest)?).await?)
 }
 
 #[cfg(test)]
@@ -267,7 +324,7 @@ mod tests {
     #[test]
     fn rejects_history_that_does_not_match_the_layers() {
         let err = config_json(&spec(), &[layer(1), layer(2)]).unwrap_err();
-        assert!(matches!(err, BuildError::InvalidImage(_)));
+        assert!(matches!(err, ImageError::Invalid(_)));
     }
 
     #[test]

@@ -1,28 +1,39 @@
-//! Go modules and builds, natively: resolving an import path to a module
-//! version over the module proxy protocol (`proxy`, `modpath`), fetching and
-//! checking the module's zip (`source`), and running `go build` on it
-//! (`build`). `builders::ko` turns the results into images.
+//! The `go` capability (ko's): Go modules and builds, natively. Resolving
+//! an import path to a module version over the module proxy protocol
+//! (`proxy`, `modpath`), fetching and checking the module's zip (`source`),
+//! running `go build` on it (`build`), and laying the binary out on a base
+//! image as `ko build` does (`ko`). Its config section is `[go]` (`config`),
+//! which reloads live; its WIT host implementation is `wit`.
 //!
-//! Depends on `upstream` (its policy-checked HTTP client) and `storage` (to
-//! remember resolutions); knows nothing of wasm or HTTP serving.
+//! Depends on `upstream` (its policy-checked HTTP client, and base images
+//! through the generator's scoped upstream), `image` and `storage`; knows
+//! nothing of wasm or HTTP serving.
 
 mod build;
+pub mod config;
+mod ko;
 mod modpath;
 mod proxy;
 mod source;
+pub mod wit;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use sha2::{Digest as _, Sha256};
 
 pub use build::{BuildOptions, Target, Toolchain, Workspace};
+use config::GoConfig;
+pub use ko::KoBuild;
 pub use modpath::ImportPath;
 use proxy::{Answer, Proxy};
 
-use crate::config::GoConfig;
-use crate::storage::Storage;
-use crate::upstream::{Client, Refusal};
+use crate::generator::{Classify, ErrorKind};
+use crate::image::once::DirCache;
+use crate::image::{Builds, Cpu, ImageError, Remembered};
+use crate::storage::ContentStore;
+use crate::upstream::{Refusal, Upstream, UpstreamError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GoError {
@@ -86,6 +97,42 @@ pub enum GoError {
     },
     #[error(transparent)]
     Storage(#[from] crate::storage::StorageError),
+    #[error(transparent)]
+    Upstream(Box<UpstreamError>),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Remembered(#[from] Remembered),
+}
+
+impl From<UpstreamError> for GoError {
+    fn from(e: UpstreamError) -> Self {
+        GoError::Upstream(Box::new(e))
+    }
+}
+
+impl Classify for GoError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            GoError::InvalidPath(_) => ErrorKind::InvalidName,
+            GoError::NotFound { .. } | GoError::NoPackage { .. } => ErrorKind::NotFound,
+            GoError::Refused(_) => ErrorKind::Denied,
+            GoError::UnsafeModule { .. } | GoError::BadOptions { .. } => ErrorKind::SourceRefused,
+            GoError::TooLarge { .. } | GoError::Timeout { .. } => ErrorKind::LimitExceeded,
+            // The name asks for a program that does not compile: the
+            // request cannot succeed as it is, and retrying will not help.
+            GoError::BuildFailed { .. } => ErrorKind::BuildFailed,
+            GoError::Unreachable { .. }
+            | GoError::Failing { .. }
+            | GoError::BadProxy { .. }
+            | GoError::NoGo { .. } => ErrorKind::Unavailable,
+            GoError::Io { .. } => ErrorKind::Internal,
+            GoError::Storage(e) => e.kind(),
+            GoError::Upstream(e) => e.kind(),
+            GoError::Image(e) => e.kind(),
+            GoError::Remembered(e) => e.kind(),
+        }
+    }
 }
 
 impl GoError {
@@ -132,29 +179,18 @@ impl Module {
     }
 }
 
-pub struct Go {
+/// What `[go]` decides, replaced as a whole on reload; builds that started
+/// keep the settings they started with.
+struct Settings {
     proxies: Vec<Proxy>,
-    client: Arc<Client>,
-    storage: Arc<dyn Storage>,
-    scratch: PathBuf,
-    max_module: u64,
     toolchain: Toolchain,
-    locks: crate::locks::KeyedLocks,
-    /// `go build` uses every core by itself; builds beyond this wait.
-    builds: tokio::sync::Semaphore,
+    max_module: u64,
+    /// `go env GOVERSION` of this toolchain, asked once.
     version: tokio::sync::OnceCell<String>,
 }
 
-impl Go {
-    pub fn new(
-        config: &GoConfig,
-        scratch: PathBuf,
-        client: Arc<Client>,
-        storage: Arc<dyn Storage>,
-    ) -> Result<Go, String> {
-        // go wants absolute cache paths, and builds run in other directories.
-        let scratch =
-            std::path::absolute(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
+impl Settings {
+    fn new(config: &GoConfig, scratch: &Path) -> Result<Settings, String> {
         let proxies = config
             .proxies
             .iter()
@@ -166,26 +202,18 @@ impl Go {
             .map(|u| u.as_str().trim_end_matches('/'))
             .collect::<Vec<_>>()
             .join(",");
-        let toolchain = Toolchain {
-            command: config.command.clone(),
-            goproxy,
-            gosumdb: config.sumdb.clone(),
-            mod_cache: scratch.join("mod"),
-            build_cache: scratch.join("cache"),
-            timeout: config.build_timeout,
-            max_binary: config.max_binary_bytes.0,
-        };
-        Ok(Go {
+        Ok(Settings {
             proxies,
-            client,
-            storage,
-            scratch,
+            toolchain: Toolchain {
+                command: config.command.clone(),
+                goproxy,
+                gosumdb: config.sumdb.clone(),
+                mod_cache: scratch.join("mod"),
+                build_cache: scratch.join("cache"),
+                timeout: config.build_timeout,
+                max_binary: config.max_binary_bytes.0,
+            },
             max_module: config.max_module_bytes.0,
-            toolchain,
-            locks: Default::default(),
-            builds: tokio::sync::Semaphore::new(
-                std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2)),
-            ),
             version: tokio::sync::OnceCell::new(),
         })
     }
@@ -197,11 +225,67 @@ impl Go {
             .collect::<Vec<_>>()
             .join(", ")
     }
+}
+
+/// The Go toolchain and module proxies, as the `go` capability offers them.
+pub struct Go {
+    settings: ArcSwap<Settings>,
+    upstream: Arc<Upstream>,
+    store: Arc<ContentStore>,
+    cpu: Cpu,
+    builds: Arc<Builds>,
+    scratch: PathBuf,
+    /// Unpacked module versions, shared by every build of them.
+    modules: DirCache,
+    /// `go build` uses every core by itself; builds beyond this wait.
+    slots: tokio::sync::Semaphore,
+}
+
+impl Go {
+    pub fn new(
+        config: &GoConfig,
+        scratch: PathBuf,
+        upstream: Arc<Upstream>,
+        store: Arc<ContentStore>,
+        cpu: Cpu,
+        builds: Arc<Builds>,
+    ) -> Result<Go, String> {
+        // go wants absolute cache paths, and builds run in other directories.
+        let scratch =
+            std::path::absolute(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
+        let settings = Settings::new(config, &scratch)?;
+        Ok(Go {
+            settings: ArcSwap::from_pointee(settings),
+            upstream,
+            store,
+            cpu,
+            builds,
+            modules: DirCache::new(scratch.join("modules"), scratch.join("tmp")),
+            scratch,
+            slots: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2)),
+            ),
+        })
+    }
+
+    /// Applies a changed `[go]` (but for `scratch`, which needs a restart):
+    /// resolutions and builds from now on use the new settings.
+    pub fn reconfigure(&self, config: &GoConfig) -> Result<(), String> {
+        self.settings
+            .store(Arc::new(Settings::new(config, &self.scratch)?));
+        Ok(())
+    }
+
+    /// Where base images come from.
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
 
     /// A document from the first proxy that has it (404/410 fall through).
     async fn document(&self, path: &str) -> Result<Option<Vec<u8>>, GoError> {
-        for p in &self.proxies {
-            if let Answer::Found(body) = proxy::document(&self.client, p, path).await? {
+        let client = self.upstream.client();
+        for p in &self.settings.load().proxies {
+            if let Answer::Found(body) = proxy::document(client, p, path).await? {
                 return Ok(Some(body));
             }
         }
@@ -242,13 +326,13 @@ impl Go {
             Ok(found) => {
                 if let Some((module, version)) = &found {
                     let value = format!("{module} {version}");
-                    if let Err(e) = self.storage.put_value(&memory, &value).await {
+                    if let Err(e) = self.store.put_value(&memory, &value).await {
                         tracing::warn!(error = %e, "could not remember a Go resolution");
                     }
                 }
                 found
             }
-            Err(e) if e.proxy_down() => match self.storage.value(&memory).await? {
+            Err(e) if e.proxy_down() => match self.store.value(&memory).await? {
                 Some(value) => {
                     tracing::warn!(%import, query, error = %e, "module proxy down: using the last resolution");
                     value
@@ -263,7 +347,7 @@ impl Go {
             return Err(GoError::NotFound {
                 import_path: import.to_string(),
                 version: query.to_owned(),
-                proxies: self.proxy_names(),
+                proxies: self.settings.load().proxy_names(),
             });
         };
         let module = self.fetch(&module_path, &version).await?;
@@ -295,80 +379,55 @@ impl Go {
     /// The unpacked module, downloading and checking its zip the first time.
     async fn fetch(&self, module: &str, version: &str) -> Result<Module, GoError> {
         let key = hex::encode(Sha256::digest(format!("{module}@{version}")));
-        let dir = self.scratch.join("modules").join(&key);
-        let done = Module {
+        let settings = self.settings.load_full();
+        let client = self.upstream.client();
+        let dir = self
+            .modules
+            .get_or_make(&key, |dir: PathBuf| async move {
+                let mut zip = tempfile::tempfile_in(&dir)
+                    .map_err(|e| GoError::io("creating a temporary file".into(), e))?;
+                let path = proxy::version_path(module, version, "zip");
+                let mut found = false;
+                for p in &settings.proxies {
+                    let answer =
+                        proxy::fetch(client, p, &path, settings.max_module, &mut zip).await?;
+                    if let Answer::Found(()) = answer {
+                        found = true;
+                        break;
+                    }
+                }
+                if !found {
+                    return Err(GoError::NotFound {
+                        import_path: module.to_owned(),
+                        version: version.to_owned(),
+                        proxies: settings.proxy_names(),
+                    });
+                }
+                let (module, version, cap) =
+                    (module.to_owned(), version.to_owned(), settings.max_module);
+                let target = dir.join("src");
+                crate::image::work::blocking(move || {
+                    use std::io::Seek;
+                    zip.rewind()
+                        .map_err(|e| GoError::io("reading the module zip".into(), e))?;
+                    std::fs::create_dir(&target)
+                        .map_err(|e| GoError::io("creating a directory".into(), e))?;
+                    source::unpack(zip, &module, &version, &target, cap)
+                })
+                .await
+            })
+            .await?;
+        tracing::debug!(module, version, "Go module ready");
+        Ok(Module {
             path: module.to_owned(),
             version: version.to_owned(),
             dir: dir.join("src"),
-        };
-        if dir.join("complete").exists() {
-            crate::files::touch_complete(&dir);
-            return Ok(done);
-        }
-        let _guard = self.locks.lock(format!("go module {key}")).await;
-        if dir.join("complete").exists() {
-            return Ok(done);
-        }
-        let tmp_root = self.scratch.join("tmp");
-        std::fs::create_dir_all(&tmp_root)
-            .map_err(|e| GoError::io(format!("creating {}", tmp_root.display()), e))?;
-        let mut zip = tempfile::tempfile_in(&tmp_root)
-            .map_err(|e| GoError::io("creating a temporary file".into(), e))?;
-        let path = proxy::version_path(module, version, "zip");
-        let mut found = false;
-        for p in &self.proxies {
-            if let Answer::Found(()) =
-                proxy::fetch(&self.client, p, &path, self.max_module, &mut zip).await?
-            {
-                found = true;
-                break;
-            }
-        }
-        if !found {
-            return Err(GoError::NotFound {
-                import_path: module.to_owned(),
-                version: version.to_owned(),
-                proxies: self.proxy_names(),
-            });
-        }
-        let (module_owned, version_owned, cap) =
-            (module.to_owned(), version.to_owned(), self.max_module);
-        let unpacked = tempfile::Builder::new()
-            .prefix("unpack-")
-            .tempdir_in(&tmp_root)
-            .map_err(|e| GoError::io("creating a temporary directory".into(), e))?;
-        let target = unpacked.path().join("src");
-        let result = tokio::task::spawn_blocking(move || {
-            use std::io::Seek;
-            zip.rewind()
-                .map_err(|e| GoError::io("reading the module zip".into(), e))?;
-            std::fs::create_dir(&target)
-                .map_err(|e| GoError::io("creating a directory".into(), e))?;
-            source::unpack(zip, &module_owned, &version_owned, &target, cap)
         })
-        .await
-        .map_err(|e| GoError::io("unpacking".into(), std::io::Error::other(e)))?;
-        result?;
-        std::fs::write(unpacked.path().join("complete"), b"")
-            .map_err(|e| GoError::io("marking the module unpacked".into(), e))?;
-        if let Some(parent) = dir.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| GoError::io(format!("creating {}", parent.display()), e))?;
-        }
-        let kept = unpacked.keep();
-        if let Err(e) = std::fs::rename(&kept, &dir) {
-            let _ = std::fs::remove_dir_all(&kept);
-            if !dir.join("complete").exists() {
-                return Err(GoError::io(format!("moving into {}", dir.display()), e));
-            }
-        }
-        tracing::info!(module, version, "fetched a Go module");
-        Ok(done)
     }
 
     /// Removes unpacked modules unused for `ttl`.
     pub fn collect(&self, ttl: std::time::Duration) -> usize {
-        crate::files::expire_dirs(&self.scratch.join("modules"), ttl)
+        self.modules.expire(ttl)
     }
 
     /// Where build workspaces are made.
@@ -376,12 +435,14 @@ impl Go {
         self.scratch.join("work")
     }
 
-    /// `go env GOVERSION`, asked once; "unknown" if go cannot run (a cached
-    /// image is still served then).
+    /// `go env GOVERSION`, asked once per toolchain; "unknown" if go cannot
+    /// run (a cached image is still served then).
     pub async fn version(&self) -> String {
-        self.version
+        let settings = self.settings.load_full();
+        settings
+            .version
             .get_or_init(|| async {
-                let out = tokio::process::Command::new(&self.toolchain.command)
+                let out = tokio::process::Command::new(&settings.toolchain.command)
                     .args(["env", "GOVERSION"])
                     .env("GOTOOLCHAIN", "local")
                     .env("GOENV", "off")
@@ -407,12 +468,11 @@ impl Go {
         target: &Target,
         options: &BuildOptions,
     ) -> Result<PathBuf, GoError> {
-        let _slot = self.builds.acquire().await.map_err(|e| {
+        let _slot = self.slots.acquire().await.map_err(|e| {
             GoError::io("waiting for a build slot".into(), std::io::Error::other(e))
         })?;
         tracing::info!(%package, %target, module = %workspace.module().path, version = %workspace.module().version, "go build");
-        workspace
-            .build(&self.toolchain, package, target, options)
-            .await
+        let toolchain = self.settings.load().toolchain.clone();
+        workspace.build(&toolchain, package, target, options).await
     }
 }

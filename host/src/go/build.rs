@@ -202,7 +202,7 @@ pub struct Toolchain {
 
 /// A private copy of a module to build from, removed when dropped.
 pub struct Workspace {
-    dir: tempfile::TempDir,
+    dir: crate::files::Scratch,
     module: Module,
 }
 
@@ -214,6 +214,7 @@ impl Workspace {
         let dir = tempfile::Builder::new()
             .prefix("build-")
             .tempdir_in(work)
+            .map(crate::files::Scratch::new)
             .map_err(|e| GoError::io("creating a build directory".into(), e))?;
         for sub in ["home", "gopath", "tmp", "out"] {
             std::fs::create_dir(dir.path().join(sub))

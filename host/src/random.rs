@@ -1,19 +1,27 @@
-//! Layers of random bytes: RNG → tar → gzip → sha256 → storage, in one pass.
+//! The `random` capability: layers of random bytes, made natively:
+//! RNG → tar → gzip → sha256 → storage, in one pass, several layers at once.
 //!
 //! Random data does not compress, so the gzip stream is made of stored blocks
-//! (see `gzip`): valid for every reader, produced at memory speed instead of
-//! spending a core per layer failing to find matches.
+//! (see `image::gzip`): valid for every reader, produced at memory speed
+//! instead of spending a core per layer failing to find matches.
+//!
+//! Its WIT host implementation is `wit`; it has no config section (a
+//! generator's `limits` bound it).
+
+pub mod wit;
 
 use std::io::Write;
+use std::sync::Arc;
 
 use futures_util::future::try_join_all;
 use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 
-use super::gzip::StoredGzip;
-use super::{BuildError, Builders, Cancel, LayerBlob, io_error, publish_layer};
+use crate::image::gzip::StoredGzip;
+use crate::image::layer::publish;
+use crate::image::{Cancel, Cpu, ImageError, LayerBlob, io_error};
 use crate::oci::Sha256Writer;
-use crate::storage::Storage;
+use crate::storage::ContentStore;
 
 /// Bytes generated and pushed through the pipeline per step.
 const CHUNK: usize = 1 << 20;
@@ -22,27 +30,38 @@ const TAR_BLOCK: u64 = 512;
 /// 128); also bounds the work one call can queue.
 const MAX_LAYERS: u32 = 1000;
 
-impl Builders {
+/// The random layer maker plugins with the `random` grant reach.
+pub struct Random {
+    store: Arc<ContentStore>,
+    cpu: Cpu,
+}
+
+impl Random {
+    pub fn new(store: Arc<ContentStore>, cpu: Cpu) -> Self {
+        Random { store, cpu }
+    }
+
     /// `count` layers of `size` random bytes each, made in parallel.
     /// `limit` is the most bytes this request may produce.
-    pub async fn random_layers(
+    pub async fn layers(
         &self,
         count: u32,
         size: u64,
         limit: u64,
-    ) -> Result<Vec<LayerBlob>, BuildError> {
+    ) -> Result<Vec<LayerBlob>, ImageError> {
         if count > MAX_LAYERS {
-            return Err(BuildError::InvalidImage(format!(
+            return Err(ImageError::Invalid(format!(
                 "{count} layers requested; an image may have at most {MAX_LAYERS}"
             )));
         }
         let requested = u64::from(count).saturating_mul(size);
         if requested > limit {
-            return Err(BuildError::LimitExceeded { requested, limit });
+            return Err(ImageError::LimitExceeded { requested, limit });
         }
         let jobs = (0..count).map(|n| {
-            let storage = self.storage().clone();
-            self.run_blocking(move |cancel| write_random_layer(storage.as_ref(), n, size, cancel))
+            let store = self.store.clone();
+            self.cpu
+                .run(move |cancel| write_random_layer(&store, n, size, cancel))
         });
         try_join_all(jobs).await
     }
@@ -69,12 +88,12 @@ fn layer_size_bound(size: u64) -> u64 {
 /// Writes one layer: a tar holding `random_file_<n>.txt` with `size` random
 /// bytes (mode 0644, owner 0:0, mtime 0), gzipped into storage.
 pub fn write_random_layer(
-    storage: &dyn Storage,
+    store: &ContentStore,
     n: u32,
     size: u64,
     cancel: &Cancel,
-) -> Result<LayerBlob, BuildError> {
-    let blob = storage.blob_writer(layer_size_bound(size))?;
+) -> Result<LayerBlob, ImageError> {
+    let blob = store.blob_writer(layer_size_bound(size))?;
     let gzip = StoredGzip::new(blob);
     let mut tar = Sha256Writer::new(gzip);
 
@@ -111,23 +130,21 @@ pub fn write_random_layer(
 
     let (diff_id, _, gzip) = tar.finish();
     let blob = gzip.finish().map_err(io_error("finishing gzip"))?;
-    publish_layer(diff_id, blob)
+    publish(diff_id, blob)
 }
 
 #[cfg(test)]
 mod tests {
     use std::io::Read;
-    use std::sync::Arc;
 
     use flate2::read::GzDecoder;
     use futures_util::StreamExt;
 
     use super::*;
     use crate::oci::Digest;
-    use crate::storage::filesystem::FilesystemStorage;
-    use crate::storage::{BlobContent, Storage};
+    use crate::storage::BlobContent;
 
-    async fn blob_bytes(s: &FilesystemStorage, d: &Digest) -> Vec<u8> {
+    async fn blob_bytes(s: &ContentStore, d: &Digest) -> Vec<u8> {
         let Some(BlobContent { body, .. }) = s.read_blob(d, None).await.unwrap() else {
             panic!("not stored");
         };
@@ -141,9 +158,9 @@ mod tests {
     #[tokio::test]
     async fn random_layers_hold_one_file_of_the_requested_size() {
         let dir = tempfile::tempdir().unwrap();
-        let storage = Arc::new(FilesystemStorage::open(dir.path()).unwrap());
-        let builders = Builders::new(storage.clone());
-        let layers = builders.random_layers(3, 1000, u64::MAX).await.unwrap();
+        let storage = crate::storage::test_store(dir.path());
+        let random = Random::new(storage.clone(), Cpu::default());
+        let layers = random.layers(3, 1000, u64::MAX).await.unwrap();
         assert_eq!(layers.len(), 3);
         for (n, layer) in layers.iter().enumerate() {
             let gz = blob_bytes(&storage, &layer.digest).await;
@@ -172,14 +189,14 @@ mod tests {
     #[tokio::test]
     async fn refuses_requests_over_the_byte_limit() {
         let dir = tempfile::tempdir().unwrap();
-        let storage = Arc::new(FilesystemStorage::open(dir.path()).unwrap());
-        let err = Builders::new(storage)
-            .random_layers(2, 100, 150)
+        let storage = crate::storage::test_store(dir.path());
+        let err = Random::new(storage, Cpu::default())
+            .layers(2, 100, 150)
             .await
             .unwrap_err();
         assert!(matches!(
             err,
-            BuildError::LimitExceeded {
+            ImageError::LimitExceeded {
                 requested: 200,
                 limit: 150
             }

@@ -1,5 +1,5 @@
-//! ko images: a Go program built natively (`golang`) and put on a base image
-//! the way ko does it, so that images behave like `ko build`'s:
+//! ko images: a Go program built natively and put on a base image the way
+//! ko does it, so that images behave like `ko build`'s:
 //!
 //! - a kodata layer: `<package dir>/kodata/**` under `/var/run/ko` (with the
 //!   directories `/var`, `/var/run`, `/var/run/ko`), then a binary layer with
@@ -20,14 +20,14 @@ use std::path::Path;
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
-use super::{
-    BuildError, Builders, LayerBlob, LayerTar, canonical, digest_of, fixed_header, invalid,
-    io_error, write_layer,
-};
-use crate::golang::{BuildOptions, Go, ImportPath, Module, Target, Workspace};
+use super::{BuildOptions, Go, GoError, ImportPath, Module, Target, Workspace};
+use crate::image::assemble::{add_layers, extend};
+use crate::image::json::{canonical, config_env, digest_of, inner_config, parse, read_config};
+use crate::image::layer::{Fixed, write_layer};
+use crate::image::{ImageError, LayerBlob, invalid};
 use crate::oci::{Digest, MediaType};
-use crate::storage::{Storage, StoredManifest};
-use crate::upstream::Mirror;
+use crate::storage::{ContentStore, StoredManifest};
+use crate::upstream::Scoped;
 
 const EPOCH: &str = "1970-01-01T00:00:00Z";
 const KODATA_ROOT: &str = "var/run/ko";
@@ -61,9 +61,14 @@ struct Child {
     target: Target,
 }
 
-fn parse_json(bytes: &[u8], what: &str) -> Result<Value, BuildError> {
-    serde_json::from_slice(bytes).map_err(|e| invalid(format!("{what} is not JSON: {e}")))
-}
+/// Every entry of ko's layers: owned by root, mode 0555, mtime 0.
+const FIXED: Fixed = Fixed {
+    owner: (0, 0),
+    mtime: 0,
+    dir_mode: 0o555,
+    file_mode: |_| 0o555,
+    symlinks: false,
+};
 
 fn target_of(platform: &Value) -> Target {
     let s = |k: &str| platform[k].as_str().unwrap_or_default().to_owned();
@@ -90,71 +95,62 @@ fn wanted(target: &Target, filters: &[String]) -> bool {
         })
 }
 
-impl Builders {
-    /// Builds `build.package` onto `build.base` and stores the result.
-    pub async fn ko(
+impl Go {
+    /// Builds `build.package` onto `build.base` (fetched through `upstream`)
+    /// and stores the result; once, and cached under everything that
+    /// decides it.
+    pub async fn image(
         &self,
-        go: &Go,
-        mirror: &Mirror,
+        upstream: &Scoped<'_>,
         build: KoBuild<'_>,
-    ) -> Result<StoredManifest, BuildError> {
+    ) -> Result<StoredManifest, GoError> {
         let key = cache_key(&build)?;
-        let storage = self.storage();
-        if let Some(done) = self.cached(&key).await? {
-            return Ok(done);
-        }
-        let _guard = self.builds.lock(key.clone()).await?;
-        if let Some(done) = self.cached(&key).await? {
-            return Ok(done);
-        }
-        let result = self
-            .unless_failed_recently(&key, async {
-                let children = self.children(mirror, &build).await?;
+        let built = self
+            .builds
+            .build(&key, || async {
+                let children = self.children(upstream, &build).await?;
                 let workspace = {
                     let module = build.module.clone();
-                    let work = go.work_dir();
-                    tokio::task::spawn_blocking(move || Workspace::new(&module, &work))
-                        .await
-                        .map_err(|e| BuildError::TaskFailed(e.to_string()))??
+                    let work = self.work_dir();
+                    crate::image::work::blocking(move || Workspace::new(&module, &work)).await?
                 };
                 let kodata = {
-                    let storage = storage.clone();
+                    let store = self.store.clone();
                     let dir = kodata_dir(build.module, build.package);
-                    self.run_blocking(move |_| kodata_layer(storage.as_ref(), dir.as_deref()))
+                    self.cpu
+                        .run(move |_| kodata_layer(&store, dir.as_deref()))
                         .await?
                 };
                 let mut images = Vec::new();
                 for child in &children {
                     let image = self
-                        .ko_image(go, mirror, &build, &workspace, &kodata, child)
+                        .platform_image(upstream, &build, &workspace, &kodata, child)
                         .await?;
                     images.push(image);
                 }
-                let result = match (build.base.media_type.as_str(), images.len()) {
+                match (build.base.media_type.as_str(), images.len()) {
                     (MediaType::OCI_INDEX | MediaType::DOCKER_MANIFEST_LIST, n) if n > 1 => {
-                        self.ko_index(&build, &children, &images).await?
+                        self.index(&build, &children, &images).await
                     }
-                    _ => images.swap_remove(0),
-                };
-                Ok(result)
+                    _ => Ok(images.swap_remove(0)),
+                }
             })
             .await?;
-        storage.put_tag(&key, &result.digest).await?;
-        tracing::info!(package = %build.package, version = %build.module.version, digest = %result.digest, "built a ko image");
-        Ok(result)
+        tracing::info!(package = %build.package, version = %build.module.version, digest = %built.digest, "built a ko image");
+        Ok(built)
     }
 
     /// The base's platform images that the build wants.
     async fn children(
         &self,
-        mirror: &Mirror,
+        upstream: &Scoped<'_>,
         build: &KoBuild<'_>,
-    ) -> Result<Vec<Child>, BuildError> {
+    ) -> Result<Vec<Child>, GoError> {
         let base = build.base;
         let mut children = Vec::new();
         match base.media_type.as_str() {
             MediaType::OCI_INDEX | MediaType::DOCKER_MANIFEST_LIST => {
-                let index = parse_json(&base.bytes, "the base index")?;
+                let index = parse(&base.bytes, "the base index")?;
                 for descriptor in index["manifests"].as_array().cloned().unwrap_or_default() {
                     let target = target_of(&descriptor["platform"]);
                     // Windows images need .exe binaries and another layer
@@ -166,7 +162,7 @@ impl Builders {
                         continue;
                     }
                     let digest = digest_of(&descriptor)?;
-                    let manifest = mirror
+                    let manifest = upstream
                         .manifest(build.base_image, &digest.to_string(), build.accept)
                         .await?;
                     if !matches!(
@@ -183,9 +179,9 @@ impl Builders {
                 }
             }
             MediaType::OCI_MANIFEST | MediaType::DOCKER_MANIFEST => {
-                let manifest = parse_json(&base.bytes, "the base manifest")?;
+                let manifest = parse(&base.bytes, "the base manifest")?;
                 let config = self
-                    .base_config(mirror, build.base_image, &manifest)
+                    .base_config(upstream, build.base_image, &manifest)
                     .await?;
                 let target = Target {
                     os: config["os"].as_str().unwrap_or("linux").to_owned(),
@@ -200,7 +196,8 @@ impl Builders {
                         "the base image {} is {target}, not one of the platforms asked for ({})",
                         build.base_image,
                         build.platforms.join(", ")
-                    )));
+                    ))
+                    .into());
                 }
                 children.push(Child {
                     descriptor: None,
@@ -208,7 +205,7 @@ impl Builders {
                     target,
                 });
             }
-            other => return Err(invalid(format!("a base image cannot be a {other}"))),
+            other => return Err(invalid(format!("a base image cannot be a {other}")).into()),
         }
         if children.is_empty() {
             return Err(invalid(format!(
@@ -219,71 +216,73 @@ impl Builders {
                 } else {
                     format!(" among {}", build.platforms.join(", "))
                 }
-            )));
+            ))
+            .into());
         }
         Ok(children)
     }
 
     async fn base_config(
         &self,
-        mirror: &Mirror,
+        upstream: &Scoped<'_>,
         image: &str,
         manifest: &Value,
-    ) -> Result<Value, BuildError> {
+    ) -> Result<Value, GoError> {
         let digest = digest_of(&manifest["config"])?;
-        mirror.blob(image, &digest.to_string()).await?;
-        parse_json(&self.read_blob(&digest, 1 << 22).await?, "the base config")
+        upstream.blob(image, &digest.to_string()).await?;
+        Ok(read_config(&self.store, &digest, "the base config").await?)
     }
 
     /// One platform: build the binary, add the two layers, edit the config.
-    async fn ko_image(
+    async fn platform_image(
         &self,
-        go: &Go,
-        mirror: &Mirror,
+        upstream: &Scoped<'_>,
         build: &KoBuild<'_>,
         workspace: &Workspace,
         kodata: &LayerBlob,
         child: &Child,
-    ) -> Result<StoredManifest, BuildError> {
-        let manifest = parse_json(&child.manifest.bytes, "a base manifest")?;
+    ) -> Result<StoredManifest, GoError> {
+        let manifest = parse(&child.manifest.bytes, "a base manifest")?;
         let mut config = self
-            .base_config(mirror, build.base_image, &manifest)
+            .base_config(upstream, build.base_image, &manifest)
             .await?;
         // The image refers to the base's layers: make sure storage has them.
         for layer in manifest["layers"].as_array().cloned().unwrap_or_default() {
-            mirror
+            upstream
                 .blob(build.base_image, &digest_of(&layer)?.to_string())
                 .await?;
         }
-        let binary = go
+        let binary = self
             .build(workspace, build.package, &child.target, build.options)
             .await?;
         let name = app_name(build.package);
         let app = {
-            let storage = self.storage().clone();
+            let store = self.store.clone();
             let name = name.clone();
-            self.run_blocking(move |_| binary_layer(storage.as_ref(), &binary, &name))
+            self.cpu
+                .run(move |_| binary_layer(&store, &binary, &name))
                 .await?
         };
         let app_path = format!("/{APP_DIR}/{name}");
         ko_config(&mut config, build.package, &app_path, [kodata, &app])?;
-        self.extend_image(
+        Ok(extend(
+            &self.store,
             &child.manifest.media_type,
             manifest,
             &config,
             &[kodata, &app],
             |m| annotate(m, build.base_reference, &child.manifest.digest),
         )
-        .await
+        .await?)
     }
 
     /// An index over the platform images, in the base index's order and type.
-    async fn ko_index(
+    async fn index(
         &self,
         build: &KoBuild<'_>,
         children: &[Child],
         images: &[StoredManifest],
-    ) -> Result<StoredManifest, BuildError> {
+    ) -> Result<StoredManifest, GoError> {
         let entries: Vec<Value> = children
             .iter()
             .zip(images)
@@ -311,14 +310,14 @@ impl Builders {
             annotate(&mut index, build.base_reference, &build.base.digest);
         }
         Ok(self
-            .storage()
+            .store
             .put_manifest(media_type, canonical(&index)?)
             .await?)
     }
 }
 
 /// The cache key: everything that decides the result.
-fn cache_key(build: &KoBuild<'_>) -> Result<String, BuildError> {
+fn cache_key(build: &KoBuild<'_>) -> Result<String, ImageError> {
     let mut platforms = build.platforms.to_vec();
     platforms.sort();
     let key = json!({
@@ -371,125 +370,60 @@ fn ko_config(
     package: &ImportPath,
     app_path: &str,
     layers: [&LayerBlob; 2],
-) -> Result<(), BuildError> {
-    let root = config
-        .as_object_mut()
-        .ok_or_else(|| invalid("the base config is not an object"))?;
-    let inner = root.entry("config").or_insert_with(|| json!({}));
-    if !inner.is_object() {
-        *inner = json!({});
-    }
-    inner["Entrypoint"] = json!([app_path]);
-    if let Some(o) = inner.as_object_mut() {
-        o.remove("Cmd");
-    }
-    let mut env: Vec<String> = inner["Env"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
+) -> Result<(), ImageError> {
+    let mut env = config_env(config);
     match env.iter_mut().find(|e| e.starts_with("PATH=")) {
         Some(path) => path.push_str(&format!(":/{APP_DIR}")),
         None => env.push(format!("PATH=/{APP_DIR}")),
     }
     env.push(format!("KO_DATA_PATH=/{KODATA_ROOT}"));
-    inner["Env"] = json!(env);
-
-    let diff_ids = root
-        .entry("rootfs")
-        .or_insert_with(|| json!({"type": "layers", "diff_ids": []}));
-    let ids = diff_ids["diff_ids"]
-        .as_array_mut()
-        .ok_or_else(|| invalid("the base config has no rootfs.diff_ids"))?;
-    for layer in layers {
-        ids.push(json!(layer.diff_id.to_string()));
-    }
-    let history = root.entry("history").or_insert_with(|| json!([]));
-    if let Some(history) = history.as_array_mut() {
-        let created_by = format!("ko build ko://{package}");
-        history.push(json!({
+    let inner = inner_config(config, "the base config")?;
+    inner.insert("Entrypoint".into(), json!([app_path]));
+    inner.remove("Cmd");
+    inner.insert("Env".into(), json!(env));
+    let history = |comment: String| {
+        json!({
             "author": AUTHOR,
             "created": EPOCH,
-            "created_by": created_by,
-            "comment": "kodata contents, at $KO_DATA_PATH",
-        }));
-        history.push(json!({
-            "author": AUTHOR,
-            "created": EPOCH,
-            "created_by": created_by,
-            "comment": format!("go build output, at {app_path}"),
-        }));
+            "created_by": format!("ko build ko://{package}"),
+            "comment": comment,
+        })
+    };
+    let [kodata, app] = layers;
+    add_layers(
+        config,
+        [
+            (kodata, history("kodata contents, at $KO_DATA_PATH".into())),
+            (app, history(format!("go build output, at {app_path}"))),
+        ],
+    )?;
+    if let Some(root) = config.as_object_mut() {
+        root.insert("created".into(), json!(EPOCH));
+        root.insert("author".into(), json!(AUTHOR));
     }
-    root.insert("created".into(), json!(EPOCH));
-    root.insert("author".into(), json!(AUTHOR));
     Ok(())
-}
-
-fn header(kind: tar::EntryType, size: u64) -> tar::Header {
-    fixed_header(kind, 0o555, (0, 0), 0, size)
-}
-
-fn add_dir(tar: &mut LayerTar, path: &str) -> Result<(), BuildError> {
-    tar.append_data(
-        &mut header(tar::EntryType::Directory, 0),
-        format!("{path}/"),
-        std::io::empty(),
-    )
-    .map_err(io_error("writing a layer"))
-}
-
-fn add_file(tar: &mut LayerTar, path: &str, file: &Path) -> Result<(), BuildError> {
-    let f = std::fs::File::open(file).map_err(io_error("reading a file for a layer"))?;
-    let size = f.metadata().map_err(io_error("reading a file"))?.len();
-    tar.append_data(&mut header(tar::EntryType::Regular, size), path, f)
-        .map_err(io_error("writing a layer"))
 }
 
 /// `/var/run/ko` with the package's kodata, in a fixed (sorted) order.
-fn kodata_layer(storage: &dyn Storage, dir: Option<&Path>) -> Result<LayerBlob, BuildError> {
-    write_layer(storage, |tar| {
+fn kodata_layer(store: &ContentStore, dir: Option<&Path>) -> Result<LayerBlob, ImageError> {
+    write_layer(store, |tar| {
         for d in ["var", "var/run", KODATA_ROOT] {
-            add_dir(tar, d)?;
+            FIXED.add_dir(tar, d)?;
         }
-        if let Some(dir) = dir {
-            add_tree(tar, dir, KODATA_ROOT)?;
+        match dir {
+            // Module trees hold only directories and regular files (the
+            // zip check refused the rest).
+            Some(dir) => FIXED.add_tree(tar, dir, KODATA_ROOT),
+            None => Ok(()),
         }
-        Ok(())
     })
 }
 
-fn add_tree(tar: &mut LayerTar, dir: &Path, prefix: &str) -> Result<(), BuildError> {
-    let mut entries = std::fs::read_dir(dir)
-        .map_err(io_error("reading kodata"))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(io_error("reading kodata"))?;
-    entries.sort_by_key(|e| e.file_name());
-    for entry in entries {
-        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-            continue;
-        };
-        let path = format!("{prefix}/{name}");
-        // Module trees hold only directories and regular files (the zip
-        // check refused the rest).
-        let kind = entry.file_type().map_err(io_error("reading kodata"))?;
-        if kind.is_dir() {
-            add_dir(tar, &path)?;
-            add_tree(tar, &entry.path(), &path)?;
-        } else if kind.is_file() {
-            add_file(tar, &path, &entry.path())?;
-        }
-    }
-    Ok(())
-}
-
 /// `/ko-app/<name>`.
-fn binary_layer(storage: &dyn Storage, binary: &Path, name: &str) -> Result<LayerBlob, BuildError> {
-    write_layer(storage, |tar| {
-        add_dir(tar, APP_DIR)?;
-        add_file(tar, &format!("{APP_DIR}/{name}"), binary)
+fn binary_layer(store: &ContentStore, binary: &Path, name: &str) -> Result<LayerBlob, ImageError> {
+    write_layer(store, |tar| {
+        FIXED.add_dir(tar, APP_DIR)?;
+        FIXED.add_file(tar, &format!("{APP_DIR}/{name}"), binary)
     })
 }
 

@@ -1,0 +1,426 @@
+//! Buildpack images: the lifecycle run over a copy of the app inside the
+//! builder's filesystem, and the result exported onto the run image the way
+//! `pack build` exports it:
+//!
+//! - one layer per launch layer, at `/layers/<buildpack id>/<layer>`, then
+//!   the app at `/workspace`; owned by the builder's CNB user, mtimes fixed
+//!   at 1980-01-01T00:00:01Z, entries sorted;
+//! - `WorkingDir=/workspace`, `User` the CNB user, entrypoint the default
+//!   process (`default = true`, else `web`, else the only one), the launch
+//!   environment precomputed from the layers (`bin`, `lib`, `env/`,
+//!   `env.launch/`) since there is no launcher, and the
+//!   `io.buildpacks.{lifecycle,build,project}.metadata` labels;
+//! - cached by commit, app path, builder digest and run image digest.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
+
+use super::builder::{host_platform, run_image_of};
+use super::env::Env;
+use super::lifecycle::{self, BuildOutput, Builder, Lifecycle, Work};
+use super::sandbox::{self, Sandbox};
+use super::{BuildpackError, Buildpacks, Source};
+use crate::files::{Scratch, copy_tree, tree_size};
+use crate::image::assemble::{add_layers, extend};
+use crate::image::json::{canonical, config_env, inner_config};
+use crate::image::layer::{Fixed, write_layer};
+use crate::image::work::blocking;
+use crate::image::{ImageError, LayerBlob, io_error};
+use crate::oci::{MediaType, split_reference};
+use crate::storage::{ContentStore, StoredManifest};
+use crate::upstream::Scoped;
+
+/// 1980-01-01T00:00:01Z: what the CNB lifecycle writes, for reproducibility.
+const FIXED_TIME: u64 = 315_532_801;
+const FIXED_RFC3339: &str = "1980-01-01T00:00:01Z";
+const LAYOUT_VERSION: u32 = 1;
+
+pub struct BuildpackBuild<'a> {
+    pub source: &'a Source,
+    /// Relative to the repository root; "" for the root.
+    pub app_path: &'a str,
+    /// The builder's repository, for the upstream client.
+    pub builder_image: &'a str,
+    pub builder: &'a StoredManifest,
+    /// A run image chosen by the request's generator; `None` for the
+    /// builder's own.
+    pub run_image: Option<&'a str>,
+}
+
+impl Buildpacks {
+    /// Builds `build.source` with the buildpacks of `build.builder`, onto
+    /// the run image; images come through `upstream`.
+    pub async fn image(
+        &self,
+        upstream: &Scoped<'_>,
+        build: BuildpackBuild<'_>,
+    ) -> Result<StoredManifest, BuildpackError> {
+        let builder_manifest = self
+            .for_host(upstream, build.builder_image, build.builder)
+            .await?;
+        let builder = self
+            .parts(upstream, build.builder_image, &builder_manifest)
+            .await?;
+        let rootfs = self
+            .rootfs(&builder_manifest.digest, builder.layers)
+            .await?;
+        let run_reference = match build.run_image {
+            Some(r) => r.to_owned(),
+            None => run_image_of(&rootfs, &builder.config).ok_or_else(|| {
+                BuildpackError::BadBuilder(
+                    "it names no run image (/cnb/run.toml, /cnb/stack.toml or its metadata label)"
+                        .into(),
+                )
+            })?,
+        };
+        let (run_name, run_tag) = split_reference(&run_reference);
+        let accept = MediaType::MANIFESTS.map(str::to_owned);
+        let run_top = upstream.manifest(run_name, run_tag, &accept).await?;
+        let run_manifest = self.for_host(upstream, run_name, &run_top).await?;
+
+        let key = {
+            let key = json!({
+                "layout": LAYOUT_VERSION,
+                "url": build.source.url,
+                "commit": build.source.commit,
+                "app": build.app_path,
+                "builder": builder_manifest.digest.to_string(),
+                "run": run_manifest.digest.to_string(),
+                "run_name": run_reference,
+            });
+            format!(
+                "buildpack {}",
+                hex::encode(Sha256::digest(&canonical(&key)?))
+            )
+        };
+        let exported = Exported {
+            run_reference: &run_reference,
+            run_digest: run_manifest.digest.to_string(),
+            builder_digest: builder_manifest.digest.to_string(),
+        };
+        let stored = self
+            .builds
+            .build(&key, || async {
+                let run = self.parts(upstream, run_name, &run_manifest).await?;
+                let built = self
+                    .run_lifecycle(&build, rootfs, config_env(&builder.config))
+                    .await?;
+                self.export(
+                    &build,
+                    &exported,
+                    run.document,
+                    run.config,
+                    &run_manifest,
+                    built,
+                )
+                .await
+            })
+            .await?;
+        tracing::info!(url = %build.source.url, commit = %build.source.commit, digest = %stored.digest, "built a buildpack image");
+        Ok(stored)
+    }
+
+    /// Detect and build over a fresh copy of the app; the work directory and
+    /// what the buildpacks made in it.
+    async fn run_lifecycle(
+        &self,
+        build: &BuildpackBuild<'_>,
+        rootfs: PathBuf,
+        builder_env: Vec<String>,
+    ) -> Result<Built, BuildpackError> {
+        let settings = self.settings.load_full();
+        let config = &settings.config;
+        let id = |name: &str, default: u32| {
+            Env::from_list(&builder_env)
+                .0
+                .get(name)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        let (uid, gid) = (id("CNB_USER_ID", 1000), id("CNB_GROUP_ID", 1000));
+        let builder = Builder::open(rootfs, builder_env)?;
+        let host_user = sandbox::host_user(config.sandbox_user);
+        let app_source = crate::files::inside(&build.source.dir, build.app_path)
+            .filter(|p| p.is_dir())
+            .ok_or_else(|| {
+                BuildpackError::InvalidName(format!(
+                    "{} at {} has no directory {:?}",
+                    build.source.url, build.source.commit, build.app_path
+                ))
+            })?;
+        let work_root = self.scratch.join("work");
+        let (dir, work) = blocking(move || {
+            std::fs::create_dir_all(&work_root).map_err(io_error("creating a directory"))?;
+            let dir = tempfile::Builder::new()
+                .prefix("build-")
+                .tempdir_in(&work_root)
+                .map(Scratch::new)
+                .map_err(io_error("creating a build directory"))?;
+            let work = Work::create(dir.path(), host_user)?;
+            copy_tree(&app_source, &work.app).map_err(io_error("copying the app"))?;
+            work.give(&work.app)?;
+            work.give(&work.layers)?;
+            Ok::<_, BuildpackError>((dir, work))
+        })
+        .await?;
+
+        let sandbox = Sandbox {
+            bwrap: config.bwrap_command.clone(),
+            unsandboxed: self.unsandboxed(&settings).await?,
+            network: config.network,
+            timeout: config.step_timeout,
+            uid,
+            gid,
+            host_user,
+        };
+        let (os, arch) = host_platform();
+        let lifecycle = Lifecycle {
+            builder: &builder,
+            sandbox: &sandbox,
+            work: &work,
+            os,
+            arch,
+        };
+        let detected = lifecycle.detect().await?;
+        tracing::info!(url = %build.source.url, commit = %build.source.commit, group = ?detected.group.iter().map(|(b, _)| format!("{}@{}", b.id, b.version)).collect::<Vec<_>>(), "buildpacks detected");
+        let output = lifecycle.build(&detected).await?;
+        let measured = dir.path().to_owned();
+        let size =
+            blocking(move || tree_size(&measured).map_err(io_error("measuring the build"))).await?;
+        if size > config.max_source_bytes.0 {
+            return Err(BuildpackError::TooLarge {
+                what: "the app and its layers".into(),
+                limit: config.max_source_bytes.0,
+            });
+        }
+        Ok(Built {
+            _dir: dir,
+            work,
+            output,
+            owner: (uid, gid),
+        })
+    }
+
+    /// Export: launch layers, then the app, onto the run image.
+    async fn export(
+        &self,
+        build: &BuildpackBuild<'_>,
+        exported: &Exported<'_>,
+        run_document: Value,
+        run_config: Value,
+        run_manifest: &StoredManifest,
+        built: Built,
+    ) -> Result<StoredManifest, BuildpackError> {
+        let Built {
+            work,
+            output,
+            owner,
+            ..
+        } = &built;
+        let mut new_layers: Vec<(LayerBlob, String)> = Vec::new();
+        for bp in &output.buildpacks {
+            for (name, types) in &bp.layers {
+                if !types.launch {
+                    continue;
+                }
+                let escaped = lifecycle::escape_id(&bp.id);
+                let host = work.layers.join(&escaped).join(name);
+                let store = self.store.clone();
+                let prefix = format!("layers/{escaped}/{name}");
+                let parents = vec!["layers".to_owned(), format!("layers/{escaped}")];
+                let owner = *owner;
+                let blob = self
+                    .cpu
+                    .run(move |_| tree_layer(&store, &host, &parents, &prefix, owner))
+                    .await?;
+                new_layers.push((
+                    blob,
+                    format!("buildpack {}@{} layer {name}", bp.id, bp.version),
+                ));
+            }
+        }
+        let (store, app, owner) = (self.store.clone(), work.app.clone(), *owner);
+        let app_blob = self
+            .cpu
+            .run(move |_| tree_layer(&store, &app, &[], "workspace", owner))
+            .await?;
+        new_layers.push((app_blob, "application at /workspace".to_owned()));
+
+        let launch_env = launch_env(&run_config, output, &work.layers);
+        let mut config = run_config;
+        image_config(&mut config, output, launch_env, owner, &new_layers)?;
+        let labels = labels(build, exported, output);
+        let inner = inner_config(&mut config, "the run image config")?;
+        let all = inner.entry("Labels").or_insert_with(|| json!({}));
+        if !all.is_object() {
+            *all = json!({});
+        }
+        if let Some(all) = all.as_object_mut() {
+            for (k, v) in labels {
+                all.insert(k.to_owned(), json!(v));
+            }
+        }
+        let blobs: Vec<&LayerBlob> = new_layers.iter().map(|(b, _)| b).collect();
+        Ok(extend(
+            &self.store,
+            &run_manifest.media_type,
+            run_document,
+            &config,
+            &blobs,
+            |_| {},
+        )
+        .await?)
+    }
+}
+
+/// What the lifecycle left: the work directory (removed when dropped) and
+/// what the buildpacks said.
+struct Built {
+    _dir: Scratch,
+    work: Work,
+    output: BuildOutput,
+    owner: (u32, u32),
+}
+
+/// The images a build was exported onto, for its labels.
+struct Exported<'a> {
+    run_reference: &'a str,
+    run_digest: String,
+    builder_digest: String,
+}
+
+/// The run image's environment plus every launch layer's, in order.
+fn launch_env(run_config: &Value, output: &BuildOutput, layers_dir: &Path) -> Env {
+    let mut env = Env::from_list(&config_env(run_config));
+    for bp in &output.buildpacks {
+        let escaped = lifecycle::escape_id(&bp.id);
+        for (name, types) in &bp.layers {
+            if types.launch {
+                env.apply_layer(
+                    &layers_dir.join(&escaped).join(name),
+                    &format!("/layers/{escaped}/{name}"),
+                    "env.launch",
+                );
+            }
+        }
+    }
+    env
+}
+
+fn image_config(
+    config: &mut Value,
+    output: &BuildOutput,
+    env: Env,
+    (uid, gid): (u32, u32),
+    layers: &[(LayerBlob, String)],
+) -> Result<(), ImageError> {
+    let inner = inner_config(config, "the run image config")?;
+    inner.insert("Env".into(), json!(env.to_list()));
+    inner.insert("WorkingDir".into(), json!("/workspace"));
+    inner.insert("User".into(), json!(format!("{uid}:{gid}")));
+    inner.remove("Cmd");
+    let process = output
+        .processes
+        .iter()
+        .rev()
+        .find(|p| p.default)
+        .or_else(|| output.processes.iter().find(|p| p.r#type == "web"))
+        .or_else(|| (output.processes.len() == 1).then(|| &output.processes[0]));
+    if let Some(p) = process {
+        // Arguments go in Cmd, so that `docker run image other args`
+        // replaces them, as it would with the lifecycle's launcher.
+        inner.insert("Entrypoint".into(), json!(p.command));
+        if !p.args.is_empty() {
+            inner.insert("Cmd".into(), json!(p.args));
+        }
+        if let Some(dir) = &p.working_dir {
+            inner.insert("WorkingDir".into(), json!(dir));
+        }
+    }
+    add_layers(
+        config,
+        layers.iter().map(|(blob, what)| {
+            let entry = json!({
+                "created": FIXED_RFC3339,
+                "created_by": format!("kontain buildpack: {what}"),
+            });
+            (blob, entry)
+        }),
+    )?;
+    if let Some(root) = config.as_object_mut() {
+        root.insert("created".into(), json!(FIXED_RFC3339));
+    }
+    Ok(())
+}
+
+fn labels(
+    build: &BuildpackBuild<'_>,
+    exported: &Exported<'_>,
+    output: &BuildOutput,
+) -> Vec<(&'static str, String)> {
+    let buildpacks: Vec<Value> = output
+        .buildpacks
+        .iter()
+        .map(|b| json!({"key": b.id, "version": b.version}))
+        .collect();
+    let lifecycle = json!({
+        "app": [{"sha": "", "path": "/workspace"}],
+        "buildpacks": output.buildpacks.iter().map(|b| json!({
+            "key": b.id,
+            "version": b.version,
+            "layers": b.layers.iter().filter(|(_, t)| t.launch).map(|(n, t)| (n.clone(), json!({"launch": t.launch, "build": t.build, "cache": t.cache}))).collect::<serde_json::Map<_, _>>(),
+        })).collect::<Vec<_>>(),
+        "runImage": {"reference": exported.run_digest, "image": exported.run_reference},
+        "builder": {"reference": exported.builder_digest, "image": build.builder_image},
+    });
+    let build_md = json!({
+        "buildpacks": buildpacks,
+        "processes": output.processes.iter().map(|p| json!({
+            "type": p.r#type,
+            "command": p.command,
+            "args": p.args,
+            "default": p.default,
+            "buildpackID": p.buildpack_id,
+        })).collect::<Vec<_>>(),
+        "launcher": {"version": "none (kontain precomputes the environment)"},
+    });
+    let project = json!({
+        "source": {
+            "type": "git",
+            "version": {"commit": build.source.commit},
+            "metadata": {"repository": build.source.url, "path": build.app_path},
+        }
+    });
+    vec![
+        ("io.buildpacks.lifecycle.metadata", lifecycle.to_string()),
+        ("io.buildpacks.build.metadata", build_md.to_string()),
+        ("io.buildpacks.project.metadata", project.to_string()),
+    ]
+}
+
+/// A layer holding the tree at `dir` under `prefix` (after `parents`),
+/// entries sorted, modes normalised (0755 for directories and executables,
+/// 0644 otherwise), owner and mtime fixed.
+fn tree_layer(
+    store: &ContentStore,
+    dir: &Path,
+    parents: &[String],
+    prefix: &str,
+    owner: (u32, u32),
+) -> Result<LayerBlob, ImageError> {
+    let fixed = Fixed {
+        owner,
+        mtime: FIXED_TIME,
+        dir_mode: 0o755,
+        file_mode: |executable| if executable { 0o755 } else { 0o644 },
+        symlinks: true,
+    };
+    write_layer(store, |tar| {
+        for p in parents.iter().map(String::as_str).chain([prefix]) {
+            fixed.add_dir(tar, p)?;
+        }
+        fixed.add_tree(tar, dir, prefix)
+    })
+}

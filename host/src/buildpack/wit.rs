@@ -1,0 +1,71 @@
+//! The `buildpack` interface, host side: source handles, and builds.
+
+use super::{BuildpackBuild, Buildpacks, Source};
+use crate::oci::split_reference;
+use crate::runtime::host::wit::buildpack;
+use crate::runtime::host::{
+    Ctx, Getter, Has, HostResult, HostState, Linker, ManifestHandle, Resource, Trap,
+};
+
+/// A git commit a plugin holds.
+pub struct SourceHandle(pub Source);
+
+pub fn add_to_linker(linker: &mut Linker<HostState>, get: Getter<Buildpacks>) -> Trap<()> {
+    buildpack::add_to_linker::<HostState, Has<Buildpacks>>(linker, get)
+}
+
+impl buildpack::HostSource for Ctx<'_, Buildpacks> {
+    async fn commit(&mut self, this: Resource<SourceHandle>) -> Trap<String> {
+        Ok(self.get(&this)?.0.commit.clone())
+    }
+
+    async fn url(&mut self, this: Resource<SourceHandle>) -> Trap<String> {
+        Ok(self.get(&this)?.0.url.clone())
+    }
+
+    async fn drop(&mut self, this: Resource<SourceHandle>) -> Trap<()> {
+        self.take(this).map(drop)
+    }
+}
+
+impl buildpack::Host for Ctx<'_, Buildpacks> {
+    async fn fetch(
+        &mut self,
+        owner: String,
+        repo: String,
+        revision: String,
+    ) -> HostResult<Resource<SourceHandle>> {
+        let source = self.service.fetch(&owner, &repo, &revision).await?;
+        self.push(SourceHandle(source))
+    }
+
+    async fn build(
+        &mut self,
+        source: Resource<SourceHandle>,
+        app_path: String,
+        builder_image: String,
+        builder: Resource<ManifestHandle>,
+        run_image: String,
+    ) -> HostResult<Resource<ManifestHandle>> {
+        let (builder_name, _) = split_reference(&builder_image);
+        let upstream = self
+            .service
+            .upstream()
+            .scoped(self.call.generator(), self.call.upstreams());
+        upstream.check(builder_name)?;
+        if !run_image.is_empty() {
+            upstream.check(split_reference(&run_image).0)?;
+        }
+        let source = self.get(&source)?.0.clone();
+        let builder = self.get(&builder)?.0.clone();
+        let build = BuildpackBuild {
+            source: &source,
+            app_path: &app_path,
+            builder_image: builder_name,
+            builder: &builder,
+            run_image: (!run_image.is_empty()).then_some(run_image.as_str()),
+        };
+        let image = self.service.image(&upstream, build).await?;
+        self.push(ManifestHandle(image))
+    }
+}

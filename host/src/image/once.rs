@@ -1,0 +1,264 @@
+//! Work done once: concurrent requests for the same manifest, blob or image
+//! share one fetch or build, in this process and (through the storage's
+//! lease) among every replica sharing the storage ([`once`], [`Builds`]).
+//! For images built on request, a failure that asking again cannot fix is
+//! answered from memory for a while. Trees on the local disk (unpacked
+//! modules, builder filesystems, checkouts) are made once per process and
+//! kept while used ([`DirCache`]).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{ImageError, io_error, work};
+use crate::files::COMPLETE;
+use crate::generator::{Classify, ErrorKind};
+use crate::oci::Digest;
+use crate::storage::{ContentStore, KeyedLocks, StorageError, StoredManifest};
+
+/// How long a build that failed on its inputs (a compile error, no
+/// detected group, a refused module) is answered from memory: anyone can
+/// ask for a broken program over and over, and each ask would otherwise
+/// cost a full build.
+const FAILURE_MEMORY: Duration = Duration::from_secs(300);
+
+/// Failures remembered at most; past this the memory starts over.
+const MAX_FAILURES: usize = 10_000;
+
+/// `make`s the result for `key` unless `find` finds it: `find`, then,
+/// holding the store's lock for `key`, `find` again, and only then `make`.
+pub async fn once<T, E, Found, Made>(
+    store: &ContentStore,
+    key: String,
+    find: impl Fn() -> Found,
+    make: impl FnOnce() -> Made,
+) -> Result<T, E>
+where
+    E: From<StorageError>,
+    Found: Future<Output = Result<Option<T>, E>>,
+    Made: Future<Output = Result<T, E>>,
+{
+    if let Some(found) = find().await? {
+        return Ok(found);
+    }
+    let _held = store.lock(key).await?;
+    if let Some(found) = find().await? {
+        return Ok(found);
+    }
+    make().await
+}
+
+/// A failure of the same build a moment ago, answered from memory.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{message} (the same build failed less than {}s ago; it is not retried before then)", FAILURE_MEMORY.as_secs())]
+pub struct Remembered {
+    pub message: String,
+    pub kind: ErrorKind,
+}
+
+impl Classify for Remembered {
+    fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+}
+
+/// Images built on request (ko, buildpack, flatten), each stored under a key
+/// that names everything deciding the result.
+pub struct Builds {
+    store: Arc<ContentStore>,
+    failures: Mutex<HashMap<String, (Instant, Remembered)>>,
+}
+
+impl Builds {
+    pub fn new(store: Arc<ContentStore>) -> Self {
+        Builds {
+            store,
+            failures: Mutex::default(),
+        }
+    }
+
+    /// The image built for `key`: from storage if it was built before and
+    /// everything it refers to is still there, else `build`, once, and
+    /// remembered under `key`. A build that fails on its inputs is not
+    /// retried for [`FAILURE_MEMORY`].
+    pub async fn build<E, Built>(
+        &self,
+        key: &str,
+        build: impl FnOnce() -> Built,
+    ) -> Result<StoredManifest, E>
+    where
+        E: From<StorageError> + From<Remembered> + Classify,
+        Built: Future<Output = Result<StoredManifest, E>>,
+    {
+        let find = || async move { Ok::<_, E>(self.cached(key).await?) };
+        once(&self.store, key.to_owned(), find, || async move {
+            if let Some(failure) = self.recent_failure(key) {
+                return Err(failure.into());
+            }
+            match build().await {
+                Ok(built) => {
+                    self.store.put_tag(key, &built.digest).await?;
+                    Ok(built)
+                }
+                Err(e) => {
+                    self.remember(key, &e);
+                    Err(e)
+                }
+            }
+        })
+        .await
+    }
+
+    fn recent_failure(&self, key: &str) -> Option<Remembered> {
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, (at, _)| at.elapsed() < FAILURE_MEMORY);
+        map.get(key).map(|(_, failure)| failure.clone())
+    }
+
+    /// Remembers `error` if the same inputs would fail the same way again.
+    fn remember(&self, key: &str, error: &impl Classify) {
+        let kind = error.kind();
+        if !kind.is_deterministic() {
+            return;
+        }
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() > MAX_FAILURES {
+            map.clear();
+        }
+        let message = error.to_string();
+        map.insert(
+            key.to_owned(),
+            (Instant::now(), Remembered { message, kind }),
+        );
+    }
+
+    /// The manifest a build remembered under `key`, if it and everything it
+    /// refers to are still stored. Expiry can remove a blob while something
+    /// still names it (a tag of a manifest being collected); a rebuild, which
+    /// is reproducible, puts it back under the same digest.
+    async fn cached(&self, key: &str) -> Result<Option<StoredManifest>, StorageError> {
+        let Some(digest) = self.store.tag(key).await? else {
+            return Ok(None);
+        };
+        let Some(manifest) = self.store.manifest(&digest).await? else {
+            return Ok(None);
+        };
+        Ok(self.complete(&manifest, 2).await?.then_some(manifest))
+    }
+
+    /// Whether every blob `manifest` refers to is stored, and for an index
+    /// every child manifest and its blobs (indexes nested `depth` deep).
+    async fn complete(&self, manifest: &StoredManifest, depth: u8) -> Result<bool, StorageError> {
+        let document: serde_json::Value =
+            serde_json::from_slice(&manifest.bytes).unwrap_or_default();
+        let children: Vec<Digest> = document["manifests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d["digest"].as_str()?.parse().ok())
+            .collect();
+        for child in &children {
+            let stored = match self.store.manifest(child).await? {
+                Some(stored) if depth > 0 => stored,
+                _ => return Ok(false),
+            };
+            if !Box::pin(self.complete(&stored, depth - 1)).await? {
+                return Ok(false);
+            }
+        }
+        for blob in crate::oci::references(&manifest.bytes) {
+            if !children.contains(&blob) && self.store.blob_size(&blob).await?.is_none() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Trees made once and kept while used: `<root>/<key>/` holds what `make`
+/// wrote and a [`COMPLETE`] marker whose modification time is its last use.
+/// A tree is made aside (under `tmp`) and renamed into place whole, so a
+/// reader never sees half of one.
+pub struct DirCache {
+    root: PathBuf,
+    tmp: PathBuf,
+    locks: KeyedLocks,
+}
+
+impl DirCache {
+    pub fn new(root: PathBuf, tmp: PathBuf) -> Self {
+        DirCache {
+            root,
+            tmp,
+            locks: KeyedLocks::default(),
+        }
+    }
+
+    /// The directory for `key`, made by `make` (into an empty directory)
+    /// the first time, once however many ask at once.
+    pub async fn get_or_make<E, Made>(
+        &self,
+        key: &str,
+        make: impl FnOnce(PathBuf) -> Made,
+    ) -> Result<PathBuf, E>
+    where
+        E: From<ImageError> + Send + 'static,
+        Made: Future<Output = Result<(), E>>,
+    {
+        let dir = self.root.join(key);
+        if used(&dir) {
+            return Ok(dir);
+        }
+        let _guard = self.locks.lock(key.to_owned()).await;
+        if used(&dir) {
+            return Ok(dir);
+        }
+        let tmp = self.tmp.clone();
+        let entry = work::blocking(move || {
+            std::fs::create_dir_all(&tmp).map_err(io_error("creating a cache directory"))?;
+            tempfile::Builder::new()
+                .prefix("make-")
+                .tempdir_in(&tmp)
+                .map_err(io_error("creating a cache directory"))
+        })
+        .await?;
+        make(entry.path().to_owned()).await?;
+        let finished = dir.clone();
+        work::blocking(move || {
+            std::fs::write(entry.path().join(COMPLETE), b"")
+                .map_err(io_error("marking a cache directory complete"))?;
+            if let Some(parent) = finished.parent() {
+                std::fs::create_dir_all(parent).map_err(io_error("creating a cache directory"))?;
+            }
+            let made = entry.keep();
+            if let Err(e) = std::fs::rename(&made, &finished) {
+                crate::files::remove(&made);
+                // Another process sharing the scratch directory won.
+                if !finished.join(COMPLETE).exists() {
+                    return Err(io_error("moving a cache directory into place")(e));
+                }
+            }
+            Ok::<_, ImageError>(())
+        })
+        .await?;
+        Ok(dir)
+    }
+
+    /// Removes the trees unused for `ttl`; returns how many went.
+    pub fn expire(&self, ttl: Duration) -> usize {
+        crate::files::expire_dirs(&self.root, ttl)
+    }
+}
+
+/// Whether `dir` is a finished tree; if so, marks it used now.
+fn used(dir: &Path) -> bool {
+    match std::fs::File::open(dir.join(COMPLETE)) {
+        Ok(marker) => {
+            let _ = marker.set_modified(std::time::SystemTime::now());
+            true
+        }
+        Err(_) => false,
+    }
+}

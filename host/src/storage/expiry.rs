@@ -1,0 +1,136 @@
+//! Expiry, once for every driver: a mark and sweep over the store.
+//!
+//! Roots are the manifests and values (tags) used within the TTL; everything
+//! they reach (index children, configs, layers) is kept, whatever its age.
+//! Then manifests nothing reaches go, then blobs nothing reaches that are
+//! themselves older than the TTL (younger ones may belong to an image being
+//! made right now), then values unused for the TTL. Serving a manifest or
+//! reading a tag marks it used, so a blob of an image people pull is never
+//! removed before its manifest, and a blob that a newer image shares lives as
+//! long as that image.
+//!
+//! Replicas sharing a bucket take turns: a collection holds the store's lease
+//! on expiry and is skipped if another replica ran one moments ago.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::content::{blob_key, manifest_key};
+use super::{ContentStore, Listed, StorageError};
+use crate::oci::Digest;
+
+/// The value recording when the last collection finished (Unix seconds).
+const LAST_RUN: &str = "kontain expiry last run";
+
+/// What one collection removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Collected {
+    pub manifests: usize,
+    pub blobs: usize,
+    pub values: usize,
+    pub bytes: u64,
+}
+
+/// `sha256:<hex>` from the last two components of a key
+/// (`manifests/sha256/<hex>`).
+fn digest_of_key(key: &str) -> Option<Digest> {
+    let mut parts = key.rsplit('/');
+    let (hex, algorithm) = (parts.next()?, parts.next()?);
+    format!("{algorithm}:{hex}").parse().ok()
+}
+
+impl ContentStore {
+    /// Removes what has not been used for `ttl` (see the module comment),
+    /// unless another process sharing the store collected within the last
+    /// half of `every`; then `None`. A zero `ttl` keeps everything.
+    pub async fn collect(
+        &self,
+        ttl: Duration,
+        every: Duration,
+    ) -> Result<Option<Collected>, StorageError> {
+        if ttl.is_zero() {
+            return Ok(None);
+        }
+        let _turn = self.lock(LAST_RUN.to_owned()).await?;
+        let now = SystemTime::now();
+        let last = self
+            .value(LAST_RUN)
+            .await?
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|secs| UNIX_EPOCH + Duration::from_secs(secs));
+        if last.is_some_and(|t| now.duration_since(t).unwrap_or_default() < every / 2) {
+            return Ok(None);
+        }
+        let collected = self
+            .collect_now(now.checked_sub(ttl).unwrap_or(UNIX_EPOCH))
+            .await?;
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.put_value(LAST_RUN, &secs.as_secs().to_string())
+            .await?;
+        Ok(Some(collected))
+    }
+
+    async fn collect_now(&self, cutoff: SystemTime) -> Result<Collected, StorageError> {
+        let driver = self.driver();
+        let manifests = driver.list("manifests/").await?;
+        let values = driver.list("values/").await?;
+        let known: HashMap<Digest, &Listed> = manifests
+            .iter()
+            .filter_map(|m| Some((digest_of_key(&m.key)?, m)))
+            .collect();
+
+        // Mark: from the roots, through every manifest they reach.
+        let mut queue: Vec<Digest> = known
+            .iter()
+            .filter(|(_, m)| m.stat.used >= cutoff)
+            .map(|(d, _)| d.clone())
+            .collect();
+        for value in values.iter().filter(|v| v.stat.used >= cutoff) {
+            if let Some((bytes, _)) = driver.read_small(&value.key, 1024).await?
+                && let Ok(digest) = String::from_utf8_lossy(&bytes).trim().parse()
+            {
+                queue.push(digest);
+            }
+        }
+        let mut live: HashSet<Digest> = HashSet::new();
+        while let Some(digest) = queue.pop() {
+            if !live.insert(digest.clone()) || !known.contains_key(&digest) {
+                continue;
+            }
+            // Unreadable manifests keep nothing alive and are swept below.
+            if let Ok(Some(manifest)) = self.read_manifest(&digest, false).await {
+                queue.extend(crate::oci::references(&manifest.bytes));
+            }
+        }
+
+        // Sweep.
+        let mut done = Collected::default();
+        for (digest, m) in &known {
+            if !live.contains(digest) {
+                driver.delete(&manifest_key(digest)).await?;
+                done.manifests += 1;
+                done.bytes += m.stat.size;
+            }
+        }
+        for blob in driver.list("blobs/").await? {
+            // Only keys of the store's own shape: a stray file in `blobs/`
+            // (an editor's backup, say) is left alone.
+            let Some(digest) = digest_of_key(&blob.key).filter(|d| blob.key == blob_key(d)) else {
+                continue;
+            };
+            if !live.contains(&digest) && blob.stat.used < cutoff {
+                driver.delete(&blob.key).await?;
+                done.blobs += 1;
+                done.bytes += blob.stat.size;
+            }
+        }
+        for value in values.iter().filter(|v| v.stat.used < cutoff) {
+            driver.delete(&value.key).await?;
+            done.values += 1;
+            done.bytes += value.stat.size;
+        }
+        Ok(done)
+    }
+}

@@ -1,0 +1,252 @@
+//! The caching front of the upstream client: manifests cached by digest,
+//! tags re-resolved with `HEAD` and served stale when the upstream is down,
+//! blobs streamed into storage and verified, each fetched once however many
+//! ask at once (`image::once`).
+
+use std::io::Write;
+
+use bytes::Bytes;
+
+use super::{Upstream, UpstreamError, UpstreamImage};
+use crate::image::once;
+use crate::oci::{Digest, MediaType, Reference};
+use crate::storage::{BlobInfo, StorageError, StoredManifest};
+
+impl Upstream {
+    /// The manifest of `upstream` at `reference`, from cache or upstream.
+    pub(super) async fn manifest(
+        &self,
+        upstream: &UpstreamImage,
+        reference: &str,
+        accept: &[String],
+    ) -> Result<StoredManifest, UpstreamError> {
+        let reference: Reference = reference
+            .parse()
+            .map_err(|e| UpstreamError::InvalidImage(format!("{reference:?}: {e}")))?;
+        match reference {
+            Reference::Digest(digest) => self.manifest_by_digest(upstream, &digest, accept).await,
+            Reference::Tag(tag) => {
+                let key = tag_key(upstream, tag.as_str(), accept);
+                match self.resolve_tag(upstream, tag.as_str(), accept).await {
+                    Ok(stored) => {
+                        if let Err(e) = self.store.put_tag(&key, &stored.digest).await {
+                            tracing::warn!(%upstream, error = %e, "could not remember the tag");
+                        }
+                        Ok(stored)
+                    }
+                    Err(e) if e.upstream_down() => match self.stale(&key).await? {
+                        Some(stored) => {
+                            tracing::warn!(%upstream, %tag, digest = %stored.digest, error = %e, "upstream down: serving the cached tag");
+                            Ok(stored)
+                        }
+                        None => Err(e),
+                    },
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
+    async fn stale(&self, key: &str) -> Result<Option<StoredManifest>, UpstreamError> {
+        let Some(digest) = self.store.tag(key).await? else {
+            return Ok(None);
+        };
+        Ok(self.store.manifest(&digest).await?)
+    }
+
+    /// HEAD the tag (HEADs do not count against Docker Hub's rate limit),
+    /// then fetch by digest unless the digest is cached.
+    async fn resolve_tag(
+        &self,
+        upstream: &UpstreamImage,
+        tag: &str,
+        accept: &[String],
+    ) -> Result<StoredManifest, UpstreamError> {
+        let head = self.client.head_manifest(upstream, tag, accept).await?;
+        match head.digest {
+            Some(digest) => self.manifest_by_digest(upstream, &digest, accept).await,
+            None => {
+                // A registry that does not say the digest: GET by tag instead.
+                let (bytes, media_type) = self.client.get_manifest(upstream, tag, accept).await?;
+                self.store_manifest(upstream, None, bytes, &media_type)
+                    .await
+            }
+        }
+    }
+
+    async fn manifest_by_digest(
+        &self,
+        upstream: &UpstreamImage,
+        digest: &Digest,
+        accept: &[String],
+    ) -> Result<StoredManifest, UpstreamError> {
+        let find = || async move { Ok::<_, UpstreamError>(self.store.manifest(digest).await?) };
+        once(
+            &self.store,
+            format!("manifest {digest}"),
+            find,
+            || async move {
+                let (bytes, media_type) = self
+                    .client
+                    .get_manifest(upstream, &digest.to_string(), accept)
+                    .await?;
+                self.store_manifest(upstream, Some(digest), bytes, &media_type)
+                    .await
+            },
+        )
+        .await
+    }
+
+    async fn store_manifest(
+        &self,
+        upstream: &UpstreamImage,
+        expected: Option<&Digest>,
+        bytes: Bytes,
+        media_type: &str,
+    ) -> Result<StoredManifest, UpstreamError> {
+        let actual = Digest::sha256(&bytes);
+        if let Some(expected) = expected
+            && *expected != actual
+        {
+            return Err(UpstreamError::DigestMismatch {
+                image: upstream.to_string(),
+                expected: expected.clone(),
+                actual,
+            });
+        }
+        let media_type: MediaType = media_type
+            .parse()
+            .map_err(|e| UpstreamError::InvalidImage(format!("{upstream}: {e}")))?;
+        Ok(self.store.put_manifest(&media_type, bytes).await?)
+    }
+
+    /// A blob of `upstream`, from storage or streamed from upstream into it.
+    pub(super) async fn blob(
+        &self,
+        upstream: &UpstreamImage,
+        digest: Digest,
+    ) -> Result<BlobInfo, UpstreamError> {
+        let digest = &digest;
+        let find = || async move {
+            let size = self.store.blob_size(digest).await?;
+            Ok::<_, UpstreamError>(size.map(|size| BlobInfo {
+                digest: digest.clone(),
+                size,
+            }))
+        };
+        once(&self.store, format!("blob {digest}"), find, || {
+            self.download(upstream, digest.clone())
+        })
+        .await
+    }
+
+    async fn download(
+        &self,
+        upstream: &UpstreamImage,
+        digest: Digest,
+    ) -> Result<BlobInfo, UpstreamError> {
+        let max_blob_bytes = self.settings.load().max_blob_bytes;
+        let too_large = || UpstreamError::TooLarge {
+            image: upstream.to_string(),
+            what: "a blob",
+            limit: max_blob_bytes,
+        };
+        let mut response = self.client.get_blob(upstream, &digest).await?;
+        if response
+            .content_length()
+            .is_some_and(|n| n > max_blob_bytes)
+        {
+            return Err(too_large());
+        }
+        let mut writer = self.store.blob_writer(max_blob_bytes)?;
+        // Bytes arrive on the async side; hashing and writing happen on a
+        // blocking thread. `None` on the channel means "abandon".
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<Bytes>>(32);
+        let expected = digest.clone();
+        let writing = tokio::task::spawn_blocking(move || -> Result<BlobInfo, WriteFailure> {
+            while let Some(chunk) = rx.blocking_recv() {
+                let Some(chunk) = chunk else {
+                    return Err(WriteFailure::Abandoned);
+                };
+                writer.write_all(&chunk).map_err(WriteFailure::Io)?;
+            }
+            writer
+                .commit(Some(&expected))
+                .map_err(WriteFailure::Storage)
+        });
+        let mut transfer_error = None;
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    if tx.send(Some(chunk)).await.is_err() {
+                        break; // the writer failed; its error is reported below
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(None).await;
+                    transfer_error = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let written = writing.await.map_err(|e| {
+            UpstreamError::Storage(StorageError::Io {
+                path: "blob writer".into(),
+                source: std::io::Error::other(e),
+            })
+        })?;
+        if let Some(e) = transfer_error {
+            return Err(UpstreamError::Unreachable {
+                image: upstream.to_string(),
+                message: format!("the transfer of {digest} broke off: {e}"),
+            });
+        }
+        match written {
+            Ok(info) => {
+                tracing::info!(%upstream, %digest, size = info.size, "cached a blob");
+                Ok(info)
+            }
+            Err(WriteFailure::Storage(StorageError::DigestMismatch { expected, actual })) => {
+                Err(UpstreamError::DigestMismatch {
+                    image: upstream.to_string(),
+                    expected,
+                    actual,
+                })
+            }
+            Err(WriteFailure::Io(e)) if e.kind() == std::io::ErrorKind::FileTooLarge => {
+                Err(too_large())
+            }
+            Err(WriteFailure::Io(e)) => Err(UpstreamError::Storage(StorageError::Io {
+                path: "blob writer".into(),
+                source: e,
+            })),
+            Err(WriteFailure::Storage(e)) => Err(UpstreamError::Storage(e)),
+            Err(WriteFailure::Abandoned) => Err(UpstreamError::Unreachable {
+                image: upstream.to_string(),
+                message: format!("the transfer of {digest} broke off"),
+            }),
+        }
+    }
+}
+
+enum WriteFailure {
+    Abandoned,
+    Io(std::io::Error),
+    Storage(StorageError),
+}
+
+/// The storage key remembering what a tag resolved to. The client's `Accept`
+/// list is part of it: a client that takes only single-platform manifests
+/// must not make the tag look single-platform for everyone else.
+fn tag_key(upstream: &UpstreamImage, tag: &str, accept: &[String]) -> String {
+    let mut accept: Vec<&str> = accept.iter().map(String::as_str).collect();
+    accept.sort_unstable();
+    accept.dedup();
+    format!(
+        "mirror {}:{tag} accept={}",
+        upstream.cache_key(),
+        accept.join(",")
+    )
+}
