@@ -20,34 +20,12 @@ runs=${1:-5}
 command -v bwrap >/dev/null || { echo "needs bubblewrap (apt-get install bubblewrap)" >&2; exit 1; }
 cargo build --release --quiet --bin kontain
 
-# The buildpacks, as files (also used by the baseline).
+# The buildpacks: the test suite's own scripts (also run by the baseline).
 bp="$work/buildpacks"
-mkdir -p "$bp/tool/bin" "$bp/app/bin"
-cat > "$bp/tool/bin/detect" <<'SH'
-#!/bin/sh
-printf '[[provides]]\nname = "shout"\n' > "$CNB_BUILD_PLAN_PATH"
-SH
-cat > "$bp/tool/bin/build" <<'SH'
-#!/bin/sh
-set -e
-layer="$CNB_LAYERS_DIR/shout"
-mkdir -p "$layer/bin" "$layer/env.launch"
-printf '#!/bin/sh\ntr a-z A-Z\n' > "$layer/bin/shout"
-chmod 755 "$layer/bin/shout"
-printf 'hello from env.launch' > "$layer/env.launch/GREETING"
-printf '[types]\nlaunch = true\nbuild = true\n' > "$CNB_LAYERS_DIR/shout.toml"
-SH
-cat > "$bp/app/bin/detect" <<'SH'
-#!/bin/sh
-test -f message.txt || exit 100
-printf '[[requires]]\nname = "shout"\n' > "$CNB_BUILD_PLAN_PATH"
-SH
-cat > "$bp/app/bin/build" <<'SH'
-#!/bin/sh
-set -e
-shout < message.txt > built.txt
-printf '[[processes]]\ntype = "web"\ncommand = ["/bin/sh", "/workspace/run.sh"]\ndefault = true\n' > "$CNB_LAYERS_DIR/launch.toml"
-SH
+for name in tool app; do
+    mkdir -p "$bp/$name/bin"
+    cp "$root/tests/fixtures/buildpacks/$name/detect" "$root/tests/fixtures/buildpacks/$name/build" "$bp/$name/bin/"
+done
 chmod 755 "$bp"/*/bin/*
 
 PYTHONPATH="$root/bench" python3 - "$work" <<'PY'
@@ -89,14 +67,7 @@ commit() { git -C "$repo" -c user.name=b -c user.email=b@b add . && git -C "$rep
 commit first
 
 port=$(free_port)
-mkdir -p "$work/kontain"
-cat > "$work/kontain/kontain.toml" <<TOML
-[storage]
-backend = "filesystem"
-path = "data"
-[upstream.registries.local]
-url = "http://127.0.0.1:$up"
-allow_private = true
+kontain_config "$work/kontain" "$up" <<TOML
 [buildpack]
 git_url = "file://$work/git/{owner}/{repo}"
 [generators.buildpack]

@@ -36,14 +36,7 @@ start_registry upstream "$up"
 skopeo copy -q --dest-tls-verify=false "oci:$layout:latest" "docker://127.0.0.1:$up/bench:latest"
 
 port=$(free_port)
-mkdir -p "$work/kontain"
-cat > "$work/kontain/kontain.toml" <<TOML
-[storage]
-backend = "filesystem"
-path = "data"
-[upstream.registries.local]
-url = "http://127.0.0.1:$up"
-allow_private = true
+kontain_config "$work/kontain" "$up" <<TOML
 [generators.mirror]
 source = "builtin:mirror"
 grants = ["upstream"]

@@ -55,14 +55,7 @@ accept='application/vnd.oci.image.index.v1+json'
 kontain_cold() {
     local dir="$work/kontain-$1" port
     port=$(free_port)
-    mkdir -p "$dir"
-    cat > "$dir/kontain.toml" <<TOML
-[storage]
-backend = "filesystem"
-path = "data"
-[upstream.registries.local]
-url = "http://127.0.0.1:$up"
-allow_private = true
+    kontain_config "$dir" "$up" <<TOML
 [go]
 proxies = ["file://$work/proxy"]
 sumdb = "off"

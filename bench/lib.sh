@@ -20,17 +20,29 @@ now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { print b - a }'; }
 
 # start_registry <name> <port> [proxy-remote-url]: Debian's docker-registry
-# on loopback, storing under $work/<name>.
+# on loopback, storing under $work/<name>, logging at $registry_log (warn).
 start_registry() {
     mkdir -p "$work/$1"
     {
-        printf 'version: 0.1\nlog:\n  level: warn\n  formatter: text\nstorage:\n  filesystem:\n    rootdirectory: %s\n' "$work/$1/data"
+        printf 'version: 0.1\nlog:\n  level: %s\n  formatter: text\nstorage:\n  filesystem:\n    rootdirectory: %s\n' "${registry_log:-warn}" "$work/$1/data"
         printf 'http:\n  addr: 127.0.0.1:%s\n' "$2"
         if [[ -n ${3:-} ]]; then printf 'proxy:\n  remoteurl: %s\n' "$3"; fi
     } > "$work/$1/config.yml"
     docker-registry serve "$work/$1/config.yml" > "$work/$1/log" 2>&1 &
     pids+=($!)
     wait_http "http://127.0.0.1:$2/v2/"
+}
+
+# kontain_config <dir> <upstream-port>: writes <dir>/kontain.toml: storage
+# in <dir>/data, the registry on <upstream-port> as the named upstream
+# `local`, then the TOML given on stdin (generators and their sections).
+kontain_config() {
+    mkdir -p "$1"
+    {
+        printf '[storage]\nbackend = "filesystem"\npath = "data"\n'
+        printf '[upstream.registries.local]\nurl = "http://127.0.0.1:%s"\nallow_private = true\n' "$2"
+        cat
+    } > "$1/kontain.toml"
 }
 
 # start_kontain <dir> <port>: the release binary with <dir>/kontain.toml.

@@ -17,27 +17,12 @@ cargo build --release --quiet --bin kontain
 
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
 
-registry() { # name port [proxy-remote]
-    mkdir -p "$work/$1"
-    {
-        printf 'version: 0.1\nlog:\n  level: info\n  formatter: text\nstorage:\n  filesystem:\n    rootdirectory: %s\n' "$work/$1/data"
-        printf 'http:\n  addr: 127.0.0.1:%s\n' "$2"
-        [[ -n ${3:-} ]] && printf 'proxy:\n  remoteurl: %s\n' "$3"
-    } > "$work/$1/config.yml"
-    docker-registry serve "$work/$1/config.yml" > "$work/$1/log" 2>&1 &
-    pids+=($!)
-    wait_http "http://127.0.0.1:$2/v2/"
-}
+# The upstream's log counts its blob GETs.
+registry_log=info
+registry() { start_registry "$@"; }
 
 kontain() { # name port upstream-port
-    mkdir -p "$work/$1"
-    cat > "$work/$1/kontain.toml" <<TOML
-[storage]
-backend = "filesystem"
-path = "data"
-[upstream.registries.local]
-url = "http://127.0.0.1:$3"
-allow_private = true
+    kontain_config "$work/$1" "$3" <<TOML
 [generators.mirror]
 source = "builtin:mirror"
 grants = ["upstream"]
@@ -45,9 +30,7 @@ grants = ["upstream"]
 source = "builtin:random"
 grants = ["random"]
 TOML
-    (cd "$work/$1" && PORT=$2 RUST_LOG=warn exec "$root/target/release/kontain") > "$work/$1/log" 2>&1 &
-    pids+=($!)
-    wait_http "http://127.0.0.1:$2/v2/"
+    start_kontain "$work/$1" "$2"
 }
 
 # The upstream, seeded through a throwaway kontain's random generator.

@@ -32,8 +32,7 @@ pub use git::Source;
 
 use crate::generator::{Classify, ErrorKind};
 use crate::image::once::DirCache;
-use crate::image::{Builds, Cpu, ImageError, Remembered};
-use crate::storage::{ContentStore, StorageError};
+use crate::image::{Builds, ImageError};
 use crate::upstream::{Refusal, Upstream, UpstreamError};
 
 #[derive(Debug, thiserror::Error)]
@@ -71,30 +70,10 @@ pub enum BuildpackError {
         "the buildpack sandbox (bubblewrap) cannot start: {message}. Install bubblewrap, or set [buildpack] allow_unsandboxed = true in kontain.toml to run buildpacks without it (only for builders you trust)"
     )]
     SandboxUnavailable { message: String },
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
     #[error(transparent)]
-    Upstream(Box<UpstreamError>),
+    Upstream(#[from] UpstreamError),
     #[error(transparent)]
     Image(#[from] ImageError),
-    #[error(transparent)]
-    Remembered(#[from] Remembered),
-}
-
-impl From<UpstreamError> for BuildpackError {
-    fn from(e: UpstreamError) -> Self {
-        BuildpackError::Upstream(Box::new(e))
-    }
-}
-
-impl From<StorageError> for BuildpackError {
-    fn from(e: StorageError) -> Self {
-        BuildpackError::Image(e.into())
-    }
 }
 
 impl Classify for BuildpackError {
@@ -114,21 +93,20 @@ impl Classify for BuildpackError {
                 ErrorKind::BuildFailed
             }
             // The configured builder is the operator's to fix.
-            BuildpackError::BadBuilder(_) | BuildpackError::Io { .. } => ErrorKind::Internal,
+            BuildpackError::BadBuilder(_) => ErrorKind::Internal,
             BuildpackError::Unreachable { .. }
             | BuildpackError::Git { .. }
             | BuildpackError::Tool { .. }
             | BuildpackError::SandboxUnavailable { .. } => ErrorKind::Unavailable,
             BuildpackError::Upstream(e) => e.kind(),
             BuildpackError::Image(e) => e.kind(),
-            BuildpackError::Remembered(e) => e.kind(),
         }
     }
 }
 
 impl BuildpackError {
     pub(crate) fn io(what: String, source: std::io::Error) -> BuildpackError {
-        BuildpackError::Io { what, source }
+        BuildpackError::Image(ImageError::io(what, source))
     }
 }
 
@@ -160,8 +138,6 @@ impl Settings {
 pub struct Buildpacks {
     settings: ArcSwap<Settings>,
     upstream: Arc<Upstream>,
-    store: Arc<ContentStore>,
-    cpu: Cpu,
     builds: Arc<Builds>,
     scratch: PathBuf,
     /// Checkouts, by URL and commit.
@@ -175,8 +151,6 @@ impl Buildpacks {
         config: &BuildpackConfig,
         scratch: PathBuf,
         upstream: Arc<Upstream>,
-        store: Arc<ContentStore>,
-        cpu: Cpu,
         builds: Arc<Builds>,
     ) -> Result<Buildpacks, String> {
         let scratch =
@@ -188,8 +162,6 @@ impl Buildpacks {
         Ok(Buildpacks {
             settings: ArcSwap::from_pointee(Settings::new(config)),
             upstream,
-            store,
-            cpu,
             builds,
             sources: DirCache::new(scratch.join("sources"), scratch.join("tmp")),
             builders: DirCache::new(scratch.join("builders"), scratch.join("tmp")),

@@ -110,7 +110,7 @@ fn extra_hosts(config: &Config) -> Vec<HostPattern> {
 impl Services {
     pub fn new(config: &Config, store: Arc<ContentStore>) -> Result<Self, String> {
         let cpu = Cpu::default();
-        let builds = Arc::new(Builds::new(store.clone()));
+        let builds = Arc::new(Builds::new(store.clone(), cpu.clone()));
         let upstream = Arc::new(Upstream::new(
             &config.upstream,
             &extra_hosts(config),
@@ -125,8 +125,6 @@ impl Services {
                 .clone()
                 .unwrap_or_else(|| local.join("go")),
             upstream.clone(),
-            store.clone(),
-            cpu.clone(),
             builds.clone(),
         )?;
         let buildpack = Buildpacks::new(
@@ -137,13 +135,11 @@ impl Services {
                 .clone()
                 .unwrap_or_else(|| local.join("buildpack")),
             upstream.clone(),
-            store.clone(),
-            cpu.clone(),
             builds.clone(),
         )?;
         Ok(Services {
-            random: Arc::new(Random::new(store.clone(), cpu.clone())),
-            flatten: Arc::new(Flatten::new(store.clone(), upstream.clone(), cpu, builds)),
+            random: Arc::new(Random::new(store.clone(), cpu)),
+            flatten: Arc::new(Flatten::new(upstream.clone(), builds)),
             cache: Arc::new(Cache::new(store.clone())),
             go: Arc::new(go),
             buildpack: Arc::new(buildpack),

@@ -18,9 +18,9 @@ use serde_json::{Value, json};
 use crate::generator::{Classify, ErrorKind};
 use crate::image::json::{canonical, digest_of, parse, read_config};
 use crate::image::read::LayerInput;
-use crate::image::{Builds, Cpu, ImageError, Remembered, invalid};
+use crate::image::{Builds, ImageError, invalid};
 use crate::oci::MediaType;
-use crate::storage::{ContentStore, StorageError, StoredManifest};
+use crate::storage::StoredManifest;
 use crate::upstream::{Scoped, Upstream, UpstreamError};
 
 #[derive(Debug, thiserror::Error)]
@@ -29,14 +29,6 @@ pub enum FlattenError {
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
     Image(#[from] ImageError),
-    #[error(transparent)]
-    Remembered(#[from] Remembered),
-}
-
-impl From<StorageError> for FlattenError {
-    fn from(e: StorageError) -> Self {
-        FlattenError::Image(e.into())
-    }
 }
 
 impl Classify for FlattenError {
@@ -44,31 +36,18 @@ impl Classify for FlattenError {
         match self {
             FlattenError::Upstream(e) => e.kind(),
             FlattenError::Image(e) => e.kind(),
-            FlattenError::Remembered(e) => e.kind(),
         }
     }
 }
 
 pub struct Flatten {
-    store: Arc<ContentStore>,
     upstream: Arc<Upstream>,
-    cpu: Cpu,
     builds: Arc<Builds>,
 }
 
 impl Flatten {
-    pub fn new(
-        store: Arc<ContentStore>,
-        upstream: Arc<Upstream>,
-        cpu: Cpu,
-        builds: Arc<Builds>,
-    ) -> Self {
-        Flatten {
-            store,
-            upstream,
-            cpu,
-            builds,
-        }
+    pub fn new(upstream: Arc<Upstream>, builds: Arc<Builds>) -> Self {
+        Flatten { upstream, builds }
     }
 
     /// Where its images come from.
@@ -145,10 +124,12 @@ impl Flatten {
             .into());
         }
         index["manifests"] = Value::Array(flattened);
-        Ok(self
-            .store
+        let stored = self
+            .builds
+            .store()
             .put_manifest(&source.media_type, canonical(&index)?)
-            .await?)
+            .await;
+        Ok(stored.map_err(ImageError::from)?)
     }
 
     async fn manifest(
@@ -161,7 +142,8 @@ impl Flatten {
     ) -> Result<StoredManifest, FlattenError> {
         let config_digest = digest_of(&manifest["config"])?;
         upstream.blob(image, &config_digest.to_string()).await?;
-        let mut config = read_config(&self.store, &config_digest, "the image config").await?;
+        let mut config =
+            read_config(self.builds.store(), &config_digest, "the image config").await?;
         let mut inputs = Vec::new();
         for layer in manifest["layers"].as_array().cloned().unwrap_or_default() {
             let digest = digest_of(&layer)?;
@@ -178,10 +160,11 @@ impl Flatten {
             inputs.push(LayerInput { digest, gzipped });
         }
 
-        let store = self.store.clone();
+        let store = self.builds.store().clone();
         let handle = tokio::runtime::Handle::current();
         let layer = self
-            .cpu
+            .builds
+            .cpu()
             .run(move |cancel| merge::merge(&store, &handle, &inputs, limit, cancel))
             .await?;
 
@@ -198,7 +181,7 @@ impl Flatten {
         // The merged layer replaces every layer of the source.
         manifest["layers"] = json!([]);
         Ok(crate::image::assemble::extend(
-            &self.store,
+            self.builds.store(),
             &source.media_type,
             manifest,
             &config,

@@ -31,8 +31,7 @@ use proxy::{Answer, Proxy};
 
 use crate::generator::{Classify, ErrorKind};
 use crate::image::once::DirCache;
-use crate::image::{Builds, Cpu, ImageError, Remembered};
-use crate::storage::ContentStore;
+use crate::image::{Builds, ImageError};
 use crate::upstream::{Refusal, Upstream, UpstreamError};
 
 #[derive(Debug, thiserror::Error)]
@@ -89,26 +88,12 @@ pub enum GoError {
         "the go command {command:?} cannot be run ({message}); install Go (Debian: golang-go) or set `command` in kontain.toml's [go]"
     )]
     NoGo { command: String, message: String },
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
     #[error(transparent)]
     Storage(#[from] crate::storage::StorageError),
     #[error(transparent)]
-    Upstream(Box<UpstreamError>),
+    Upstream(#[from] UpstreamError),
     #[error(transparent)]
     Image(#[from] ImageError),
-    #[error(transparent)]
-    Remembered(#[from] Remembered),
-}
-
-impl From<UpstreamError> for GoError {
-    fn from(e: UpstreamError) -> Self {
-        GoError::Upstream(Box::new(e))
-    }
 }
 
 impl Classify for GoError {
@@ -126,18 +111,16 @@ impl Classify for GoError {
             | GoError::Failing { .. }
             | GoError::BadProxy { .. }
             | GoError::NoGo { .. } => ErrorKind::Unavailable,
-            GoError::Io { .. } => ErrorKind::Internal,
             GoError::Storage(e) => e.kind(),
             GoError::Upstream(e) => e.kind(),
             GoError::Image(e) => e.kind(),
-            GoError::Remembered(e) => e.kind(),
         }
     }
 }
 
 impl GoError {
     pub(crate) fn io(what: String, source: std::io::Error) -> GoError {
-        GoError::Io { what, source }
+        GoError::Image(ImageError::io(what, source))
     }
 
     /// The proxy is down or failing: a remembered resolution may be used.
@@ -231,8 +214,6 @@ impl Settings {
 pub struct Go {
     settings: ArcSwap<Settings>,
     upstream: Arc<Upstream>,
-    store: Arc<ContentStore>,
-    cpu: Cpu,
     builds: Arc<Builds>,
     scratch: PathBuf,
     /// Unpacked module versions, shared by every build of them.
@@ -246,8 +227,6 @@ impl Go {
         config: &GoConfig,
         scratch: PathBuf,
         upstream: Arc<Upstream>,
-        store: Arc<ContentStore>,
-        cpu: Cpu,
         builds: Arc<Builds>,
     ) -> Result<Go, String> {
         // go wants absolute cache paths, and builds run in other directories.
@@ -257,8 +236,6 @@ impl Go {
         Ok(Go {
             settings: ArcSwap::from_pointee(settings),
             upstream,
-            store,
-            cpu,
             builds,
             modules: DirCache::new(scratch.join("modules"), scratch.join("tmp")),
             scratch,
@@ -326,13 +303,13 @@ impl Go {
             Ok(found) => {
                 if let Some((module, version)) = &found {
                     let value = format!("{module} {version}");
-                    if let Err(e) = self.store.put_value(&memory, &value).await {
+                    if let Err(e) = self.builds.store().put_value(&memory, &value).await {
                         tracing::warn!(error = %e, "could not remember a Go resolution");
                     }
                 }
                 found
             }
-            Err(e) if e.proxy_down() => match self.store.value(&memory).await? {
+            Err(e) if e.proxy_down() => match self.builds.store().value(&memory).await? {
                 Some(value) => {
                     tracing::warn!(%import, query, error = %e, "module proxy down: using the last resolution");
                     value

@@ -35,7 +35,7 @@ pub enum ImageError {
     Storage(#[from] StorageError),
     #[error("{what}: {source}")]
     Io {
-        what: &'static str,
+        what: String,
         #[source]
         source: io::Error,
     },
@@ -49,6 +49,8 @@ pub enum ImageError {
     Cancelled,
     #[error("a build task failed: {0}")]
     TaskFailed(String),
+    #[error(transparent)]
+    Remembered(#[from] Remembered),
 }
 
 impl Classify for ImageError {
@@ -62,12 +64,23 @@ impl Classify for ImageError {
             ImageError::Io { .. } | ImageError::Cancelled | ImageError::TaskFailed(_) => {
                 ErrorKind::Internal
             }
+            ImageError::Remembered(e) => e.kind(),
+        }
+    }
+}
+
+impl ImageError {
+    /// A local file operation failed while doing `what`.
+    pub fn io(what: impl Into<String>, source: io::Error) -> Self {
+        ImageError::Io {
+            what: what.into(),
+            source,
         }
     }
 }
 
 pub(crate) fn io_error(what: &'static str) -> impl FnOnce(io::Error) -> ImageError {
-    move |source| ImageError::Io { what, source }
+    move |source| ImageError::io(what, source)
 }
 
 pub(crate) fn invalid(message: impl Into<String>) -> ImageError {

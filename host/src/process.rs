@@ -35,7 +35,8 @@ pub async fn run(
         .process_group(0)
         .kill_on_drop(true);
     let mut child = cmd.spawn().map_err(RunError::Spawn)?;
-    let group = KillGroup(child.id());
+    let id = child.id();
+    let group = OnDrop::new(move || kill_group(id));
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     let work = async {
@@ -86,25 +87,48 @@ async fn read_capped(
     }
 }
 
-/// Kills a process group when dropped, unless disarmed.
-struct KillGroup(Option<u32>);
+/// Runs a closure when dropped, unless disarmed: cleanup that must happen
+/// however a future ends (killing a process group, cancelling work).
+pub struct OnDrop<F: FnOnce()>(Option<F>);
 
-impl KillGroup {
-    fn disarm(mut self) {
+impl<F: FnOnce()> OnDrop<F> {
+    pub fn new(f: F) -> Self {
+        OnDrop(Some(f))
+    }
+
+    /// The work finished: nothing to clean up.
+    pub fn disarm(mut self) {
         self.0 = None;
     }
 }
 
-impl Drop for KillGroup {
+impl<F: FnOnce()> Drop for OnDrop<F> {
     fn drop(&mut self) {
-        let pid = self
-            .0
-            .and_then(|id| i32::try_from(id).ok())
-            .and_then(rustix::process::Pid::from_raw);
-        if let Some(pid) = pid {
-            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        if let Some(f) = self.0.take() {
+            f();
         }
     }
+}
+
+/// Kills the process group `id` leads.
+fn kill_group(id: Option<u32>) {
+    let pid = id
+        .and_then(|id| i32::try_from(id).ok())
+        .and_then(rustix::process::Pid::from_raw);
+    if let Some(pid) = pid {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
+}
+
+/// Whether `s` is a plain word, safe in a URL path and on a tool's command
+/// line: letters, digits, `-`, `_` and `.`, at most `max` bytes, starting
+/// with neither `.` (a hidden or parent directory) nor `-` (a flag).
+pub fn is_plain(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && !s.starts_with(['.', '-'])
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 #[cfg(test)]

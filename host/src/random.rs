@@ -138,22 +138,9 @@ mod tests {
     use std::io::Read;
 
     use flate2::read::GzDecoder;
-    use futures_util::StreamExt;
 
     use super::*;
     use crate::oci::Digest;
-    use crate::storage::BlobContent;
-
-    async fn blob_bytes(s: &ContentStore, d: &Digest) -> Vec<u8> {
-        let Some(BlobContent { body, .. }) = s.read_blob(d, None).await.unwrap() else {
-            panic!("not stored");
-        };
-        let chunks: Vec<_> = body.collect().await;
-        chunks
-            .into_iter()
-            .flat_map(|c| c.unwrap().to_vec())
-            .collect()
-    }
 
     #[tokio::test]
     async fn random_layers_hold_one_file_of_the_requested_size() {
@@ -163,7 +150,7 @@ mod tests {
         let layers = random.layers(3, 1000, u64::MAX).await.unwrap();
         assert_eq!(layers.len(), 3);
         for (n, layer) in layers.iter().enumerate() {
-            let gz = blob_bytes(&storage, &layer.digest).await;
+            let gz = crate::storage::read_all(&storage, &layer.digest, None).await;
             assert_eq!(Digest::sha256(&gz), layer.digest);
             assert_eq!(gz.len() as u64, layer.size);
             let mut tar_bytes = Vec::new();

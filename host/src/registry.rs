@@ -151,9 +151,7 @@ impl Registry {
                     true => ApiError::DigestInvalid(e),
                     false => ApiError::TagInvalid(e),
                 })?;
-        let span = tracing::Span::current();
-        span.record("repository", tracing::field::display(&name));
-        span.record("reference", tracing::field::display(&reference));
+        record(&name, &reference);
         if let Reference::Digest(digest) = &reference
             && let Some(stored) = self.storage.manifest(digest).await?
         {
@@ -189,9 +187,7 @@ impl Registry {
         let digest: Digest = digest
             .parse()
             .map_err(|e: crate::oci::DigestError| ApiError::DigestInvalid(e.into()))?;
-        let span = tracing::Span::current();
-        span.record("repository", tracing::field::display(&name));
-        span.record("reference", tracing::field::display(&digest));
+        record(&name, &digest);
         let size = match self.storage.blob_size(&digest).await? {
             Some(size) => size,
             // Not stored: a mirror fetches it now; others have nothing more.
@@ -249,6 +245,13 @@ impl Registry {
             None => Err(ApiError::BlobUnknown(digest)),
         }
     }
+}
+
+/// Names the repository and reference in the request's span.
+fn record(name: &RepositoryName, reference: &dyn std::fmt::Display) {
+    let span = tracing::Span::current();
+    span.record("repository", tracing::field::display(name));
+    span.record("reference", tracing::field::display(reference));
 }
 
 fn json_ok(body: &'static [u8]) -> Response<Body> {

@@ -188,3 +188,23 @@ pub(crate) fn test_store(dir: &Path) -> Arc<ContentStore> {
         std::time::Duration::ZERO,
     ))
 }
+
+/// All of a stored blob (or `range` of it), for tests.
+#[cfg(test)]
+pub(crate) async fn read_all(
+    store: &ContentStore,
+    digest: &Digest,
+    range: Option<ByteRange>,
+) -> Vec<u8> {
+    use futures_util::StreamExt;
+    let BlobContent { body, .. } = store
+        .read_blob(digest, range)
+        .await
+        .expect("a readable store")
+        .expect("a stored blob");
+    let chunks: Vec<_> = body.collect().await;
+    chunks
+        .into_iter()
+        .flat_map(|c| c.expect("a readable blob").to_vec())
+        .collect()
+}

@@ -7,12 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use http::Method;
 use libtest_mimic::Trial;
 
-use crate::mirror::{ACCEPT_ALL, world};
+use crate::mirror::world;
 use crate::support::images::{self, Entry, Image};
-use crate::support::{Server, docker, get_ok, http, trial};
+use crate::support::{Server, docker, get, get_blob, get_ok, trial};
 
 pub fn trials() -> Vec<Trial> {
     vec![
@@ -41,29 +40,10 @@ pub fn trials() -> Vec<Trial> {
     ]
 }
 
-const TOOL_DETECT: &str = "#!/bin/sh\ncat > \"$CNB_BUILD_PLAN_PATH\" <<EOF\n[[provides]]\nname = \"shout\"\nEOF\nexit 0\n";
-const TOOL_BUILD: &str = r#"#!/bin/sh
-set -e
-layer="$CNB_LAYERS_DIR/shout"
-mkdir -p "$layer/bin" "$layer/env.launch"
-printf '#!/bin/sh\ntr a-z A-Z\n' > "$layer/bin/shout"
-chmod 755 "$layer/bin/shout"
-printf 'hello from env.launch' > "$layer/env.launch/GREETING"
-printf '[types]\nlaunch = true\nbuild = true\n' > "$CNB_LAYERS_DIR/shout.toml"
-echo "tool: contributed shout"
-"#;
-const APP_DETECT: &str = "#!/bin/sh\ntest -f message.txt || exit 100\ncat > \"$CNB_BUILD_PLAN_PATH\" <<EOF\n[[requires]]\nname = \"shout\"\nEOF\nexit 0\n";
-const APP_BUILD: &str = r#"#!/bin/sh
-set -e
-shout < message.txt > built.txt
-cat > "$CNB_LAYERS_DIR/launch.toml" <<EOF
-[[processes]]
-type = "web"
-command = ["/bin/sh", "/workspace/run.sh"]
-default = true
-EOF
-echo "app: built with shout"
-"#;
+const TOOL_DETECT: &str = include_str!("../fixtures/buildpacks/tool/detect");
+const TOOL_BUILD: &str = include_str!("../fixtures/buildpacks/tool/build");
+const APP_DETECT: &str = include_str!("../fixtures/buildpacks/app/detect");
+const APP_BUILD: &str = include_str!("../fixtures/buildpacks/app/build");
 const RUN_SH: &str = "echo \"$GREETING: $(shout < message.txt) / built: $(cat built.txt)\"\n";
 
 /// Busybox with the applets the scripts use.
@@ -331,9 +311,8 @@ fn docker_run() -> anyhow::Result<()> {
     let server = server()?;
     let docker = docker()?;
     let image = format!("{}/buildpack/acme/app:main", server.addr);
-    let output = docker.run(&["run", "--rm", "--network", "none", &image])?;
+    let output = docker.run_image(&image)?;
     assert_eq!(output.trim(), EXPECTED);
-    docker.run(&["rmi", &image])?;
     Ok(())
 }
 
@@ -342,28 +321,16 @@ fn layout() -> anyhow::Result<()> {
     let manifest = get_ok(server, "/v2/buildpack/acme/app/manifests/main")?.json()?;
     let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
     assert_eq!(layers.len(), 3, "run image + shout layer + app: {manifest}");
-    let blob = |i: usize| -> anyhow::Result<Vec<u8>> {
-        let d = layers[i]["digest"].as_str().unwrap_or_default();
-        Ok(
-            get_ok(server, &format!("/v2/buildpack/acme/app/blobs/{d}"))?
-                .body
-                .to_vec(),
-        )
-    };
-    let tool = crate::flatten::tree(&blob(1)?)?;
+    let blob = |i: usize| get_blob(server, "buildpack/acme/app", &layers[i]);
+    let tool = crate::flatten::tree(&blob(1)?.body)?;
     assert!(
         tool.contains_key("layers/kontain-test_tool/shout/bin/shout"),
         "{:?}",
         tool.keys().collect::<Vec<_>>()
     );
-    let app = crate::flatten::tree(&blob(2)?)?;
+    let app = crate::flatten::tree(&blob(2)?.body)?;
     assert!(app.contains_key("workspace/run.sh") && app.contains_key("workspace/built.txt"));
-    let config_digest = manifest["config"]["digest"].as_str().unwrap_or_default();
-    let config = get_ok(
-        server,
-        &format!("/v2/buildpack/acme/app/blobs/{config_digest}"),
-    )?
-    .json()?;
+    let config = get_blob(server, "buildpack/acme/app", &manifest["config"])?.json()?;
     let c = &config["config"];
     assert_eq!(c["WorkingDir"], "/workspace");
     assert_eq!(
@@ -432,11 +399,7 @@ fn undetectable() -> anyhow::Result<()> {
     let server = server()?;
     let docker = docker()?;
     let image = format!("{}/buildpack/acme/plain:main", server.addr);
-    let err = docker
-        .run(&["pull", &image])
-        .expect_err("nothing detects this app");
-    let message = err.to_string();
-    eprintln!("docker pull of an undetectable app: {message}");
+    let message = docker.pull_error(&image, "an undetectable app")?;
     assert!(
         message.contains("no buildpack group passed detection")
             && message.contains("kontain-test/tool")
@@ -448,12 +411,7 @@ fn undetectable() -> anyhow::Result<()> {
 
 fn hostile() -> anyhow::Result<()> {
     let server = server()?;
-    let reply = http(
-        server.addr,
-        Method::GET,
-        "/v2/hostile/acme/app/manifests/main",
-        &[("accept", ACCEPT_ALL)],
-    )?;
+    let reply = get(server.addr, "/v2/hostile/acme/app/manifests/main")?;
     let (_, message) = reply.error()?;
     eprintln!("the hostile buildpack's pull: {} {message}", reply.status);
     assert!(
@@ -478,12 +436,7 @@ fn hostile() -> anyhow::Result<()> {
 fn symlinks() -> anyhow::Result<()> {
     let server = server()?;
     let manifest = get_ok(server, "/v2/linker/acme/app/manifests/main")?.json()?;
-    let config_digest = manifest["config"]["digest"].as_str().unwrap_or_default();
-    let config = get_ok(
-        server,
-        &format!("/v2/linker/acme/app/blobs/{config_digest}"),
-    )?
-    .json()?;
+    let config = get_blob(server, "linker/acme/app", &manifest["config"])?.json()?;
     let env = config["config"]["Env"].to_string();
     assert!(
         !env.contains("hunter2"),

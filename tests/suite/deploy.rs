@@ -15,8 +15,7 @@ use anyhow::Context;
 use http::StatusCode;
 use libtest_mimic::Trial;
 
-use crate::mirror::ACCEPT_ALL;
-use crate::support::{Docker, docker, free_port, http, trial};
+use crate::support::{Docker, docker, free_port, get, trial};
 
 pub fn trials() -> Vec<Trial> {
     // The one slow trial (a whole build of kontain inside docker, ~15 min on
@@ -184,12 +183,7 @@ fn dockerfile() -> anyhow::Result<()> {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        let reply = http(
-            addr,
-            http::Method::GET,
-            "/v2/random/manifests/2x100",
-            &[("accept", ACCEPT_ALL)],
-        )?;
+        let reply = get(addr, "/v2/random/manifests/2x100")?;
         assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
         let image = format!("127.0.0.1:{port}/random:3x100");
         docker.run(&["pull", &image])?;

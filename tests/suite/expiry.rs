@@ -6,11 +6,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use http::{Method, StatusCode};
+use http::StatusCode;
 use libtest_mimic::Trial;
 
-use crate::mirror::{ACCEPT_ALL, world};
-use crate::support::{Server, get_ok, http, trial};
+use crate::mirror::world;
+use crate::support::{Server, get, get_ok, trial};
 
 pub fn trials() -> Vec<Trial> {
     vec![trial(
@@ -112,12 +112,7 @@ fn expiry() -> anyhow::Result<()> {
     for blob in &fresh_blobs {
         assert!(stored(&data, blob), "a young blob went: {blob}");
     }
-    let gone = http(
-        server.addr,
-        Method::GET,
-        &format!("/v2/random/blobs/{}", dead_blobs[1]),
-        &[("accept", ACCEPT_ALL)],
-    )?;
+    let gone = get(server.addr, &format!("/v2/random/blobs/{}", dead_blobs[1]))?;
     assert_eq!(gone.status, StatusCode::NOT_FOUND);
     assert!(server.log().contains("expired unused storage"));
     Ok(())

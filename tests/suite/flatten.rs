@@ -4,13 +4,12 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 
-use http::{Method, StatusCode};
+use http::StatusCode;
 use libtest_mimic::Trial;
 
-use crate::mirror::{ACCEPT_ALL, mirror_server, mirror_server_with, world};
+use crate::mirror::{mirror_server, proxied_mirror, proxied_mirror_with, world};
 use crate::support::images::{self, Entry, Image};
-use crate::support::upstream::Proxy;
-use crate::support::{Server, docker, get_ok, http, sha256, trial};
+use crate::support::{Server, docker, get_blob, get_ok, refused, sha256, trial};
 
 pub fn trials() -> Vec<Trial> {
     vec![
@@ -110,9 +109,7 @@ pub fn tree(gzipped: &[u8]) -> anyhow::Result<BTreeMap<String, (char, Vec<u8>)>>
 }
 
 fn merged_tree() -> anyhow::Result<()> {
-    let world = world()?;
-    let proxy = Proxy::start(world.registry.addr)?;
-    let server = mirror_server(&proxy)?;
+    let (_proxy, server) = proxied_mirror()?;
     let manifest = get_ok(&server, "/v2/flatten/local/layered/manifests/v1")?.json()?;
     let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
     assert_eq!(layers.len(), 1, "one layer: {manifest}");
@@ -158,12 +155,7 @@ fn merged_tree() -> anyhow::Result<()> {
     );
 
     // The config is kept, with the new rootfs and a history naming the source.
-    let config_digest = manifest["config"]["digest"].as_str().unwrap_or_default();
-    let config = get_ok(
-        &server,
-        &format!("/v2/flatten/local/layered/blobs/{config_digest}"),
-    )?
-    .json()?;
+    let config = get_blob(&server, "flatten/local/layered", &manifest["config"])?.json()?;
     let diff_id = {
         let mut tar = Vec::new();
         flate2::read::GzDecoder::new(&blob.body[..]).read_to_end(&mut tar)?;
@@ -172,7 +164,7 @@ fn merged_tree() -> anyhow::Result<()> {
     assert_eq!(config["rootfs"]["diff_ids"], serde_json::json!([diff_id]));
     assert_eq!(config["config"]["Env"], serde_json::json!(["PATH=/bin"]));
     assert_eq!(config["architecture"], "amd64");
-    let source = crate::mirror::upstream_digest(world.registry.addr, "layered", "v1")?;
+    let source = crate::mirror::upstream_digest(world()?.registry.addr, "layered", "v1")?;
     let comment = config["history"][0]["comment"].as_str().unwrap_or_default();
     assert!(
         comment.contains(&source),
@@ -183,16 +175,13 @@ fn merged_tree() -> anyhow::Result<()> {
     let image = format!("{}/flatten/local/layered:v1", server.addr);
     docker.run(&["pull", &image])?;
     assert_eq!(docker.layer_count(&image)?, 1);
-    let output = docker.run(&["run", "--rm", "--network", "none", &image])?;
+    let output = docker.run_image(&image)?;
     assert_eq!(output, "keep v2\ndata v2\nkeep v2\n");
-    docker.run(&["rmi", &image])?;
     Ok(())
 }
 
 fn index() -> anyhow::Result<()> {
-    let world = world()?;
-    let proxy = Proxy::start(world.registry.addr)?;
-    let server = mirror_server(&proxy)?;
+    let (_proxy, server) = proxied_mirror()?;
     let index = get_ok(&server, "/v2/flatten/local/multi/manifests/latest")?;
     assert_eq!(
         index.header("content-type"),
@@ -223,14 +212,12 @@ fn index() -> anyhow::Result<()> {
 }
 
 fn deterministic() -> anyhow::Result<()> {
-    let world = world()?;
-    let proxy = Proxy::start(world.registry.addr)?;
     let digest = |server: &Server| -> anyhow::Result<String> {
         Ok(get_ok(server, "/v2/flatten/local/layered/manifests/v1")?
             .header("docker-content-digest")
             .to_owned())
     };
-    let first = mirror_server(&proxy)?;
+    let (proxy, first) = proxied_mirror()?;
     let a = digest(&first)?;
     assert_eq!(digest(&first)?, a, "a repeated pull");
     let second = mirror_server(&proxy)?;
@@ -239,18 +226,13 @@ fn deterministic() -> anyhow::Result<()> {
 }
 
 fn tar_bomb() -> anyhow::Result<()> {
-    let world = world()?;
-    let proxy = Proxy::start(world.registry.addr)?;
-    let server = mirror_server_with(&proxy, "4MiB")?;
-    let reply = http(
+    let (_proxy, server) = proxied_mirror_with("4MiB")?;
+    let message = refused(
         server.addr,
-        Method::GET,
         "/v2/flatten/local/bomb/manifests/v1",
-        &[("accept", ACCEPT_ALL)],
+        StatusCode::FORBIDDEN,
+        "DENIED",
     )?;
-    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{:?}", reply.body);
-    let (code, message) = reply.error()?;
-    assert_eq!(code, "DENIED");
     assert!(
         message.contains("more than the limit of 4194304 bytes"),
         "{message}"

@@ -6,12 +6,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use http::{Method, StatusCode};
+use http::StatusCode;
 use libtest_mimic::Trial;
 
-use crate::mirror::{ACCEPT_ALL, world};
+use crate::mirror::world;
 use crate::support::images;
-use crate::support::{Server, docker, get_ok, http, trial};
+use crate::support::{Server, docker, get, get_blob, get_ok, refused, trial};
 
 pub fn trials() -> Vec<Trial> {
     vec![
@@ -293,12 +293,11 @@ fn docker_run() -> anyhow::Result<()> {
     let server = server()?;
     let docker = docker()?;
     let image = format!("{}/ko/example.com/hello", server.addr);
-    let output = docker.run(&["run", "--rm", "--network", "none", &image])?;
+    let output = docker.run_image(&image)?;
     assert_eq!(
         output.trim(),
         "hello v1.1.0: hello from greeting; kodata says the kodata file"
     );
-    docker.run(&["rmi", &image])?;
     Ok(())
 }
 
@@ -352,15 +351,8 @@ fn layout() -> anyhow::Result<()> {
                 .as_str()
                 .is_some_and(|d| d.starts_with("sha256:"))
         );
-        let blob = |i: usize| -> anyhow::Result<Vec<u8>> {
-            let d = layers[i]["digest"].as_str().unwrap_or_default();
-            Ok(
-                get_ok(server, &format!("/v2/ko/example.com/hello/blobs/{d}"))?
-                    .body
-                    .to_vec(),
-            )
-        };
-        let kodata = crate::flatten::tree(&blob(1)?)?;
+        let blob = |i: usize| get_blob(server, "ko/example.com/hello", &layers[i]);
+        let kodata = crate::flatten::tree(&blob(1)?.body)?;
         let names: Vec<&str> = kodata.keys().map(String::as_str).collect();
         assert_eq!(
             names,
@@ -374,19 +366,14 @@ fn layout() -> anyhow::Result<()> {
             ]
         );
         assert_eq!(kodata["var/run/ko/message.txt"].1, b"the kodata file\n");
-        let app = crate::flatten::tree(&blob(2)?)?;
+        let app = crate::flatten::tree(&blob(2)?.body)?;
         let binary = &app
             .get("ko-app/hello")
             .map(|e| e.1.clone())
             .unwrap_or_default();
         assert_eq!(elf_machine(binary), Some(machine), "{}", child["platform"]);
 
-        let config_digest = manifest["config"]["digest"].as_str().unwrap_or_default();
-        let config = get_ok(
-            server,
-            &format!("/v2/ko/example.com/hello/blobs/{config_digest}"),
-        )?
-        .json()?;
+        let config = get_blob(server, "ko/example.com/hello", &manifest["config"])?.json()?;
         assert_eq!(
             config["config"]["Entrypoint"],
             serde_json::json!(["/ko-app/hello"])
@@ -411,9 +398,8 @@ fn versions() -> anyhow::Result<()> {
     // A package below its module's root: found by trying shorter prefixes.
     let docker = docker()?;
     let image = format!("{}/ko/example.com/tools/cmd/echo:v0.1.0", server.addr);
-    let output = docker.run(&["run", "--rm", "--network", "none", &image])?;
+    let output = docker.run_image(&image)?;
     assert_eq!(output.trim(), "echo from tools");
-    docker.run(&["rmi", &image])?;
     Ok(())
 }
 
@@ -427,9 +413,7 @@ fn reproducible() -> anyhow::Result<()> {
     let path = "/v2/ko/example.com/hello/manifests/v1.0.0";
     // Five concurrent cold pulls: one build (two platforms).
     let digests = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..5)
-            .map(|_| s.spawn(|| http(first.addr, Method::GET, path, &[("accept", ACCEPT_ALL)])))
-            .collect();
+        let handles: Vec<_> = (0..5).map(|_| s.spawn(|| get(first.addr, path))).collect();
         handles
             .into_iter()
             .map(|h| {
@@ -481,22 +465,13 @@ fn compile_error() -> anyhow::Result<()> {
     let server = server()?;
     let docker = docker()?;
     let image = format!("{}/ko/example.com/broken:v1.0.0", server.addr);
-    let err = docker
-        .run(&["pull", &image])
-        .expect_err("a module that does not compile cannot be pulled");
-    let message = err.to_string();
-    eprintln!("docker pull of a module that does not compile: {message}");
+    let message = docker.pull_error(&image, "a module that does not compile")?;
     assert!(
         message.contains("undefined: nope"),
         "docker pull shows the compiler's message: {message}"
     );
     // Asked again at once: the same answer, without another build.
-    let again = http(
-        server.addr,
-        Method::GET,
-        "/v2/ko/example.com/broken/manifests/v1.0.0",
-        &[("accept", ACCEPT_ALL)],
-    )?;
+    let again = get(server.addr, "/v2/ko/example.com/broken/manifests/v1.0.0")?;
     let (_, repeated) = again.error()?;
     assert!(
         repeated.contains("undefined: nope") && repeated.contains("not retried"),
@@ -508,20 +483,12 @@ fn compile_error() -> anyhow::Result<()> {
 fn unsafe_zips() -> anyhow::Result<()> {
     let server = server()?;
     for (repo, needle) in [("example.com/evil", ".."), ("example.com/linky", "symlink")] {
-        let reply = http(
+        let message = refused(
             server.addr,
-            Method::GET,
             &format!("/v2/ko/{repo}/manifests/v1.0.0"),
-            &[("accept", ACCEPT_ALL)],
-        )?;
-        assert_eq!(
-            reply.status,
             StatusCode::FORBIDDEN,
-            "{repo}: {:?}",
-            reply.body
-        );
-        let (code, message) = reply.error()?;
-        assert_eq!(code, "DENIED");
+            "DENIED",
+        )?;
         assert!(
             message.contains("refused") && message.contains(needle),
             "{repo}: {message}"
@@ -537,30 +504,17 @@ fn unsafe_zips() -> anyhow::Result<()> {
 
 fn unknown() -> anyhow::Result<()> {
     let server = server()?;
-    let reply = http(
+    let message = refused(
         server.addr,
-        Method::GET,
         "/v2/ko/example.com/nothing/here/manifests/latest",
-        &[("accept", ACCEPT_ALL)],
+        StatusCode::NOT_FOUND,
+        "MANIFEST_UNKNOWN",
     )?;
-    assert_eq!(reply.status, StatusCode::NOT_FOUND);
-    let (code, message) = reply.error()?;
-    assert_eq!(code, "MANIFEST_UNKNOWN");
     assert!(message.contains("no module"), "{message}");
-    let reply = http(
-        server.addr,
-        Method::GET,
-        "/v2/ko/nodomain/x/manifests/latest",
-        &[("accept", ACCEPT_ALL)],
-    )?;
+    let reply = get(server.addr, "/v2/ko/nodomain/x/manifests/latest")?;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST);
     assert!(reply.error()?.1.contains("domain"), "{:?}", reply.body);
-    let reply = http(
-        server.addr,
-        Method::GET,
-        "/v2/ko/example.com/hello/manifests/v9.9.9",
-        &[("accept", ACCEPT_ALL)],
-    )?;
+    let reply = get(server.addr, "/v2/ko/example.com/hello/manifests/v9.9.9")?;
     assert_eq!(reply.status, StatusCode::NOT_FOUND, "{:?}", reply.body);
     Ok(())
 }

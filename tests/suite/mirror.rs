@@ -9,7 +9,10 @@ use libtest_mimic::Trial;
 
 use crate::support::images::{self, Entry, Image};
 use crate::support::upstream::{ConnectionCounter, Proxy, UpstreamRegistry};
-use crate::support::{InProcess, Reply, Server, docker, http, sha256, skopeo, trial};
+use crate::support::{
+    ACCEPT_ALL, InProcess, Reply, Server, docker, get, http, kill, refused, sha256, skopeo,
+    started_once, trial,
+};
 
 pub fn trials() -> Vec<Trial> {
     vec![
@@ -53,24 +56,9 @@ pub struct World {
     pub registry: UpstreamRegistry,
 }
 
-pub const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
-
 pub fn world() -> anyhow::Result<&'static World> {
     static WORLD: OnceLock<Result<World, String>> = OnceLock::new();
-    WORLD
-        .get_or_init(|| {
-            crate::support::register_cleanup(Box::new(|| {
-                if let Some(Ok(world)) = WORLD.get() {
-                    // Statics are never dropped: stop the registry explicitly.
-                    let _ = std::process::Command::new("kill")
-                        .arg(world.registry.pid().to_string())
-                        .status();
-                }
-            }));
-            seed().map_err(|e| format!("{e:?}"))
-        })
-        .as_ref()
-        .map_err(|e| anyhow::anyhow!("{e}"))
+    started_once(&WORLD, seed, |world| kill(world.registry.pid()))
 }
 
 fn seed() -> anyhow::Result<World> {
@@ -145,6 +133,31 @@ pub fn mirror_server(proxy: &Proxy) -> anyhow::Result<Server> {
     mirror_server_with(proxy, "20GiB")
 }
 
+/// A fresh proxy in front of the shared upstream, and a mirror server through
+/// it: each trial gets its own, so that faults it injects and counts it
+/// reads are its own.
+pub fn proxied_mirror() -> anyhow::Result<(Proxy, Server)> {
+    proxied_mirror_with("20GiB")
+}
+
+/// As [`proxied_mirror`], with the server's unpacking capped at `flatten_max`.
+pub fn proxied_mirror_with(flatten_max: &str) -> anyhow::Result<(Proxy, Server)> {
+    let proxy = Proxy::start(world()?.registry.addr)?;
+    let server = mirror_server_with(&proxy, flatten_max)?;
+    Ok((proxy, server))
+}
+
+/// Asserts that the upstream sent busybox's two blobs, its config and its
+/// layer, once each however many pulls there were.
+pub fn assert_busybox_fetched_once(proxy: &Proxy) {
+    let counts = proxy.blob_gets();
+    assert_eq!(counts.len(), 2, "a config and a layer: {counts:?}");
+    assert!(
+        counts.values().all(|n| *n == 1),
+        "each blob fetched once: {counts:?}"
+    );
+}
+
 /// As [`mirror_server`], with `flatten` too, its unpacking capped at `flatten_max`.
 pub fn mirror_server_with(proxy: &Proxy, flatten_max: &str) -> anyhow::Result<Server> {
     Server::start(Some(&format!(
@@ -175,27 +188,22 @@ fn head(server: &Server, path: &str) -> anyhow::Result<Reply> {
 }
 
 fn docker_pull_and_run() -> anyhow::Result<()> {
-    let world = world()?;
-    let proxy = Proxy::start(world.registry.addr)?;
-    let server = mirror_server(&proxy)?;
+    let (_proxy, server) = proxied_mirror()?;
     let docker = docker()?;
     let image = format!("{}/mirror/local/busybox:latest", server.addr);
     let pulled = docker.run(&["pull", &image])?;
-    let want = upstream_digest(world.registry.addr, "busybox", "latest")?;
+    let want = upstream_digest(world()?.registry.addr, "busybox", "latest")?;
     assert!(
         pulled.contains(&want),
         "docker pull printed {pulled:?}, upstream digest {want}"
     );
-    let output = docker.run(&["run", "--rm", "--network", "none", &image])?;
+    let output = docker.run_image(&image)?;
     assert_eq!(output.trim(), "hello from the mirror");
-    docker.run(&["rmi", &image])?;
     Ok(())
 }
 
 fn index_copy() -> anyhow::Result<()> {
-    let world = world()?;
-    let proxy = Proxy::start(world.registry.addr)?;
-    let server = mirror_server(&proxy)?;
+    let (_proxy, server) = proxied_mirror()?;
     let dir = tempfile::tempdir()?;
     let from_mirror = dir.path().join("mirror");
     let from_upstream = dir.path().join("upstream");
@@ -205,7 +213,7 @@ fn index_copy() -> anyhow::Result<()> {
         true,
     )?;
     pull_to_layout(
-        &format!("{}/multi:latest", world.registry.addr),
+        &format!("{}/multi:latest", world()?.registry.addr),
         &from_upstream,
         true,
     )?;
@@ -243,8 +251,7 @@ fn index_copy() -> anyhow::Result<()> {
 
 fn media_types() -> anyhow::Result<()> {
     let world = world()?;
-    let proxy = Proxy::start(world.registry.addr)?;
-    let server = mirror_server(&proxy)?;
+    let (proxy, server) = proxied_mirror()?;
     // A second server with nothing cached, asked by digest only.
     let by_digest_only = mirror_server(&proxy)?;
     for (repo, tag, media_type) in [
@@ -266,11 +273,9 @@ fn media_types() -> anyhow::Result<()> {
         let digest = upstream_digest(world.registry.addr, repo, tag)?;
         assert_eq!(reply.header("docker-content-digest"), digest);
         // By digest, uncached: fetched from upstream by that digest.
-        let by_digest = http(
+        let by_digest = get(
             by_digest_only.addr,
-            Method::GET,
             &format!("/v2/mirror/local/{repo}/manifests/{digest}"),
-            &[("accept", ACCEPT_ALL)],
         )?;
         assert_eq!(by_digest.status, StatusCode::OK, "{repo}@{digest}");
         assert_eq!(sha256(&by_digest.body), digest);
@@ -279,9 +284,7 @@ fn media_types() -> anyhow::Result<()> {
 }
 
 fn upstream_down() -> anyhow::Result<()> {
-    let world = world()?;
-    let proxy = Proxy::start(world.registry.addr)?;
-    let server = mirror_server(&proxy)?;
+    let (proxy, server) = proxied_mirror()?;
     let dir = tempfile::tempdir()?;
     let copy = |tag: &str, n: u32| {
         pull_to_layout(
@@ -295,15 +298,13 @@ fn upstream_down() -> anyhow::Result<()> {
     copy("oci-image:v1", 2)
         .map_err(|e| anyhow::anyhow!("a cached tag must pull while upstream is down: {e}"))?;
     copy("busybox:latest", 3).expect_err("an uncached tag cannot be served");
-    let reply = http(
+    let message = http(
         server.addr,
         Method::GET,
         "/v2/mirror/local/busybox/manifests/latest",
         &[],
-    )?;
-    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
-    let (code, message) = reply.error()?;
-    assert_eq!(code, "UNAVAILABLE");
+    )?
+    .expect_error(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE")?;
     assert!(message.contains("unreachable"), "{message}");
     assert!(
         server.log().contains("serving the cached tag"),
@@ -313,9 +314,7 @@ fn upstream_down() -> anyhow::Result<()> {
 }
 
 fn corrupted_blob() -> anyhow::Result<()> {
-    let world = world()?;
-    let proxy = Proxy::start(world.registry.addr)?;
-    let server = mirror_server(&proxy)?;
+    let (proxy, server) = proxied_mirror()?;
     let dir = tempfile::tempdir()?;
     let copy = |n: u32| {
         pull_to_layout(
@@ -327,25 +326,18 @@ fn corrupted_blob() -> anyhow::Result<()> {
     proxy.set_corrupt_blobs(true);
     copy(1).expect_err("a corrupted blob must fail the pull");
     // What the client was told, first hand.
-    let manifest = http(
-        server.addr,
-        Method::GET,
-        "/v2/mirror/local/oci-image/manifests/v1",
-        &[("accept", ACCEPT_ALL)],
-    )?;
+    let manifest = get(server.addr, "/v2/mirror/local/oci-image/manifests/v1")?;
     let layer = manifest.json()?["layers"][0]["digest"]
         .as_str()
         .unwrap_or_default()
         .to_owned();
-    let blob = http(
+    let message = http(
         server.addr,
         Method::GET,
         &format!("/v2/mirror/local/oci-image/blobs/{layer}"),
         &[],
-    )?;
-    let (code, message) = blob.error()?;
-    assert_eq!(blob.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(code, "UNAVAILABLE");
+    )?
+    .expect_error(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE")?;
     assert!(
         message.contains("digest") && message.contains("nothing was cached"),
         "{message}"
@@ -367,9 +359,7 @@ fn corrupted_blob() -> anyhow::Result<()> {
 }
 
 fn concurrent_pulls() -> anyhow::Result<()> {
-    let world = world()?;
-    let proxy = Proxy::start(world.registry.addr)?;
-    let server = mirror_server(&proxy)?;
+    let (proxy, server) = proxied_mirror()?;
     let dir = tempfile::tempdir()?;
     std::thread::scope(|s| {
         let pulls: Vec<_> = (0..10)
@@ -385,12 +375,7 @@ fn concurrent_pulls() -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })?;
-    let counts = proxy.blob_gets();
-    assert_eq!(counts.len(), 2, "a config and a layer: {counts:?}");
-    assert!(
-        counts.values().all(|n| *n == 1),
-        "each blob fetched once: {counts:?}"
-    );
+    assert_busybox_fetched_once(&proxy);
     Ok(())
 }
 
@@ -419,17 +404,15 @@ fn refusals() -> anyhow::Result<()> {
             "loopback, private",
         ),
     ] {
-        let reply = r.get(path)?;
-        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{path}");
-        let (code, message) = reply.error()?;
-        assert_eq!(code, "DENIED", "{path}");
+        let message = r.refused(path, StatusCode::FORBIDDEN, "DENIED")?;
         assert!(message.contains(rule), "{path}: {message}");
     }
     // A generator's own registry allowlist is enforced at run time.
-    let reply = r.get("/v2/narrow/local/oci-image/manifests/v1")?;
-    assert_eq!(reply.status, StatusCode::FORBIDDEN);
-    let (code, message) = reply.error()?;
-    assert_eq!(code, "DENIED");
+    let message = r.refused(
+        "/v2/narrow/local/oci-image/manifests/v1",
+        StatusCode::FORBIDDEN,
+        "DENIED",
+    )?;
     assert!(
         message.contains("may not reach the registry \"local\""),
         "{message}"
@@ -447,9 +430,11 @@ fn refusals() -> anyhow::Result<()> {
         .unwrap_or_default()
         .to_owned();
     proxy.redirect_blobs_to(Some(format!("http://localhost:{}", forbidden.addr.port())));
-    let reply = r.get(&format!("/v2/mirror/local/oci-image/blobs/{layer}"))?;
-    assert_eq!(reply.status, StatusCode::FORBIDDEN);
-    assert_eq!(reply.error()?.0, "DENIED");
+    r.refused(
+        &format!("/v2/mirror/local/oci-image/blobs/{layer}"),
+        StatusCode::FORBIDDEN,
+        "DENIED",
+    )?;
     proxy.redirect_blobs_to(Some(format!("http://127.0.0.1:{}", forbidden.addr.port())));
     let reply = r.get(&format!("/v2/mirror/local/oci-image/blobs/{layer}"))?;
     assert_eq!(
@@ -485,15 +470,12 @@ fn bearer_token() -> anyhow::Result<()> {
         forbidden.addr.port()
     )));
     let fresh = mirror_server(&proxy)?;
-    let reply = http(
+    let message = refused(
         fresh.addr,
-        Method::GET,
         "/v2/mirror/local/oci-image/manifests/v1",
-        &[("accept", ACCEPT_ALL)],
+        StatusCode::FORBIDDEN,
+        "DENIED",
     )?;
-    assert_eq!(reply.status, StatusCode::FORBIDDEN);
-    let (code, message) = reply.error()?;
-    assert_eq!(code, "DENIED");
     assert!(message.contains("localhost"), "{message}");
     assert_eq!(forbidden.connections(), 0);
     Ok(())

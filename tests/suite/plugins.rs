@@ -56,9 +56,7 @@ fn random_still_works(r: &InProcess) -> anyhow::Result<()> {
 fn trapping_plugin() -> anyhow::Result<()> {
     let r = InProcess::new(&with_fixture("fixture-trap", "timeout = \"5s\""))?;
     let reply = r.get("/v2/bad/manifests/latest")?;
-    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
-    let (code, message) = reply.error()?;
-    assert_eq!(code, "UNKNOWN");
+    let message = reply.expect_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN")?;
     assert!(
         message.starts_with("bad@sha256:"),
         "names the plugin: {message}"

@@ -207,15 +207,13 @@ fn build_timeout() -> anyhow::Result<()> {
     let quick = config.replacen("[go]\n", "[go]\nbuild_timeout = \"1ms\"\n", 1);
     replace(&path, quick.as_bytes())?;
     logged(&server, "reloaded [go]")?;
-    let reply = http(
+    let message = http(
         server.addr,
         Method::GET,
         "/v2/ko/example.com/tools/cmd/echo/manifests/v0.1.0",
         &[],
-    )?;
-    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{:?}", reply.body);
-    let (code, message) = reply.error()?;
-    assert_eq!(code, "DENIED");
+    )?
+    .expect_error(StatusCode::FORBIDDEN, "DENIED")?;
     assert!(message.contains("took longer than the limit"), "{message}");
     Ok(())
 }

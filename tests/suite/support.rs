@@ -47,7 +47,12 @@ pub fn plugin_path(crate_name: &str) -> PathBuf {
     Path::new(env!("KONTAIN_PLUGINS_DIR")).join(format!("{}.wasm", crate_name.replace('-', "_")))
 }
 
+/// Every manifest type the suite's clients accept, as docker sends them.
+pub const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+
 pub struct Reply {
+    /// What was asked, `METHOD path`, for failure messages.
+    pub request: String,
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
@@ -77,6 +82,25 @@ impl Reply {
                 .context("no error message")?
                 .to_owned(),
         ))
+    }
+
+    /// The message of an OCI error answer; an error unless the status and
+    /// the first error's code are the ones given.
+    pub fn expect_error(&self, status: StatusCode, code: &str) -> anyhow::Result<String> {
+        ensure!(
+            self.status == status,
+            "{}: status {} where {status} was expected: {:?}",
+            self.request,
+            self.status,
+            self.body
+        );
+        let (got, message) = self.error()?;
+        ensure!(
+            got == code,
+            "{}: error code {got} where {code} was expected: {message}",
+            self.request
+        );
+        Ok(message)
     }
 }
 
@@ -115,6 +139,7 @@ impl InProcess {
         path: &str,
         headers: &[(&str, &str)],
     ) -> anyhow::Result<Reply> {
+        let asked = format!("{method} {path}");
         let mut builder = Request::builder().method(method).uri(path);
         for (k, v) in headers {
             builder = builder.header(*k, *v);
@@ -125,6 +150,7 @@ impl InProcess {
             let (parts, body) = response.into_parts();
             let body = body.collect().await?.to_bytes();
             Ok(Reply {
+                request: asked,
                 status: parts.status,
                 headers: parts.headers,
                 body,
@@ -139,6 +165,11 @@ impl InProcess {
     pub fn head(&self, path: &str) -> anyhow::Result<Reply> {
         self.request(Method::HEAD, path, &[])
     }
+
+    /// `GET` that must be refused: see [`Reply::expect_error`].
+    pub fn refused(&self, path: &str, status: StatusCode, code: &str) -> anyhow::Result<String> {
+        self.get(path)?.expect_error(status, code)
+    }
 }
 
 /// An HTTP/1.1 request to a real server.
@@ -151,6 +182,21 @@ pub fn http(
     http_with_body(addr, method, path, headers, Bytes::new())
 }
 
+/// `GET` accepting every manifest type.
+pub fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Reply> {
+    http(addr, Method::GET, path, &[("accept", ACCEPT_ALL)])
+}
+
+/// [`get`] that must be refused: see [`Reply::expect_error`].
+pub fn refused(
+    addr: SocketAddr,
+    path: &str,
+    status: StatusCode,
+    code: &str,
+) -> anyhow::Result<String> {
+    get(addr, path)?.expect_error(status, code)
+}
+
 /// As [`http`], sending `body`.
 pub fn http_with_body(
     addr: SocketAddr,
@@ -159,6 +205,7 @@ pub fn http_with_body(
     headers: &[(&str, &str)],
     body: Bytes,
 ) -> anyhow::Result<Reply> {
+    let asked = format!("{method} {path}");
     rt().block_on(async {
         let stream = tokio::net::TcpStream::connect(addr).await?;
         let (mut sender, conn) =
@@ -174,6 +221,7 @@ pub fn http_with_body(
         let response = sender.send_request(builder.body(Full::new(body))?).await?;
         let (parts, body) = response.into_parts();
         Ok(Reply {
+            request: asked,
             status: parts.status,
             headers: parts.headers,
             body: body.collect().await?.to_bytes(),
@@ -290,29 +338,38 @@ pub fn shared(
     cell: &'static OnceLock<Result<Server, String>>,
     config: impl FnOnce() -> anyhow::Result<String>,
 ) -> anyhow::Result<&'static Server> {
+    started_once(cell, || Server::start(Some(&config()?)), |s| kill(s.pid()))
+}
+
+/// Something held in a static and started on first use; a failure to start
+/// is kept, so every trial that needs it reports it. Statics are never
+/// dropped, so `stop` runs at the end of the suite instead.
+pub fn started_once<T: Send + Sync + 'static>(
+    cell: &'static OnceLock<Result<T, String>>,
+    start: impl FnOnce() -> anyhow::Result<T>,
+    stop: fn(&T),
+) -> anyhow::Result<&'static T> {
     cell.get_or_init(|| {
         register_cleanup(Box::new(move || {
-            if let Some(Ok(server)) = cell.get() {
-                // Statics are never dropped: stop the process explicitly.
-                let _ = Command::new("kill").arg(server.pid().to_string()).status();
+            if let Some(Ok(value)) = cell.get() {
+                stop(value);
             }
         }));
-        let config = config().map_err(|e| format!("{e:?}"))?;
-        Server::start(Some(&config)).map_err(|e| format!("{e:?}"))
+        start().map_err(|e| format!("{e:?}"))
     })
     .as_ref()
     .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// `kill <pid>`: SIGTERM, so that the process can shut down cleanly.
+pub fn kill(pid: u32) {
+    let _ = Command::new("kill").arg(pid.to_string()).status();
+}
+
 /// `GET` accepting every manifest type; an error (with the server's log)
 /// unless the answer is 200.
 pub fn get_ok(server: &Server, path: &str) -> anyhow::Result<Reply> {
-    let reply = http(
-        server.addr,
-        Method::GET,
-        path,
-        &[("accept", crate::mirror::ACCEPT_ALL)],
-    )?;
+    let reply = get(server.addr, path)?;
     anyhow::ensure!(
         reply.status == StatusCode::OK,
         "GET {path}: {} {:?}\nserver log:\n{}",
@@ -323,19 +380,23 @@ pub fn get_ok(server: &Server, path: &str) -> anyhow::Result<Reply> {
     Ok(reply)
 }
 
+/// [`get_ok`] of the blob that `descriptor` (a manifest's `config`, or one
+/// of its `layers`) names, from `repo` (the name after `/v2/`).
+pub fn get_blob(
+    server: &Server,
+    repo: &str,
+    descriptor: &serde_json::Value,
+) -> anyhow::Result<Reply> {
+    let digest = descriptor["digest"]
+        .as_str()
+        .with_context(|| format!("no digest in {descriptor}"))?;
+    get_ok(server, &format!("/v2/{repo}/blobs/{digest}"))
+}
+
 /// One server with the built-in default config, shared by the pull trials.
 pub fn shared_server() -> anyhow::Result<&'static Server> {
     static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
-    let server = SERVER.get_or_init(|| {
-        register_cleanup(Box::new(|| {
-            if let Some(Ok(server)) = SERVER.get() {
-                // Statics are never dropped: stop the process explicitly.
-                let _ = Command::new("kill").arg(server.pid().to_string()).status();
-            }
-        }));
-        Server::start(None).map_err(|e| format!("{e:?}"))
-    });
-    server.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
+    started_once(&SERVER, || Server::start(None), |s| kill(s.pid()))
 }
 
 /// A private dockerd, as the brief prescribes: vfs storage, no iptables, no
@@ -416,14 +477,7 @@ impl Docker {
     /// its stderr.
     pub fn run(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = self.command().args(args).output()?;
-        if !out.status.success() {
-            bail!(
-                "docker {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        stdout_of(out, &format!("docker {}", args.join(" ")))
     }
 
     /// How many layers a pulled image has.
@@ -438,9 +492,28 @@ impl Docker {
         Ok(n.trim().parse()?)
     }
 
+    /// The error of a `docker pull` of `what` that must fail, printed too
+    /// since it is what a user would read; an error if the pull succeeds.
+    pub fn pull_error(&self, image: &str, what: &str) -> anyhow::Result<String> {
+        let message = match self.run(&["pull", image]) {
+            Ok(out) => bail!("docker pull of {what} succeeded where it must fail: {out}"),
+            Err(e) => e.to_string(),
+        };
+        eprintln!("docker pull of {what}: {message}");
+        Ok(message)
+    }
+
+    /// Runs `image` without a network, then removes it so that the daemon's
+    /// storage does not grow with every trial; the container's stdout.
+    pub fn run_image(&self, image: &str) -> anyhow::Result<String> {
+        let output = self.run(&["run", "--rm", "--network", "none", image])?;
+        self.run(&["rmi", image])?;
+        Ok(output)
+    }
+
     fn stop(&self) {
         let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = Command::new("kill").arg(child.id().to_string()).status();
+        kill(child.id());
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
@@ -455,15 +528,7 @@ impl Docker {
 
 pub fn docker() -> anyhow::Result<&'static Docker> {
     static DOCKER: OnceLock<Result<Docker, String>> = OnceLock::new();
-    let docker = DOCKER.get_or_init(|| {
-        register_cleanup(Box::new(|| {
-            if let Some(Ok(docker)) = DOCKER.get() {
-                docker.stop();
-            }
-        }));
-        Docker::start().map_err(|e| format!("{e:?}"))
-    });
-    docker.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
+    started_once(&DOCKER, Docker::start, Docker::stop)
 }
 
 /// Runs `skopeo <args>`; its stdout, or an error with its stderr.
@@ -472,13 +537,17 @@ pub fn skopeo(args: &[&str]) -> anyhow::Result<String> {
         .args(args)
         .output()
         .context("running skopeo (apt-get install skopeo)")?;
-    if !out.status.success() {
-        bail!(
-            "skopeo {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    stdout_of(out, &format!("skopeo {}", args.join(" ")))
+}
+
+/// A finished command's stdout, or an error naming the command (`what`)
+/// with its stderr.
+fn stdout_of(out: std::process::Output, what: &str) -> anyhow::Result<String> {
+    ensure!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 

@@ -72,8 +72,12 @@ impl Buildpacks {
         let document = parse(&manifest.bytes, image)?;
         let config_digest = digest_of(&document["config"])?;
         upstream.blob(image, &config_digest.to_string()).await?;
-        let config =
-            read_config(&self.store, &config_digest, &format!("{image}: the config")).await?;
+        let config = read_config(
+            self.builds.store(),
+            &config_digest,
+            &format!("{image}: the config"),
+        )
+        .await?;
         let mut layers = Vec::new();
         for layer in document["layers"].as_array().cloned().unwrap_or_default() {
             let digest = digest_of(&layer)?;
@@ -101,9 +105,10 @@ impl Buildpacks {
         let dir = self
             .builders
             .get_or_make(digest.hex(), |dir: PathBuf| async move {
-                let (store, target) = (self.store.clone(), dir.join("rootfs"));
+                let (store, target) = (self.builds.store().clone(), dir.join("rootfs"));
                 let handle = tokio::runtime::Handle::current();
-                self.cpu
+                self.builds
+                    .cpu()
                     .run(move |cancel| {
                         unpack(&store, &handle, &layers, &target, cancel)?;
                         prepare_mount_points(&target)

@@ -227,12 +227,13 @@ impl Buildpacks {
                 }
                 let escaped = lifecycle::escape_id(&bp.id);
                 let host = work.layers.join(&escaped).join(name);
-                let store = self.store.clone();
+                let store = self.builds.store().clone();
                 let prefix = format!("layers/{escaped}/{name}");
                 let parents = vec!["layers".to_owned(), format!("layers/{escaped}")];
                 let owner = *owner;
                 let blob = self
-                    .cpu
+                    .builds
+                    .cpu()
                     .run(move |_| tree_layer(&store, &host, &parents, &prefix, owner))
                     .await?;
                 new_layers.push((
@@ -241,9 +242,10 @@ impl Buildpacks {
                 ));
             }
         }
-        let (store, app, owner) = (self.store.clone(), work.app.clone(), *owner);
+        let (store, app, owner) = (self.builds.store().clone(), work.app.clone(), *owner);
         let app_blob = self
-            .cpu
+            .builds
+            .cpu()
             .run(move |_| tree_layer(&store, &app, &[], "workspace", owner))
             .await?;
         new_layers.push((app_blob, "application at /workspace".to_owned()));
@@ -264,7 +266,7 @@ impl Buildpacks {
         }
         let blobs: Vec<&LayerBlob> = new_layers.iter().map(|(b, _)| b).collect();
         Ok(extend(
-            &self.store,
+            self.builds.store(),
             &run_manifest.media_type,
             run_document,
             &config,

@@ -15,7 +15,7 @@ use url::Url;
 use super::BuildpackError;
 use crate::image::once::DirCache;
 use crate::image::work::blocking;
-use crate::process::RunError;
+use crate::process::{RunError, is_plain};
 use crate::upstream::Policy;
 
 /// A commit checked out (without `.git`).
@@ -36,12 +36,7 @@ pub struct Git {
 /// `owner` and `repo` as they may appear in a URL: no `/`, no leading dot
 /// or dash.
 fn check_name(what: &str, s: &str) -> Result<(), BuildpackError> {
-    let ok = !s.is_empty()
-        && s.len() <= 100
-        && !s.starts_with(['.', '-'])
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-    if ok {
+    if is_plain(s, 100) {
         Ok(())
     } else {
         Err(BuildpackError::InvalidName(format!(
@@ -51,12 +46,8 @@ fn check_name(what: &str, s: &str) -> Result<(), BuildpackError> {
 }
 
 fn check_revision(rev: &str) -> Result<(), BuildpackError> {
-    let ok = !rev.is_empty()
-        && !rev.starts_with(['.', '-'])
-        && rev
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-    if ok {
+    // Tags are at most 128 characters; so are revisions.
+    if is_plain(rev, 128) {
         Ok(())
     } else {
         Err(BuildpackError::InvalidName(format!(

@@ -257,6 +257,24 @@ impl Lifecycle<'_> {
         Ok(plan)
     }
 
+    /// Runs `bp`'s `bin/<phase>` (from `dir`, inside the sandbox).
+    async fn step(
+        &self,
+        bp: &GroupEntry,
+        dir: &str,
+        phase: &str,
+        args: Vec<String>,
+        env: Env,
+    ) -> Result<sandbox::Outcome, BuildpackError> {
+        let step = sandbox::Step {
+            program: format!("{dir}/bin/{phase}"),
+            args,
+            env: env.0.into_iter().collect(),
+            what: format!("{}@{} {phase}", bp.id, bp.version),
+        };
+        self.sandbox.run(&self.mounts(), &step).await
+    }
+
     /// Runs detect over the order; the first group that passes wins.
     pub async fn detect(&self) -> Result<Detected, BuildpackError> {
         let plan_inside = format!("{}/plan.toml", sandbox::IO);
@@ -271,28 +289,18 @@ impl Lifecycle<'_> {
                 let mut env = self.base_env(&dir);
                 env.0
                     .insert("CNB_BUILD_PLAN_PATH".into(), plan_inside.clone());
-                let env: Vec<(String, String)> = env.0.into_iter().collect();
-                let what = format!("{}@{} detect", bp.id, bp.version);
-                let outcome = self
-                    .sandbox
-                    .run(
-                        &self.mounts(),
-                        &format!("{dir}/bin/detect"),
-                        &[sandbox::PLATFORM.to_owned(), plan_inside.clone()],
-                        &env,
-                        &what,
-                    )
-                    .await?;
+                let args = vec![sandbox::PLATFORM.to_owned(), plan_inside.clone()];
+                let outcome = self.step(bp, &dir, "detect", args, env).await?;
                 match outcome.code {
                     Some(0) => {
                         let text = read_small(&plan).unwrap_or_default();
-                        let parsed: DetectPlan =
-                            toml::from_str(&text).map_err(|e| BuildpackError::BuildpackFailed {
-                                buildpack: format!("{}@{}", bp.id, bp.version),
-                                phase: "detect",
-                                code: 0,
-                                tail: format!("its build plan is not valid TOML: {e}"),
-                            })?;
+                        let parsed: DetectPlan = toml::from_str(&text).map_err(|e| {
+                            unusable(
+                                bp,
+                                "detect",
+                                format!("its build plan is not valid TOML: {e}"),
+                            )
+                        })?;
                         notes.push(format!("{}@{} passed", bp.id, bp.version));
                         passed.push((bp.clone(), parsed));
                     }
@@ -370,22 +378,12 @@ impl Lifecycle<'_> {
             let layers_inside = format!("{}/{escaped}", sandbox::LAYERS);
             env.0.insert("CNB_LAYERS_DIR".into(), layers_inside.clone());
             env.0.insert("CNB_BP_PLAN_PATH".into(), plan_inside.clone());
-            let env: Vec<(String, String)> = env.0.into_iter().collect();
-            let what = format!("{}@{} build", bp.id, bp.version);
-            let outcome = self
-                .sandbox
-                .run(
-                    &self.mounts(),
-                    &format!("{dir}/bin/build"),
-                    &[
-                        layers_inside,
-                        sandbox::PLATFORM.to_owned(),
-                        plan_inside.clone(),
-                    ],
-                    &env,
-                    &what,
-                )
-                .await?;
+            let args = vec![
+                layers_inside,
+                sandbox::PLATFORM.to_owned(),
+                plan_inside.clone(),
+            ];
+            let outcome = self.step(bp, &dir, "build", args, env).await?;
             if outcome.code != Some(0) {
                 return Err(BuildpackError::BuildpackFailed {
                     buildpack: format!("{}@{}", bp.id, bp.version),
@@ -396,13 +394,8 @@ impl Lifecycle<'_> {
             }
             let layers = read_layers(&layers_host)?;
             if let Some(text) = read_small(&layers_host.join("launch.toml")) {
-                let launch: LaunchToml =
-                    toml::from_str(&text).map_err(|e| BuildpackError::BuildpackFailed {
-                        buildpack: format!("{}@{}", bp.id, bp.version),
-                        phase: "build",
-                        code: 0,
-                        tail: format!("launch.toml is not valid: {e}"),
-                    })?;
+                let launch: LaunchToml = toml::from_str(&text)
+                    .map_err(|e| unusable(bp, "build", format!("launch.toml is not valid: {e}")))?;
                 for p in launch.processes {
                     // A later buildpack's process of the same type wins.
                     processes.retain(|q| q.r#type != p.r#type);
@@ -429,6 +422,16 @@ impl Lifecycle<'_> {
             buildpacks: built,
             processes,
         })
+    }
+}
+
+/// A buildpack that exited 0 but left something unusable.
+fn unusable(bp: &GroupEntry, phase: &'static str, why: String) -> BuildpackError {
+    BuildpackError::BuildpackFailed {
+        buildpack: format!("{}@{}", bp.id, bp.version),
+        phase,
+        code: 0,
+        tail: why,
     }
 }
 

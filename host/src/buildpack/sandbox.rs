@@ -83,6 +83,15 @@ pub async fn probe(bwrap: &Path, user: Option<(u32, u32)>) -> Result<(), String>
     }
 }
 
+/// One run of a buildpack executable: a path inside the sandbox, its
+/// arguments and environment, and how errors name it.
+pub struct Step {
+    pub program: String,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub what: String,
+}
+
 /// What a step did.
 pub struct Outcome {
     pub code: Option<i32>,
@@ -93,17 +102,10 @@ pub struct Outcome {
 const MAX_OUTPUT: usize = 256 * 1024;
 
 impl Sandbox {
-    /// Runs `program` (a path inside the sandbox) with `args` and `env`.
-    pub async fn run(
-        &self,
-        mounts: &Mounts<'_>,
-        program: &str,
-        args: &[String],
-        env: &[(String, String)],
-        what: &str,
-    ) -> Result<Outcome, BuildpackError> {
+    /// Runs `step` confined, with `mounts`.
+    pub async fn run(&self, mounts: &Mounts<'_>, step: &Step) -> Result<Outcome, BuildpackError> {
         if self.unsandboxed {
-            return self.run_unsandboxed(mounts, program, args, env, what).await;
+            return self.run_unsandboxed(mounts, step).await;
         }
         let mut cmd = tokio::process::Command::new(&self.bwrap);
         if let Some((uid, gid)) = self.host_user {
@@ -139,11 +141,11 @@ impl Sandbox {
             .arg("--gid")
             .arg(self.gid.to_string())
             .args(["--chdir", APP, "--clearenv"]);
-        for (k, v) in env {
+        for (k, v) in &step.env {
             cmd.arg("--setenv").arg(k).arg(v);
         }
-        cmd.arg("--").arg(program).args(args);
-        self.spawn(cmd, what).await
+        cmd.arg("--").arg(&step.program).args(&step.args);
+        self.spawn(cmd, &step.what).await
     }
 
     /// The same step on the host, paths mapped to the host directories.
@@ -151,10 +153,7 @@ impl Sandbox {
     async fn run_unsandboxed(
         &self,
         mounts: &Mounts<'_>,
-        program: &str,
-        args: &[String],
-        env: &[(String, String)],
-        what: &str,
+        step: &Step,
     ) -> Result<Outcome, BuildpackError> {
         let map = |s: &str| -> String {
             for (inside, outside) in [
@@ -174,15 +173,15 @@ impl Sandbox {
             }
             s.to_owned()
         };
-        let mut cmd = tokio::process::Command::new(map(program));
+        let mut cmd = tokio::process::Command::new(map(&step.program));
         cmd.env_clear()
             .current_dir(mounts.app)
-            .args(args.iter().map(|a| map(a)))
-            .envs(env.iter().map(|(k, v)| {
+            .args(step.args.iter().map(|a| map(a)))
+            .envs(step.env.iter().map(|(k, v)| {
                 let v = v.split(':').map(map).collect::<Vec<_>>().join(":");
                 (k.clone(), v)
             }));
-        self.spawn(cmd, what).await
+        self.spawn(cmd, &step.what).await
     }
 
     async fn spawn(

@@ -83,10 +83,7 @@ fn tar_error(e: io::Error) -> ImageError {
         io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput | io::ErrorKind::UnexpectedEof => {
             ImageError::Invalid(format!("a layer is not a valid tar stream: {e}"))
         }
-        _ => ImageError::Io {
-            what: "reading a layer",
-            source: e,
-        },
+        _ => ImageError::io("reading a layer", e),
     }
 }
 

@@ -115,9 +115,10 @@ impl Go {
                     crate::image::work::blocking(move || Workspace::new(&module, &work)).await?
                 };
                 let kodata = {
-                    let store = self.store.clone();
+                    let store = self.builds.store().clone();
                     let dir = kodata_dir(build.module, build.package);
-                    self.cpu
+                    self.builds
+                        .cpu()
                         .run(move |_| kodata_layer(&store, dir.as_deref()))
                         .await?
                 };
@@ -230,7 +231,7 @@ impl Go {
     ) -> Result<Value, GoError> {
         let digest = digest_of(&manifest["config"])?;
         upstream.blob(image, &digest.to_string()).await?;
-        Ok(read_config(&self.store, &digest, "the base config").await?)
+        Ok(read_config(self.builds.store(), &digest, "the base config").await?)
     }
 
     /// One platform: build the binary, add the two layers, edit the config.
@@ -257,16 +258,17 @@ impl Go {
             .await?;
         let name = app_name(build.package);
         let app = {
-            let store = self.store.clone();
+            let store = self.builds.store().clone();
             let name = name.clone();
-            self.cpu
+            self.builds
+                .cpu()
                 .run(move |_| binary_layer(&store, &binary, &name))
                 .await?
         };
         let app_path = format!("/{APP_DIR}/{name}");
         ko_config(&mut config, build.package, &app_path, [kodata, &app])?;
         Ok(extend(
-            &self.store,
+            self.builds.store(),
             &child.manifest.media_type,
             manifest,
             &config,
@@ -310,7 +312,8 @@ impl Go {
             annotate(&mut index, build.base_reference, &build.base.digest);
         }
         Ok(self
-            .store
+            .builds
+            .store()
             .put_manifest(media_type, canonical(&index)?)
             .await?)
     }

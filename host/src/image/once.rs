@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{ImageError, io_error, work};
+use super::{Cpu, ImageError, io_error, work};
 use crate::files::COMPLETE;
 use crate::generator::{Classify, ErrorKind};
 use crate::oci::Digest;
@@ -64,19 +64,40 @@ impl Classify for Remembered {
     }
 }
 
-/// Images built on request (ko, buildpack, flatten), each stored under a key
-/// that names everything deciding the result.
+/// A build's own error, through [`once`]: what the store fails with becomes
+/// an image error of the build's kind.
+struct Failed<E>(E);
+
+impl<E: From<ImageError>> From<StorageError> for Failed<E> {
+    fn from(e: StorageError) -> Self {
+        Failed(ImageError::from(e).into())
+    }
+}
+
+/// Images built on request (ko, buildpack, flatten): the store they go to,
+/// the CPU they are built on, each stored under a key that names everything
+/// deciding the result.
 pub struct Builds {
     store: Arc<ContentStore>,
+    cpu: Cpu,
     failures: Mutex<HashMap<String, (Instant, Remembered)>>,
 }
 
 impl Builds {
-    pub fn new(store: Arc<ContentStore>) -> Self {
+    pub fn new(store: Arc<ContentStore>, cpu: Cpu) -> Self {
         Builds {
             store,
+            cpu,
             failures: Mutex::default(),
         }
+    }
+
+    pub fn store(&self) -> &Arc<ContentStore> {
+        &self.store
+    }
+
+    pub fn cpu(&self) -> &Cpu {
+        &self.cpu
     }
 
     /// The image built for `key`: from storage if it was built before and
@@ -89,13 +110,13 @@ impl Builds {
         build: impl FnOnce() -> Built,
     ) -> Result<StoredManifest, E>
     where
-        E: From<StorageError> + From<Remembered> + Classify,
+        E: From<ImageError> + Classify,
         Built: Future<Output = Result<StoredManifest, E>>,
     {
-        let find = || async move { Ok::<_, E>(self.cached(key).await?) };
-        once(&self.store, key.to_owned(), find, || async move {
+        let find = || async move { Ok::<_, Failed<E>>(self.cached(key).await?) };
+        let made = once(&self.store, key.to_owned(), find, || async move {
             if let Some(failure) = self.recent_failure(key) {
-                return Err(failure.into());
+                return Err(Failed(ImageError::from(failure).into()));
             }
             match build().await {
                 Ok(built) => {
@@ -104,11 +125,12 @@ impl Builds {
                 }
                 Err(e) => {
                     self.remember(key, &e);
-                    Err(e)
+                    Err(Failed(e))
                 }
             }
         })
-        .await
+        .await;
+        made.map_err(|Failed(e)| e)
     }
 
     fn recent_failure(&self, key: &str) -> Option<Remembered> {

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::Semaphore;
 
 use super::ImageError;
+use crate::process::OnDrop;
 
 /// A bound on how much CPU-heavy work runs at once.
 #[derive(Clone)]
@@ -36,7 +37,8 @@ impl Cpu {
             .await
             .map_err(|e| ImageError::TaskFailed(e.to_string()))?;
         let cancel = Cancel::default();
-        let guard = cancel.clone().on_drop();
+        let flag = cancel.clone();
+        let guard = OnDrop::new(move || flag.0.store(true, Ordering::Relaxed));
         let result = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             work(&cancel)
@@ -71,26 +73,6 @@ impl Cancel {
             Err(ImageError::Cancelled)
         } else {
             Ok(())
-        }
-    }
-
-    fn on_drop(self) -> CancelOnDrop {
-        CancelOnDrop(Some(self))
-    }
-}
-
-struct CancelOnDrop(Option<Cancel>);
-
-impl CancelOnDrop {
-    fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if let Some(c) = &self.0 {
-            c.0.store(true, Ordering::Relaxed);
         }
     }
 }

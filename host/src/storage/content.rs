@@ -340,19 +340,8 @@ pub struct Held {
 mod tests {
     use std::fs;
 
-    use futures_util::StreamExt;
-
     use super::*;
-    use crate::storage::test_store;
-
-    async fn read_all(s: &ContentStore, d: &Digest, r: Option<ByteRange>) -> Vec<u8> {
-        let BlobContent { body, .. } = s.read_blob(d, r).await.unwrap().expect("stored");
-        let chunks: Vec<_> = body.collect().await;
-        chunks
-            .into_iter()
-            .flat_map(|c| c.unwrap().to_vec())
-            .collect()
-    }
+    use crate::storage::{read_all, test_store};
 
     #[tokio::test]
     async fn stores_blobs_under_their_digest_and_reads_ranges() {

@@ -84,11 +84,9 @@ impl Client {
         reference: &str,
         accept: &[String],
     ) -> Result<ManifestHead, UpstreamError> {
-        let url = image
-            .url("manifests", reference)
-            .map_err(|e| invalid(image, e))?;
-        let response = self.send(image, Method::HEAD, url, accept).await?;
-        let response = check_status(image, reference, response)?;
+        let response = self
+            .fetch(image, Method::HEAD, "manifests", reference, accept)
+            .await?;
         let digest = response
             .headers()
             .get("docker-content-digest")
@@ -104,11 +102,9 @@ impl Client {
         reference: &str,
         accept: &[String],
     ) -> Result<(Bytes, String), UpstreamError> {
-        let url = image
-            .url("manifests", reference)
-            .map_err(|e| invalid(image, e))?;
-        let response = self.send(image, Method::GET, url, accept).await?;
-        let response = check_status(image, reference, response)?;
+        let response = self
+            .fetch(image, Method::GET, "manifests", reference, accept)
+            .await?;
         let header_type = response
             .headers()
             .get(CONTENT_TYPE)
@@ -140,11 +136,23 @@ impl Client {
         image: &UpstreamImage,
         digest: &Digest,
     ) -> Result<Response, UpstreamError> {
-        let url = image
-            .url("blobs", &digest.to_string())
-            .map_err(|e| invalid(image, e))?;
-        let response = self.send(image, Method::GET, url, &[]).await?;
-        check_status(image, &digest.to_string(), response)
+        self.fetch(image, Method::GET, "blobs", &digest.to_string(), &[])
+            .await
+    }
+
+    /// `<method> /v2/<repository>/<kind>/<reference>`, answered with a
+    /// success (anything else is an error saying what it was).
+    async fn fetch(
+        &self,
+        image: &UpstreamImage,
+        method: Method,
+        kind: &str,
+        reference: &str,
+        accept: &[String],
+    ) -> Result<Response, UpstreamError> {
+        let url = image.url(kind, reference).map_err(|e| invalid(image, e))?;
+        let response = self.send(image, method, url, accept).await?;
+        check_status(image, reference, response)
     }
 
     /// Sends a request, answering one authentication challenge.

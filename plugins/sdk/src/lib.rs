@@ -42,7 +42,9 @@ pub use bindings::kontain::generator::images::{
     self, Blob, Config, History, Layer, Manifest, ManifestFormat, Platform,
 };
 pub use bindings::kontain::generator::types::Error;
-pub use bindings::kontain::generator::{buildpack, cache, flatten, go, random, settings, upstream};
+// Every interface of the world, by name: a capability added to the WIT is
+// reachable as `kontain_sdk::<interface>` without an edit here.
+pub use bindings::kontain::generator::*;
 
 /// Every manifest and index media type: the `Accept` list for fetching an
 /// image whole (an index, not just one platform of it).

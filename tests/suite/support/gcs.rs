@@ -11,7 +11,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use http::{Method, StatusCode};
 
-use super::{free_port, http, http_with_body, register_cleanup, wait_for_port};
+use super::{free_port, http, http_with_body, kill, started_once, wait_for_port};
 
 /// The emulator, serving plain HTTP with in-memory buckets.
 pub struct FakeGcs {
@@ -193,17 +193,5 @@ impl Drop for FakeGcs {
 /// The emulator shared by the suite, started on first use.
 pub fn fake_gcs() -> anyhow::Result<&'static FakeGcs> {
     static GCS: OnceLock<Result<FakeGcs, String>> = OnceLock::new();
-    GCS.get_or_init(|| {
-        register_cleanup(Box::new(|| {
-            if let Some(Ok(gcs)) = GCS.get() {
-                // Statics are never dropped: stop the process explicitly.
-                let _ = Command::new("kill")
-                    .arg(gcs.child.id().to_string())
-                    .status();
-            }
-        }));
-        FakeGcs::start().map_err(|e| format!("{e:?}"))
-    })
-    .as_ref()
-    .map_err(|e| anyhow::anyhow!("{e}"))
+    started_once(&GCS, FakeGcs::start, |gcs| kill(gcs.child.id()))
 }
