@@ -148,16 +148,40 @@ impl Services {
         })
     }
 
-    /// Applies the sections of a changed config that reload live.
-    pub fn reconfigure(&self, config: &Config) -> Result<(), String> {
-        self.upstream
-            .reconfigure(&config.upstream, &extra_hosts(config))
-            .map_err(|e| format!("[upstream]: {e}"))?;
-        self.go
-            .reconfigure(&config.go)
-            .map_err(|e| format!("[go]: {e}"))?;
-        self.buildpack.reconfigure(&config.buildpack);
-        Ok(())
+    /// Applies the sections of `next` that reload live, each on its own, and
+    /// returns the config now in force: a section that fails to apply is
+    /// logged and keeps its previous settings (so that the next edit tries
+    /// it again) without holding the others back.
+    pub fn reconfigure(&self, current: &Config, next: &Config) -> Config {
+        let mut applied = next.clone();
+        let outcome = |name: &str, result: Result<(), String>| match result {
+            Ok(()) => {
+                tracing::info!("reloaded [{name}]");
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "[{name}] not reloaded; its previous settings stay");
+                false
+            }
+        };
+        // The upstream policy also allows what [go] and [buildpack] reach.
+        if (current.upstream != next.upstream || extra_hosts(current) != extra_hosts(next))
+            && !outcome(
+                "upstream",
+                self.upstream
+                    .reconfigure(&next.upstream, &extra_hosts(next)),
+            )
+        {
+            applied.upstream = current.upstream.clone();
+        }
+        if current.go != next.go && !outcome("go", self.go.reconfigure(&next.go)) {
+            applied.go = current.go.clone();
+        }
+        if current.buildpack != next.buildpack {
+            self.buildpack.reconfigure(&next.buildpack);
+            outcome("buildpack", Ok(()));
+        }
+        applied
     }
 
     /// Removes the local trees (modules, checkouts, builders) unused for

@@ -107,6 +107,11 @@ impl Scratch {
     pub fn path(&self) -> &Path {
         self.0.as_ref().map_or(Path::new(""), |d| d.path())
     }
+
+    /// Keeps the directory: it is no longer removed when dropped.
+    pub fn keep(mut self) -> Option<std::path::PathBuf> {
+        self.0.take().map(tempfile::TempDir::keep)
+    }
 }
 
 impl Drop for Scratch {

@@ -232,6 +232,10 @@ impl Go {
         // go wants absolute cache paths, and builds run in other directories.
         let scratch =
             std::path::absolute(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
+        // Modules half-unpacked and builds a previous run left behind.
+        for leftover in ["tmp", "work"] {
+            let _ = std::fs::remove_dir_all(scratch.join(leftover));
+        }
         let settings = Settings::new(config, &scratch)?;
         Ok(Go {
             settings: ArcSwap::from_pointee(settings),

@@ -14,7 +14,8 @@
 //! stored by digest with their media type and re-hashed when read, so a
 //! `HEAD` by tag followed by a `GET` by digest returns the same bytes.
 //!
-//! Depends only on `oci`.
+//! Depends on `oci`, and on `config` for the units its section is written
+//! in; nothing else.
 
 pub mod config;
 mod content;
@@ -173,7 +174,9 @@ pub trait Driver: Send + Sync + 'static {
 /// The content store `config` describes: its driver, and its TTL.
 pub async fn open(config: &StorageConfig) -> Result<ContentStore, StorageError> {
     let driver: Arc<dyn Driver> = match (config.backend, &config.gcs) {
-        (Backend::Gcs, Some(gcs)) => Arc::new(gcs::GcsDriver::open(gcs, &config.path).await?),
+        (Backend::Gcs, Some(gcs)) => {
+            Arc::new(gcs::GcsDriver::open(gcs, &config.path, config.ttl).await?)
+        }
         _ => Arc::new(filesystem::FilesystemDriver::open(&config.path)?),
     };
     Ok(ContentStore::new(driver, config.ttl))

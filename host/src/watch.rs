@@ -48,12 +48,21 @@ fn watched_files(config_path: &Path, config: &Config) -> BTreeSet<PathBuf> {
     files
 }
 
-/// What each watched file holds (a missing one holds nothing).
-fn contents(files: &BTreeSet<PathBuf>) -> BTreeMap<PathBuf, Option<Digest>> {
-    files
-        .iter()
-        .map(|f| (f.clone(), std::fs::read(f).ok().map(|b| Digest::sha256(&b))))
-        .collect()
+/// What each watched file holds (a missing one holds nothing). Plugin
+/// files are large: read and hashed off the async threads.
+async fn contents(files: &BTreeSet<PathBuf>) -> BTreeMap<PathBuf, Option<Digest>> {
+    let files = files.clone();
+    tokio::task::spawn_blocking(move || {
+        files
+            .into_iter()
+            .map(|f| {
+                let digest = std::fs::read(&f).ok().map(|b| Digest::sha256(&b));
+                (f, digest)
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
 }
 
 /// Whether an event may mean new content: reads (opening, closing after
@@ -88,12 +97,12 @@ pub fn spawn(
         }
     })?;
     let mut files = watched_files(&config_path, config);
-    let mut seen = contents(&files);
     let mut dirs = BTreeSet::new();
     watch_dirs(&mut watcher, &files, &mut dirs);
     let startup = config.clone();
     let task = tokio::spawn(async move {
         let mut current = startup;
+        let mut seen = contents(&files).await;
         while let Some(path) = rx.recv().await {
             if !files.contains(&path) {
                 continue;
@@ -112,19 +121,28 @@ pub fn spawn(
                     Err(_) => break,
                 }
             }
-            let now = contents(&files);
+            let now = contents(&files).await;
             if now == seen {
                 continue;
             }
+            // What was read is what was seen: a bad file is logged once, and
+            // an edit made while this reload runs is a change of its own.
             seen = now;
-            let Some(config) = read(&read_path) else {
+            let Some(next) = read(&read_path) else {
                 continue;
             };
-            apply(&current, &config, &runtime, &services).await;
-            files = watched_files(&config_path, &config);
-            seen = contents(&files);
+            for name in current.needs_restart(&next) {
+                tracing::warn!("needs a restart: {name}");
+            }
+            let applied = services.reconfigure(&current, &next);
+            runtime.reload(&applied).await;
+            let watched = watched_files(&config_path, &applied);
+            let added: BTreeSet<PathBuf> = watched.difference(&files).cloned().collect();
+            seen.retain(|f, _| watched.contains(f));
+            seen.extend(contents(&added).await);
+            files = watched;
             watch_dirs(&mut watcher, &files, &mut dirs);
-            current = config;
+            current = applied;
         }
     });
     Ok(Watch { task })
@@ -145,32 +163,6 @@ fn read(path: &Path) -> Option<Config> {
         return None;
     }
     Some(config)
-}
-
-/// Applies `next` over `current`: everything that reloads live, and a log
-/// line naming each part that waits for a restart.
-async fn apply(current: &Config, next: &Config, runtime: &Runtime, services: &Services) {
-    for name in current.needs_restart(next) {
-        tracing::warn!("needs a restart: {name}");
-    }
-    let sections = [
-        ("upstream", current.upstream != next.upstream),
-        ("go", current.go != next.go),
-        ("buildpack", current.buildpack != next.buildpack),
-    ];
-    if sections.iter().any(|(_, changed)| *changed) {
-        match services.reconfigure(next) {
-            Ok(()) => {
-                for (name, _) in sections.iter().filter(|(_, changed)| *changed) {
-                    tracing::info!("reloaded [{name}]");
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "sections not reloaded; the previous settings stay")
-            }
-        }
-    }
-    runtime.reload(next).await;
 }
 
 fn watch_dirs(watcher: &mut impl Watcher, files: &BTreeSet<PathBuf>, dirs: &mut BTreeSet<PathBuf>) {

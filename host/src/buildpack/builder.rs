@@ -110,7 +110,7 @@ impl Buildpacks {
                 self.builds
                     .cpu()
                     .run(move |cancel| {
-                        unpack(&store, &handle, &layers, &target, cancel)?;
+                        unpack(&store, &handle, &layers, &target, "a builder layer", cancel)?;
                         prepare_mount_points(&target)
                     })
                     .await

@@ -207,6 +207,7 @@ impl Git {
             let work = tempfile::Builder::new()
                 .prefix("git-")
                 .tempdir_in(&tmp)
+                .map(crate::files::Scratch::new)
                 .map_err(|e| BuildpackError::io("creating a directory".into(), e))?;
             for d in ["home", "repo"] {
                 std::fs::create_dir_all(work.path().join(d))

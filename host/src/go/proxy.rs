@@ -145,7 +145,7 @@ pub async fn fetch(
                 if received > cap {
                     return Err(too_large());
                 }
-                out.write_all(&chunk)
+                tokio::task::block_in_place(|| out.write_all(&chunk))
                     .map_err(|e| GoError::io(format!("saving {path}"), e))?;
             }
             Ok(Answer::Found(()))

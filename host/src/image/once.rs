@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{Cpu, ImageError, io_error, work};
-use crate::files::COMPLETE;
+use crate::files::{COMPLETE, Scratch};
 use crate::generator::{Classify, ErrorKind};
 use crate::oci::Digest;
 use crate::storage::{ContentStore, KeyedLocks, StorageError, StoredManifest};
@@ -238,11 +238,13 @@ impl DirCache {
             return Ok(dir);
         }
         let tmp = self.tmp.clone();
+        // Removed (off the async threads) if making it fails or is dropped.
         let entry = work::blocking(move || {
             std::fs::create_dir_all(&tmp).map_err(io_error("creating a cache directory"))?;
             tempfile::Builder::new()
                 .prefix("make-")
                 .tempdir_in(&tmp)
+                .map(Scratch::new)
                 .map_err(io_error("creating a cache directory"))
         })
         .await?;
@@ -254,7 +256,9 @@ impl DirCache {
             if let Some(parent) = finished.parent() {
                 std::fs::create_dir_all(parent).map_err(io_error("creating a cache directory"))?;
             }
-            let made = entry.keep();
+            let Some(made) = entry.keep() else {
+                return Err(ImageError::TaskFailed("a cache directory vanished".into()));
+            };
             if let Err(e) = std::fs::rename(&made, &finished) {
                 crate::files::remove(&made);
                 // Another process sharing the scratch directory won.

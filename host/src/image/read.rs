@@ -84,11 +84,13 @@ pub fn whiteout(path: &str) -> Option<Whiteout> {
 
 /// Applies image layers, in order, to an empty directory: whiteouts remove
 /// (never through a symlink), everything else unpacks inside `dest` only.
+/// `what` names the layers in errors (`a builder layer`).
 pub fn unpack(
     store: &ContentStore,
     handle: &tokio::runtime::Handle,
     layers: &[LayerInput],
     dest: &Path,
+    what: &str,
     cancel: &Cancel,
 ) -> Result<(), ImageError> {
     std::fs::create_dir_all(dest).map_err(io_error("creating the rootfs"))?;
@@ -98,7 +100,7 @@ pub fn unpack(
         let mut archive = tar::Archive::new(reader);
         archive.set_preserve_permissions(true);
         archive.set_overwrite(true);
-        let not_tar = |e: std::io::Error| invalid(format!("a layer is not a tar: {e}"));
+        let not_tar = |e: std::io::Error| invalid(format!("{what} is not a tar: {e}"));
         for entry in archive.entries().map_err(not_tar)? {
             let mut entry = entry.map_err(not_tar)?;
             let Some(path) = entry.path().ok().and_then(|p| clean(&p)) else {
@@ -123,7 +125,7 @@ pub fn unpack(
                 }
                 None => {
                     entry.unpack_in(dest).map_err(|e| {
-                        invalid(format!("a layer cannot be unpacked at {path}: {e}"))
+                        invalid(format!("{what} cannot be unpacked at {path}: {e}"))
                     })?;
                 }
             }

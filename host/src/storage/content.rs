@@ -62,9 +62,15 @@ impl ContentStore {
         &self.driver
     }
 
-    /// The size of a stored blob, or `None`.
+    /// The size of a stored blob, or `None`. Asking marks it used: a blob
+    /// someone pulls, or a new image reuses, is not expired under them.
     pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
-        Ok(self.driver.stat(&blob_key(digest)).await?.map(|s| s.size))
+        let key = blob_key(digest);
+        let Some(stat) = self.driver.stat(&key).await? else {
+            return Ok(None);
+        };
+        self.mark(&key, stat.used).await;
+        Ok(Some(stat.size))
     }
 
     /// Where clients should download a stored blob themselves, if anywhere.
@@ -199,9 +205,16 @@ impl ContentStore {
         if Digest::sha256(&object) == *digest {
             let document: serde_json::Value =
                 serde_json::from_slice(&object).map_err(|_| corrupt())?;
-            let media_type = document["mediaType"].as_str().ok_or_else(corrupt)?;
+            // Docker's types are always named; only OCI documents may leave
+            // the field out, and then their shape says which they are.
+            let media_type = match document["mediaType"].as_str() {
+                Some(named) => named,
+                None if document["manifests"].is_array() => MediaType::OCI_INDEX,
+                None => MediaType::OCI_MANIFEST,
+            };
             return Ok(Some((media_type.parse().map_err(|_| corrupt())?, object)));
         }
+
         match object.iter().position(|b| *b == b'\n') {
             Some(newline) => {
                 let head = std::str::from_utf8(&object[..newline]).map_err(|_| corrupt())?;
@@ -451,12 +464,27 @@ mod tests {
         let got = s.manifest(&info.digest).await.unwrap().expect("read");
         assert_eq!(got.media_type.as_str(), MediaType::OCI_MANIFEST);
         assert_eq!(&got.bytes[..], bytes);
-        // A bucket: the bytes alone; the document names its type.
-        let doc = br#"{"mediaType":"application/vnd.oci.image.index.v1+json"}"#;
-        let digest = Digest::sha256(doc);
-        fs::write(dir.path().join(manifest_key(&digest)), doc).unwrap();
-        let got = s.manifest(&digest).await.unwrap().expect("read");
-        assert_eq!(got.media_type.as_str(), MediaType::OCI_INDEX);
+        // A bucket: the bytes alone; the document names its type, or its
+        // shape does.
+        for (doc, want) in [
+            (
+                &br#"{"mediaType":"application/vnd.docker.distribution.manifest.v2+json"}"#[..],
+                MediaType::DOCKER_MANIFEST,
+            ),
+            (
+                br#"{"schemaVersion":2,"manifests":[]}"#,
+                MediaType::OCI_INDEX,
+            ),
+            (
+                br#"{"schemaVersion":2,"layers":[]}"#,
+                MediaType::OCI_MANIFEST,
+            ),
+        ] {
+            let digest = Digest::sha256(doc);
+            fs::write(dir.path().join(manifest_key(&digest)), doc).unwrap();
+            let got = s.manifest(&digest).await.unwrap().expect("read");
+            assert_eq!(got.media_type.as_str(), want);
+        }
         // Anything else is corrupt, never served as the digest's content.
         fs::write(&marker, "text/plain\nother bytes").unwrap();
         assert!(s.manifest(&info.digest).await.is_err());

@@ -9,6 +9,14 @@
 //! removed before its manifest, and a blob that a newer image shares lives as
 //! long as that image.
 //!
+//! Nothing is deleted on the strength of the listing alone: each victim is
+//! looked at again just before it goes, and one used meanwhile (a manifest
+//! served, a blob asked for or written again for a new image) stays, with
+//! what it reaches. A new image that starts using an old blob in the moment
+//! between that last look and the delete can still lose it; its next pull
+//! or rebuild puts it back (mirrors fetch it again, builds are
+//! reproducible).
+//!
 //! Replicas sharing a bucket take turns: a collection holds the store's lease
 //! on expiry and is skipped if another replica ran one moments ago.
 
@@ -16,11 +24,14 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::content::{blob_key, manifest_key};
-use super::{ContentStore, Listed, StorageError};
+use super::{ContentStore, Listed, Stat, StorageError};
 use crate::oci::Digest;
 
 /// The value recording when the last collection finished (Unix seconds).
 const LAST_RUN: &str = "kontain expiry last run";
+
+/// Values longer than this are not tags (a digest is 71 bytes).
+const MAX_TAG_VALUE: u64 = 256;
 
 /// What one collection removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -82,55 +93,92 @@ impl ContentStore {
             .collect();
 
         // Mark: from the roots, through every manifest they reach.
-        let mut queue: Vec<Digest> = known
+        let mut roots: Vec<Digest> = known
             .iter()
             .filter(|(_, m)| m.stat.used >= cutoff)
             .map(|(d, _)| d.clone())
             .collect();
-        for value in values.iter().filter(|v| v.stat.used >= cutoff) {
-            if let Some((bytes, _)) = driver.read_small(&value.key, 1024).await?
+        // A tag's value is a digest; longer values (plugin caches) are not.
+        let tags = values
+            .iter()
+            .filter(|v| v.stat.used >= cutoff && v.stat.size <= MAX_TAG_VALUE);
+        for value in tags {
+            if let Ok(Some((bytes, _))) = driver.read_small(&value.key, MAX_TAG_VALUE).await
                 && let Ok(digest) = String::from_utf8_lossy(&bytes).trim().parse()
             {
-                queue.push(digest);
+                roots.push(digest);
             }
         }
         let mut live: HashSet<Digest> = HashSet::new();
-        while let Some(digest) = queue.pop() {
-            if !live.insert(digest.clone()) || !known.contains_key(&digest) {
+        self.reach(&known, &mut live, roots).await;
+
+        // Sweep. Each victim is looked at once more just before it goes:
+        // one used since the listing (a manifest served, a blob asked for or
+        // written again by a new image) stays, and so does what it reaches.
+        let mut done = Collected::default();
+        let mut spared = Vec::new();
+        for (digest, m) in &known {
+            if live.contains(digest) {
                 continue;
             }
-            // Unreadable manifests keep nothing alive and are swept below.
-            if let Ok(Some(manifest)) = self.read_manifest(&digest, false).await {
-                queue.extend(crate::oci::references(&manifest.bytes));
+            let key = manifest_key(digest);
+            if used_since(driver.stat(&key).await?, cutoff) {
+                spared.push(digest.clone());
+                continue;
             }
+            driver.delete(&key).await?;
+            done.manifests += 1;
+            done.bytes += m.stat.size;
         }
-
-        // Sweep.
-        let mut done = Collected::default();
-        for (digest, m) in &known {
-            if !live.contains(digest) {
-                driver.delete(&manifest_key(digest)).await?;
-                done.manifests += 1;
-                done.bytes += m.stat.size;
-            }
-        }
+        self.reach(&known, &mut live, spared).await;
         for blob in driver.list("blobs/").await? {
             // Only keys of the store's own shape: a stray file in `blobs/`
             // (an editor's backup, say) is left alone.
             let Some(digest) = digest_of_key(&blob.key).filter(|d| blob.key == blob_key(d)) else {
                 continue;
             };
-            if !live.contains(&digest) && blob.stat.used < cutoff {
-                driver.delete(&blob.key).await?;
-                done.blobs += 1;
-                done.bytes += blob.stat.size;
+            if live.contains(&digest)
+                || blob.stat.used >= cutoff
+                || used_since(driver.stat(&blob.key).await?, cutoff)
+            {
+                continue;
             }
+            driver.delete(&blob.key).await?;
+            done.blobs += 1;
+            done.bytes += blob.stat.size;
         }
         for value in values.iter().filter(|v| v.stat.used < cutoff) {
+            if used_since(driver.stat(&value.key).await?, cutoff) {
+                continue;
+            }
             driver.delete(&value.key).await?;
             done.values += 1;
             done.bytes += value.stat.size;
         }
         Ok(done)
     }
+
+    /// Adds to `live` everything `roots` reach through the manifests known.
+    async fn reach(
+        &self,
+        known: &HashMap<Digest, &Listed>,
+        live: &mut HashSet<Digest>,
+        mut queue: Vec<Digest>,
+    ) {
+        while let Some(digest) = queue.pop() {
+            if !live.insert(digest.clone()) || !known.contains_key(&digest) {
+                continue;
+            }
+            // Unreadable manifests keep nothing alive and are swept.
+            if let Ok(Some(manifest)) = self.read_manifest(&digest, false).await {
+                queue.extend(crate::oci::references(&manifest.bytes));
+            }
+        }
+    }
+}
+
+/// Whether an object (if it is still there) was used at or after `cutoff`;
+/// a vanished one counts as used, so nothing is deleted for it.
+fn used_since(stat: Option<Stat>, cutoff: SystemTime) -> bool {
+    stat.is_none_or(|s| s.used >= cutoff)
 }

@@ -80,7 +80,7 @@ impl FilesystemDriver {
     /// Writes `bytes` beside `path`, then moves it into place: replacing
     /// what is there, or (with `keep`) leaving an existing file alone.
     fn write(tmp: &Path, path: &Path, bytes: &[u8], keep: bool) -> Result<(), StorageError> {
-        if keep && path.exists() {
+        if keep && written_again(path) {
             return Ok(());
         }
         let mut file = NamedTempFile::new_in(tmp).map_err(StorageError::io(tmp))?;
@@ -100,6 +100,18 @@ impl FilesystemDriver {
                 source: e.error,
             }),
         }
+    }
+}
+
+/// Whether `path` exists already; if so, writing it again is a use (a new
+/// image made of old parts), and its time says so.
+fn written_again(path: &Path) -> bool {
+    match fs::File::open(path) {
+        Ok(file) => {
+            let _ = file.set_modified(SystemTime::now());
+            true
+        }
+        Err(_) => false,
     }
 }
 
@@ -142,7 +154,7 @@ impl Driver for FilesystemDriver {
         let path = self.path(key);
         // Immutable keys: if another writer published first, its bytes are
         // identical and this copy is simply dropped.
-        if path.exists() {
+        if written_again(&path) {
             return Ok(());
         }
         file.persist(&path).map_err(|e| StorageError::Io {

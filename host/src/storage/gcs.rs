@@ -52,6 +52,9 @@ pub struct GcsDriver {
     spool: PathBuf,
     /// Blob writers publish from blocking threads; uploads run here.
     handle: tokio::runtime::Handle,
+    /// An object written again is marked used if its mark is older than
+    /// this (a tenth of the TTL); `None`: nothing expires, nothing is marked.
+    mark_after: Option<Duration>,
 }
 
 enum Redirect {
@@ -97,19 +100,6 @@ fn fresh() -> [(&'static str, String); 1] {
     [("used", unix_ms().to_string())]
 }
 
-/// The outcome of a create-only write: `412` means the object exists, and
-/// objects of one key are equal, so that is success too.
-fn created(
-    result: google_cloud_storage::Result<google_cloud_storage::model::Object>,
-    object: &str,
-) -> Result<(), StorageError> {
-    match result {
-        Ok(_) => Ok(()),
-        Err(e) if status(&e) == Some(412) => Ok(()),
-        Err(e) => Err(remote(format!("write {object}"))(e)),
-    }
-}
-
 fn read_key(path: &Path) -> Result<serde_json::Value, StorageError> {
     let text = std::fs::read_to_string(path).map_err(StorageError::io(path))?;
     serde_json::from_str(&text).map_err(|e| StorageError::Remote {
@@ -131,8 +121,13 @@ fn stat_of(response: &ReadObjectResponse) -> Stat {
 
 impl GcsDriver {
     /// Connects to the bucket `config` names; blobs are spooled under
-    /// `local`. Nothing is sent until the first request.
-    pub async fn open(config: &GcsConfig, local: &Path) -> Result<Self, StorageError> {
+    /// `local`; content unused for `ttl` expires. Nothing is sent until the
+    /// first request.
+    pub async fn open(
+        config: &GcsConfig,
+        local: &Path,
+        ttl: Duration,
+    ) -> Result<Self, StorageError> {
         // The auth crate signs with whatever rustls provider is installed.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let auth_failed = |e: google_cloud_auth::build_errors::Error| StorageError::Remote {
@@ -216,6 +211,7 @@ impl GcsDriver {
             redirect,
             spool,
             handle: tokio::runtime::Handle::current(),
+            mark_after: (!ttl.is_zero()).then(|| ttl / 10),
         })
     }
 
@@ -252,7 +248,58 @@ impl GcsDriver {
         if create {
             request = request.set_if_generation_match(0);
         }
-        created(request.send_buffered().await, object)
+        self.created(request.send_buffered().await, object).await
+    }
+
+    /// The outcome of a create-only write: `412` means the object exists,
+    /// and objects of one key are equal, so that is success too; writing it
+    /// again is a use (a new image made of old parts), and its mark says so
+    /// once it is stale.
+    async fn created(
+        &self,
+        result: google_cloud_storage::Result<google_cloud_storage::model::Object>,
+        object: &str,
+    ) -> Result<(), StorageError> {
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if status(&e) == Some(412) => {
+                let Some(after) = self.mark_after else {
+                    return Ok(());
+                };
+                let stale = self.stat_object(object).await?.is_some_and(|stat| {
+                    SystemTime::now()
+                        .duration_since(stat.used)
+                        .unwrap_or_default()
+                        > after
+                });
+                if stale {
+                    self.json.set_metadata(object, &fresh()).await?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(remote(format!("write {object}"))(e)),
+        }
+    }
+
+    /// An object's size and last use, from a one-byte read (the metadata
+    /// without the body).
+    async fn stat_object(&self, object: &str) -> Result<Option<Stat>, StorageError> {
+        match self
+            .client
+            .read_object(&self.bucket, object)
+            .set_read_range(ReadRange::segment(0, 1))
+            .send()
+            .await
+        {
+            Ok(r) => Ok(Some(stat_of(&r))),
+            Err(e) if status(&e) == Some(404) => Ok(None),
+            // An empty object has no first byte.
+            Err(e) if status(&e) == Some(416) => Ok(Some(Stat {
+                size: 0,
+                used: UNIX_EPOCH,
+            })),
+            Err(e) => Err(remote(format!("read {object}"))(e)),
+        }
     }
 
     /// A signed or public URL for `object`, per the redirect mode.
@@ -335,7 +382,7 @@ impl Driver for GcsDriver {
                 .set_metadata(metadata.iter().map(|(k, v)| (*k, v.as_str())))
                 .send_buffered()
                 .await;
-            created(result, &object)
+            self.created(result, &object).await
         };
         // Writers publish from blocking threads; a thread of our own makes
         // waiting for the async upload safe from any caller.
@@ -360,24 +407,7 @@ impl Driver for GcsDriver {
     }
 
     async fn stat(&self, key: &str) -> Result<Option<Stat>, StorageError> {
-        let object = self.object(key);
-        // One byte: the metadata without the body.
-        match self
-            .client
-            .read_object(&self.bucket, &object)
-            .set_read_range(ReadRange::segment(0, 1))
-            .send()
-            .await
-        {
-            Ok(r) => Ok(Some(stat_of(&r))),
-            Err(e) if status(&e) == Some(404) => Ok(None),
-            // An empty object has no first byte.
-            Err(e) if status(&e) == Some(416) => Ok(Some(Stat {
-                size: 0,
-                used: UNIX_EPOCH,
-            })),
-            Err(e) => Err(remote(format!("read {object}"))(e)),
-        }
+        self.stat_object(&self.object(key)).await
     }
 
     async fn read(
