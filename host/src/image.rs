@@ -3,13 +3,14 @@
 //! assembled or extended (`assemble`), canonical JSON and descriptors
 //! (`json`), stored layers read back (`read`), CPU-bound work on blocking
 //! threads with cancellation (`work`), and work done once across requests
-//! and replicas, with failures that asking again cannot fix remembered
-//! (`once`). `random`, `upstream`, `flatten`, `go` and `buildpack` build on
+//! and replicas, with failures that asking again cannot fix remembered, and
+//! trees on the local disk made once and kept while used (`once`). `random`, `upstream`, `flatten`, `go` and `buildpack` build on
 //! these; nothing here knows any of them.
 //!
 //! Everything streams (bytes flow from a source through tar, gzip and
 //! hashing into storage without ever being held whole). Depends on `oci`,
-//! `storage` and the error kinds of `generator`; never on wasmtime or HTTP.
+//! `storage`, `files` and `process`, and on `generator` for error kinds;
+//! never on wasmtime, HTTP or a capability.
 
 pub mod assemble;
 pub mod gzip;
