@@ -192,6 +192,18 @@ impl Config {
     pub fn needs_restart(&self, next: &Config) -> Vec<&'static str> {
         [
             ("server.listen", self.server.listen != next.server.listen),
+            (
+                "server timeouts and max_connections",
+                (
+                    self.server.header_timeout,
+                    self.server.idle_timeout,
+                    self.server.max_connections,
+                ) != (
+                    next.server.header_timeout,
+                    next.server.idle_timeout,
+                    next.server.max_connections,
+                ),
+            ),
             ("storage", self.storage != next.storage),
             ("go.scratch", self.go.scratch != next.go.scratch),
             (
@@ -205,8 +217,9 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        self.storage
+        self.server
             .validate()
+            .and_then(|()| self.storage.validate())
             .and_then(|()| generators::validate(&self.generators))
             .and_then(|()| self.upstream.validate())
             .and_then(|()| self.go.validate())

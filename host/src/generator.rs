@@ -84,6 +84,9 @@ pub enum ErrorKind {
     Unavailable,
     /// The generator did not finish within its wall-time limit.
     Deadline,
+    /// The server's storage is full: nothing new can be made until space
+    /// is freed (what exists is still served).
+    OutOfSpace,
     /// A bug, a crash or a server-side failure.
     Internal,
 }
@@ -137,6 +140,9 @@ impl Classify for StorageError {
         match self {
             // The bucket is unreachable or refusing: worth a retry.
             StorageError::Remote { .. } => ErrorKind::Unavailable,
+            StorageError::Io { source, .. } if crate::storage::out_of_space(source) => {
+                ErrorKind::OutOfSpace
+            }
             _ => ErrorKind::Internal,
         }
     }

@@ -62,6 +62,9 @@ impl Classify for ImageError {
                 ErrorKind::LimitExceeded
             }
             ImageError::Invalid(_) => ErrorKind::InvalidReference,
+            ImageError::Io { source, .. } if crate::storage::out_of_space(source) => {
+                ErrorKind::OutOfSpace
+            }
             ImageError::Io { .. } | ImageError::Cancelled | ImageError::TaskFailed(_) => {
                 ErrorKind::Internal
             }

@@ -145,7 +145,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         generators = ?config.generators.keys().collect::<Vec<_>>(),
         "kontain is serving"
     );
-    registry::serve(listener, registry, shutdown, SHUTDOWN_GRACE).await?;
+    let limits = registry::Limits::new(&config.server);
+    registry::serve(listener, registry, limits, shutdown, SHUTDOWN_GRACE).await?;
     Ok(())
 }
 

@@ -15,7 +15,7 @@ mod name;
 pub use digest::{Digest, DigestError, Sha256Writer};
 pub use error_code::ErrorCode;
 pub use image_ref::split_reference;
-pub use manifest::references;
+pub use manifest::{blob_sizes, references};
 pub use media_type::MediaType;
 pub use name::{NameError, Reference, RepositoryName, Tag};
 

@@ -1,11 +1,15 @@
-//! The OCI distribution API, pull side, over HTTP: routes, handlers, and the
-//! mapping of every failure to an OCI error response (`response`).
+//! The OCI distribution API, pull side, over HTTP: routes, handlers, the
+//! mapping of every failure to an OCI error response (`response`), which
+//! names answer from storage (`admitted`), and the connections it keeps and
+//! sheds (`connections`).
 //!
 //! Sees generators only through the `generator::Generators` trait (and its
 //! one error type, whose kinds `response` maps to statuses and OCI codes)
 //! and storage only through the content store; knows nothing of wasm or of
 //! any capability.
 
+mod admitted;
+mod connections;
 mod endpoint;
 mod response;
 
@@ -26,6 +30,7 @@ use tracing::Instrument;
 use crate::generator::{ErrorKind, Generators, ResolveRequest};
 use crate::oci::{Digest, Reference, RepositoryName};
 use crate::storage::{BlobContent, ByteRange, ContentStore, StoredManifest};
+pub use connections::Limits;
 use endpoint::Endpoint;
 pub use response::{ApiError, Body};
 use response::{empty, full, stream};
@@ -38,6 +43,7 @@ const LANDING: &str = "kontain: a registry that generates images when you pull t
 pub struct Registry {
     storage: Arc<ContentStore>,
     generators: Arc<dyn Generators>,
+    admitted: admitted::Admitted,
 }
 
 impl Registry {
@@ -45,6 +51,7 @@ impl Registry {
         Registry {
             storage,
             generators,
+            admitted: Default::default(),
         }
     }
 
@@ -70,7 +77,17 @@ impl Registry {
             {
                 headers.insert(header::HOST, value);
             }
-            let mut response = match self.dispatch(&method, &path, &headers).await {
+            // RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host; which
+            // generator answers may depend on it.
+            let hosts = request.headers().get_all(header::HOST).iter().count();
+            let result = match request.version() == http::Version::HTTP_11 && hosts != 1 {
+                true => Err(ApiError::BadRequest(match hosts {
+                    0 => "the request has no Host header",
+                    _ => "the request has more than one Host header",
+                })),
+                false => self.dispatch(&method, &path, &headers).await,
+            };
+            let mut response = match result {
                 Ok(response) => response,
                 Err(error) => error.into_response(head),
             };
@@ -153,12 +170,13 @@ impl Registry {
                 })?;
         record(&name, &reference);
         if let Reference::Digest(digest) = &reference
+            && self.admitted.admits(&self.storage, &route).await
             && let Some(stored) = self.storage.manifest(digest).await?
         {
             return Ok(manifest_response(stored, head));
         }
         let request = ResolveRequest {
-            route,
+            route: route.clone(),
             reference: reference.clone(),
             accept: accept_list(headers),
         };
@@ -172,6 +190,7 @@ impl Registry {
                 reference: reference.to_string(),
             });
         }
+        self.admitted.admit(&self.storage, &route).await;
         Ok(manifest_response(stored, head))
     }
 
@@ -188,11 +207,23 @@ impl Registry {
             .parse()
             .map_err(|e: crate::oci::DigestError| ApiError::DigestInvalid(e.into()))?;
         record(&name, &digest);
-        let size = match self.storage.blob_size(&digest).await? {
+        let stored = match self.admitted.admits(&self.storage, &route).await {
+            true => self.storage.blob_size(&digest).await?,
+            false => None,
+        };
+        let size = match stored {
             Some(size) => size,
-            // Not stored: a mirror fetches it now; others have nothing more.
-            None => match self.generators.fetch_blob(route, digest.clone()).await {
-                Ok(info) if info.digest == digest => info.size,
+            // Not stored, or not yet under this name: a mirror fetches it
+            // (after its policy admits the name); others have nothing more.
+            None => match self
+                .generators
+                .fetch_blob(route.clone(), digest.clone())
+                .await
+            {
+                Ok(info) if info.digest == digest => {
+                    self.admitted.admit(&self.storage, &route).await;
+                    info.size
+                }
                 Ok(_) => return Err(ApiError::BlobUnknown(digest)),
                 Err(e) if e.kind == ErrorKind::NotFound && e.plugin.is_some() => {
                     return Err(ApiError::BlobUnknown(digest));
@@ -238,6 +269,18 @@ impl Registry {
                 .unwrap_or_else(|_| Response::new(empty())));
         }
         match self.storage.read_blob(&digest, range).await? {
+            // A small blob goes out whole with its headers, in one write.
+            Some(BlobContent { body, .. }) if len <= SMALL_BLOB => {
+                let bytes = collect(body).await.map_err(|e| {
+                    ApiError::Storage(crate::storage::StorageError::Io {
+                        path: format!("blob {digest}").into(),
+                        source: e,
+                    })
+                })?;
+                Ok(builder
+                    .body(full(bytes))
+                    .unwrap_or_else(|_| Response::new(empty())))
+            }
             Some(BlobContent { body, .. }) => Ok(builder
                 .body(stream(body))
                 .unwrap_or_else(|_| Response::new(empty()))),
@@ -245,6 +288,20 @@ impl Registry {
             None => Err(ApiError::BlobUnknown(digest)),
         }
     }
+}
+
+/// Blobs up to this size are read whole before the answer is sent.
+const SMALL_BLOB: u64 = 64 * 1024;
+
+async fn collect(
+    mut body: futures_util::stream::BoxStream<'static, std::io::Result<Bytes>>,
+) -> std::io::Result<Bytes> {
+    use futures_util::StreamExt;
+    let mut all = bytes::BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        all.extend_from_slice(&chunk?);
+    }
+    Ok(all.freeze())
 }
 
 /// Names the repository and reference in the request's span.
@@ -329,39 +386,66 @@ fn parse_range(header: &str, size: u64) -> Result<Option<ByteRange>, ApiError> {
 }
 
 /// Serves `registry` on `listener` until `shutdown` completes, then lets open
-/// connections finish (for at most `grace`).
+/// connections finish (for at most `grace`). `limits` bound how long and how
+/// many connections stay open (see `connections`).
 pub async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
+    limits: Limits,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) -> std::io::Result<()> {
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
+    let connections = connections::Connections::new(limits);
+    let watchdog = tokio::spawn(connections.clone().watchdog());
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
                     Ok(a) => a,
+                    Err(e) if connections::is_resource_exhaustion(&e) => {
+                        // Shed idle connections; wait only if none could go.
+                        if !connections.out_of_descriptors(&e) {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        continue;
+                    }
                     Err(e) => {
-                        // Out of file descriptors and the like: wait, don't spin.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        tracing::debug!(error = %e, "accept failed");
                         continue;
                     }
                 };
-                let registry = registry.clone();
+                let Some((id, slot)) = connections.admit() else {
+                    drop(stream);
+                    continue;
+                };
+                // Small answers go out at once, not after the peer's delayed ACK.
+                let _ = stream.set_nodelay(true);
+                let (registry, tracker, on_request) = (registry.clone(), connections.clone(), slot.clone());
                 let service = service_fn(move |request| {
+                    let busy = tracker.request_started(&on_request);
                     let registry = registry.clone();
-                    async move { Ok::<_, Infallible>(registry.handle(request).await) }
-                });
-                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                let connection = graceful.watch(connection.into_owned());
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(%peer, error = %e, "connection closed with an error");
+                    async move {
+                        let response = registry.handle(request).await;
+                        Ok::<_, Infallible>(response.map(|body| connections::Guarded { body, _busy: busy }))
                     }
+                });
+                let io = TokioIo::new(connections.track(stream, slot.clone()));
+                let connection = builder.serve_connection_with_upgrades(io, service);
+                let connection = graceful.watch(connection.into_owned());
+                let connections = connections.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        result = connection => {
+                            if let Err(e) = result {
+                                tracing::debug!(%peer, error = %e, "connection closed with an error");
+                            }
+                        }
+                        () = slot.closed() => {}
+                    }
+                    connections.remove(id);
                 });
             }
             () = &mut shutdown => break,
@@ -374,6 +458,7 @@ pub async fn serve(
     {
         tracing::warn!("some connections were still open after the grace period");
     }
+    watchdog.abort();
     Ok(())
 }
 

@@ -22,6 +22,7 @@ mod content;
 pub mod expiry;
 pub mod filesystem;
 pub mod gcs;
+mod owner;
 mod spool;
 
 use std::io;
@@ -51,6 +52,20 @@ pub enum StorageError {
     Io { path: PathBuf, source: io::Error },
     #[error("the storage service failed to {operation}: {message}")]
     Remote { operation: String, message: String },
+    #[error(
+        "another kontain server (pid {pid}) is using the storage directory {}; give each server its own [storage] path (the lock is {})",
+        path.display(), owner::lock_path(path).display()
+    )]
+    InUse { path: PathBuf, pid: String },
+}
+
+/// Whether an I/O error means the disk (or the quota on it) is full.
+pub fn out_of_space(error: &io::Error) -> bool {
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    error.kind() == io::ErrorKind::StorageFull
+        || error.kind() == io::ErrorKind::QuotaExceeded
+        || matches!(error.raw_os_error(), Some(ENOSPC | EDQUOT))
 }
 
 impl StorageError {
@@ -172,14 +187,18 @@ pub trait Driver: Send + Sync + 'static {
 }
 
 /// The content store `config` describes: its driver, and its TTL.
+///
+/// The directory is this process's alone (`owner`), so what a dead process
+/// left half-written in it is removed at once.
 pub async fn open(config: &StorageConfig) -> Result<ContentStore, StorageError> {
+    let owner = owner::Owner::take(&config.path)?;
     let driver: Arc<dyn Driver> = match (config.backend, &config.gcs) {
         (Backend::Gcs, Some(gcs)) => {
             Arc::new(gcs::GcsDriver::open(gcs, &config.path, config.ttl).await?)
         }
-        _ => Arc::new(filesystem::FilesystemDriver::open(&config.path)?),
+        _ => Arc::new(filesystem::FilesystemDriver::open_owned(&config.path)?),
     };
-    Ok(ContentStore::new(driver, config.ttl))
+    Ok(ContentStore::new(driver, config.ttl).owned(owner))
 }
 
 /// A content store on a fresh filesystem driver under `dir`, for tests.

@@ -55,6 +55,22 @@ pub enum UpstreamError {
     Unauthorized { image: String },
     #[error("the upstream registry answered {status} for {image}")]
     Failing { image: String, status: u16 },
+    #[error("the upstream registry refused {image}:{reference} with {status}{said}")]
+    Rejected {
+        image: String,
+        reference: String,
+        status: u16,
+        said: String,
+    },
+    #[error(
+        "the upstream registry sent more than the {declared} bytes declared for {digest} of {image} (read {read} before stopping); nothing was cached"
+    )]
+    LongerThanDeclared {
+        image: String,
+        digest: Digest,
+        declared: u64,
+        read: u64,
+    },
     #[error("the upstream registry for {image} is unreachable: {message}")]
     Unreachable { image: String, message: String },
     #[error(
@@ -94,10 +110,12 @@ impl Classify for UpstreamError {
             | UpstreamError::NotForGenerator { .. }
             | UpstreamError::Unauthorized { .. } => ErrorKind::Denied,
             UpstreamError::NotFound { .. } => ErrorKind::NotFound,
+            UpstreamError::Rejected { .. } => ErrorKind::InvalidReference,
             UpstreamError::TooLarge { .. } => ErrorKind::LimitExceeded,
             UpstreamError::Failing { .. }
             | UpstreamError::Unreachable { .. }
-            | UpstreamError::DigestMismatch { .. } => ErrorKind::Unavailable,
+            | UpstreamError::DigestMismatch { .. }
+            | UpstreamError::LongerThanDeclared { .. } => ErrorKind::Unavailable,
             UpstreamError::Storage(e) => e.kind(),
         }
     }
@@ -117,6 +135,9 @@ pub struct Upstream {
     policy: SharedPolicy,
     settings: ArcSwap<Settings>,
     store: Arc<ContentStore>,
+    /// Blob sizes the manifests served so far declare: a download reads no
+    /// more than that (`mirror`).
+    declared: std::sync::Mutex<HashMap<Digest, u64>>,
 }
 
 /// The policy and settings `config` describes; `extra` are hosts other
@@ -183,6 +204,7 @@ impl Upstream {
             policy,
             settings: ArcSwap::from_pointee(settings),
             store,
+            declared: Default::default(),
         })
     }
 
@@ -235,6 +257,13 @@ impl Scoped<'_> {
     /// `image` parsed, if this generator may reach its registry.
     pub fn check(&self, image: &str) -> Result<UpstreamImage, UpstreamError> {
         let parsed = self.upstream.parse(image)?;
+        // Checked here too, not only when connecting: what is already cached
+        // is answered only for registries the policy allows today.
+        self.upstream
+            .policy
+            .current()
+            .check_url(&parsed.endpoint.base)
+            .map_err(UpstreamError::Refused)?;
         match self.allowed {
             Some(allowed) if !allowed.contains(&parsed.endpoint.name) => {
                 Err(UpstreamError::NotForGenerator {

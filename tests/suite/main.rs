@@ -9,6 +9,7 @@ mod deploy;
 mod expiry;
 mod flatten;
 mod gcs;
+mod hostile;
 mod http;
 mod ko;
 mod mirror;
@@ -35,6 +36,7 @@ fn main() -> ExitCode {
         gcs::trials(),
         storage::trials(),
         reload::trials(),
+        hostile::trials(),
     ]
     .into_iter()
     .flatten()

@@ -73,7 +73,9 @@ fn looping_plugin() -> anyhow::Result<()> {
     let registry = r.registry.clone();
     let spinning = rt().spawn(async move {
         let started = Instant::now();
-        let request = http::Request::get("/v2/bad/manifests/latest").body(())?;
+        let request = http::Request::get("/v2/bad/manifests/latest")
+            .header("host", "127.0.0.1")
+            .body(())?;
         let response = registry.handle(request).await;
         anyhow::Ok((response.status(), started.elapsed()))
     });

@@ -58,6 +58,10 @@ struct Place {
     backend: Backend,
     dir: tempfile::TempDir,
     bucket: String,
+    /// The filesystem backend's one store: a directory belongs to one
+    /// server (a second one is refused), so "another replica" is this one.
+    owner: std::sync::Mutex<Option<Arc<ContentStore>>>,
+    replicas: std::sync::atomic::AtomicUsize,
 }
 
 impl Place {
@@ -69,6 +73,8 @@ impl Place {
                 .chars()
                 .take(60)
                 .collect(),
+            owner: Default::default(),
+            replicas: Default::default(),
         };
         if let Backend::Gcs = backend {
             fake_gcs()?.create_bucket(&place.bucket)?;
@@ -77,17 +83,37 @@ impl Place {
     }
 
     /// A store on this place whose unused content expires after `ttl`: a
-    /// replica of its own, as another process would open it.
-    fn open(&self, ttl: &str) -> anyhow::Result<ContentStore> {
+    /// replica of its own (with its own local directory), as another process
+    /// would open it; on the filesystem, the directory's one store.
+    fn open(&self, ttl: &str) -> anyhow::Result<Arc<ContentStore>> {
         let text = match self.backend {
             Backend::Filesystem => {
-                format!("[storage]\nbackend = \"filesystem\"\npath = \"data\"\nttl = \"{ttl}\"\n")
+                let mut owner = self.owner.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(store) = &*owner {
+                    return Ok(store.clone());
+                }
+                let text = format!(
+                    "[storage]\nbackend = \"filesystem\"\npath = \"data\"\nttl = \"{ttl}\"\n"
+                );
+                let store = Arc::new(self.store(&text)?);
+                *owner = Some(store.clone());
+                return Ok(store);
             }
-            Backend::Gcs => fake_gcs()?
-                .storage_config(&self.bucket, "p/", "lease_ttl = \"5s\"")
-                .replacen("[storage]\n", &format!("[storage]\nttl = \"{ttl}\"\n"), 1),
+            Backend::Gcs => {
+                let n = self
+                    .replicas
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                fake_gcs()?
+                    .storage_config(&self.bucket, "p/", "lease_ttl = \"5s\"")
+                    .replacen("[storage]\n", &format!("[storage]\nttl = \"{ttl}\"\n"), 1)
+                    .replacen("path = \"local\"", &format!("path = \"local-{n}\""), 1)
+            }
         };
-        let config = Config::parse(&text, Origin::File(self.dir.path().join("kontain.toml")))?;
+        Ok(Arc::new(self.store(&text)?))
+    }
+
+    fn store(&self, text: &str) -> anyhow::Result<ContentStore> {
+        let config = Config::parse(text, Origin::File(self.dir.path().join("kontain.toml")))?;
         Ok(rt().block_on(kontain::storage::open(&config.storage))?)
     }
 
@@ -149,7 +175,7 @@ fn manifest(config: &Digest, layers: &[&Digest]) -> Bytes {
 
 fn races(place: &Place) -> anyhow::Result<()> {
     let stores = (0..2)
-        .map(|_| place.open("0s").map(Arc::new))
+        .map(|_| place.open("0s"))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let blob: Bytes = (0..100_000u32).map(|i| (i % 251) as u8).collect();
     let oci = MediaType::OCI_MANIFEST.parse::<MediaType>()?;
@@ -177,7 +203,7 @@ fn races(place: &Place) -> anyhow::Result<()> {
 }
 
 fn ranges(place: &Place) -> anyhow::Result<()> {
-    let store = Arc::new(place.open("0s")?);
+    let store = place.open("0s")?;
     let bytes: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 256) as u8).collect();
     let digest = put_blob(&store, &bytes)?;
     assert_eq!(rt().block_on(store.blob_size(&digest))?, Some(1000));
@@ -192,7 +218,7 @@ fn ranges(place: &Place) -> anyhow::Result<()> {
 
 fn verification(place: &Place) -> anyhow::Result<()> {
     use std::io::Write;
-    let store = Arc::new(place.open("0s")?);
+    let store = place.open("0s")?;
     // A writer whose bytes are not what was expected publishes nothing.
     let expected = Digest::sha256(b"original");
     let mut writer = store.blob_writer(100)?;
@@ -247,7 +273,7 @@ fn leases(place: &Place) -> anyhow::Result<()> {
 
 fn expiry(place: &Place) -> anyhow::Result<()> {
     let ttl = Duration::from_secs(2);
-    let store = Arc::new(place.open("2s")?);
+    let store = place.open("2s")?;
     let collect = || rt().block_on(store.collect(ttl, Duration::ZERO));
     let oci = MediaType::OCI_MANIFEST.parse::<MediaType>()?;
     let [config, shared, only_a, only_b] =

@@ -1,9 +1,13 @@
-//! `[server]`: where the registry listens and which domains route by
-//! subdomain. `listen` needs a restart; `domains` reload live.
+//! `[server]`: where the registry listens, which domains route by
+//! subdomain, and how long and how many connections it keeps. `domains`
+//! reload live; the rest needs a restart.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde::Deserialize;
+
+use super::units::duration;
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -12,6 +16,16 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Subdomain routing: `<generator>.<domain>` reaches that generator.
     pub domains: Vec<String>,
+    /// A connection must send a whole request head within this long of its
+    /// first byte (or of opening, for a connection that sends nothing).
+    #[serde(with = "duration")]
+    pub header_timeout: Duration,
+    /// A kept-alive connection with no request for this long is closed.
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    /// Open connections at most; past it the longest-idle one is closed to
+    /// make room. Lowered at start to what the descriptor limit allows.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -19,6 +33,29 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             domains: vec!["localhost".to_owned()],
+            // Above what any real client needs to send a request head on a
+            // slow link; below the 30 s kubelets and containerd wait for an
+            // answer, so a flood of silent sockets clears before they give up.
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 4096,
         }
+    }
+}
+
+impl ServerConfig {
+    pub(super) fn validate(&self) -> Result<(), super::Invalid> {
+        let invalid =
+            |key: &str, message: &str| super::Invalid::new(format!("server.{key}"), message);
+        if self.header_timeout.is_zero() {
+            return Err(invalid("header_timeout", "must be more than zero"));
+        }
+        if self.idle_timeout.is_zero() {
+            return Err(invalid("idle_timeout", "must be more than zero"));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("max_connections", "must be at least 1"));
+        }
+        Ok(())
     }
 }

@@ -20,6 +20,20 @@ pub fn references(document: &[u8]) -> Vec<Digest> {
         .collect()
 }
 
+/// The blobs an image manifest names (its config and layers) with the
+/// sizes it declares for them; child manifests of an index are left out.
+pub fn blob_sizes(document: &[u8]) -> Vec<(Digest, u64)> {
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(document) else {
+        return Vec::new();
+    };
+    let sized =
+        |v: &serde_json::Value| Some((v["digest"].as_str()?.parse().ok()?, v["size"].as_u64()?));
+    std::iter::once(&doc["config"])
+        .chain(doc["layers"].as_array().into_iter().flatten())
+        .filter_map(sized)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -36,5 +50,9 @@ mod tests {
         let index = format!(r#"{{"manifests":[{{"digest":"{c}"}}]}}"#);
         assert_eq!(references(index.as_bytes()), vec![c]);
         assert!(references(b"not json").is_empty());
+        let (a, b) = (Digest::sha256(b"a"), Digest::sha256(b"b"));
+        let sized =
+            format!(r#"{{"config":{{"digest":"{a}","size":7}},"layers":[{{"digest":"{b}"}}]}}"#);
+        assert_eq!(blob_sizes(sized.as_bytes()), vec![(a, 7)]);
     }
 }

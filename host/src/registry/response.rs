@@ -13,7 +13,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use serde_json::json;
 
-use crate::generator::{ErrorKind, GeneratorError};
+use crate::generator::{Classify, ErrorKind, GeneratorError};
 use crate::oci::{Digest, ErrorCode, NameError, RepositoryName};
 use crate::storage::StorageError;
 
@@ -32,6 +32,9 @@ pub fn empty() -> Body {
 pub fn stream(body: BoxStream<'static, io::Result<Bytes>>) -> Body {
     StreamBody::new(body.map_ok(Frame::data)).boxed_unsync()
 }
+
+const OUT_OF_SPACE: &str = "the registry is out of storage space: it serves what it has, \
+    but cannot make anything new until space is freed; try again later";
 
 /// Everything a request can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +59,8 @@ pub enum ApiError {
     #[error("{0}")]
     Unsupported(&'static str),
     #[error("{0}")]
+    BadRequest(&'static str),
+    #[error("{0}")]
     NotFound(String),
     #[error(transparent)]
     Generator(#[from] GeneratorError),
@@ -78,6 +83,7 @@ impl ApiError {
                 (StatusCode::RANGE_NOT_SATISFIABLE, ErrorCode::RangeInvalid)
             }
             E::Unsupported(_) => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::Unsupported),
+            E::BadRequest(_) => (StatusCode::BAD_REQUEST, ErrorCode::Unsupported),
             E::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NameUnknown),
             E::Generator(g) => classify_generator(g),
             E::Storage(StorageError::TooLarge { .. }) => {
@@ -86,6 +92,9 @@ impl ApiError {
             // The bucket is unreachable or refusing: worth a retry.
             E::Storage(StorageError::Remote { .. }) => {
                 (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable)
+            }
+            E::Storage(e) if e.kind() == ErrorKind::OutOfSpace => {
+                (StatusCode::INSUFFICIENT_STORAGE, ErrorCode::Unavailable)
             }
             E::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown),
         }
@@ -105,8 +114,12 @@ impl ApiError {
     /// The error as a response; `head` leaves the body out.
     pub fn into_response(self, head: bool) -> Response<Body> {
         let (status, code) = self.classify();
-        let message = self.to_string();
-        if status.is_server_error() {
+        let mut message = self.to_string();
+        if status == StatusCode::INSUFFICIENT_STORAGE {
+            // The operator needs the path; a client needs only the fact.
+            tracing::error!(error = %message, "out of storage space");
+            message = OUT_OF_SPACE.to_owned();
+        } else if status.is_server_error() {
             tracing::error!(%code, error = %message, "request failed");
         } else {
             tracing::debug!(%code, error = %message, "request refused");
@@ -120,7 +133,7 @@ impl ApiError {
         if let ApiError::RangeNotSatisfiable { size } = self {
             response = response.header(header::CONTENT_RANGE, format!("bytes */{size}"));
         }
-        if matches!(code, ErrorCode::Unavailable) && status == StatusCode::SERVICE_UNAVAILABLE {
+        if matches!(code, ErrorCode::Unavailable) && status.is_server_error() {
             response = response.header(header::RETRY_AFTER, HeaderValue::from_static("10"));
         }
         let body = if head { empty() } else { full(bytes) };
@@ -146,6 +159,7 @@ fn classify_generator(e: &GeneratorError) -> (StatusCode, ErrorCode) {
         }
         ErrorKind::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
         ErrorKind::Deadline => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Unavailable),
+        ErrorKind::OutOfSpace => (StatusCode::INSUFFICIENT_STORAGE, ErrorCode::Unavailable),
         ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown),
     }
 }

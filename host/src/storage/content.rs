@@ -44,6 +44,8 @@ pub struct ContentStore {
     /// `None`: nothing expires, nothing is marked.
     refresh_after: Option<Duration>,
     locks: KeyedLocks,
+    /// The storage directory's lock, held while the store lives.
+    _owner: Option<super::owner::Owner>,
 }
 
 impl ContentStore {
@@ -55,7 +57,14 @@ impl ContentStore {
             driver,
             refresh_after: (!ttl.is_zero()).then(|| ttl / 10),
             locks: KeyedLocks::default(),
+            _owner: None,
         }
+    }
+
+    /// This store, holding its directory's lock for as long as it lives.
+    pub(crate) fn owned(mut self, owner: super::owner::Owner) -> Self {
+        self._owner = Some(owner);
+        self
     }
 
     pub(crate) fn driver(&self) -> &Arc<dyn Driver> {

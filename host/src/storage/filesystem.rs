@@ -57,7 +57,16 @@ impl FilesystemDriver {
     /// Opens (creating if needed) a store rooted at `root`, and removes what
     /// a crashed process left half-written.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, StorageError> {
-        let root = root.into();
+        Self::open_with(root.into(), super::spool::ABANDONED_AFTER)
+    }
+
+    /// As [`FilesystemDriver::open`], by the directory's owner (see
+    /// `storage::owner`): every temporary left is a dead process's.
+    pub fn open_owned(root: impl Into<PathBuf>) -> Result<Self, StorageError> {
+        Self::open_with(root.into(), Duration::ZERO)
+    }
+
+    fn open_with(root: PathBuf, abandoned_after: Duration) -> Result<Self, StorageError> {
         for dir in [
             "blobs/sha256",
             "manifests/sha256",
@@ -69,7 +78,7 @@ impl FilesystemDriver {
             fs::create_dir_all(&path).map_err(StorageError::io(&path))?;
         }
         let tmp = root.join("tmp");
-        super::spool::remove_abandoned(&tmp);
+        super::spool::remove_abandoned(&tmp, abandoned_after);
         Ok(FilesystemDriver { root, tmp })
     }
 
@@ -288,17 +297,9 @@ impl FileLease {
     /// The lease if no other process holds it. A lock taken on a file that
     /// its holder removed meanwhile is no lease: the path names a new file.
     fn try_take(path: PathBuf) -> Result<Option<FileLease>, StorageError> {
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(StorageError::io(&path))?;
-        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(rustix::io::Errno::WOULDBLOCK) => return Ok(None),
-            Err(e) => return Err(StorageError::io(&path)(e.into())),
-        }
+        let Ok(file) = super::owner::try_lock(&path)? else {
+            return Ok(None);
+        };
         let held = file.metadata().map_err(StorageError::io(&path))?;
         let current = fs::metadata(&path).ok();
         if current.is_some_and(|m| m.ino() == held.ino() && m.dev() == held.dev()) {

@@ -182,7 +182,8 @@ impl GcsDriver {
         };
         let spool = local.join("spool");
         std::fs::create_dir_all(&spool).map_err(StorageError::io(&spool))?;
-        super::spool::remove_abandoned(&spool);
+        // Opened by the local directory's owner only (`storage::open`).
+        super::spool::remove_abandoned(&spool, std::time::Duration::ZERO);
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         let bucket = format!("projects/_/buckets/{}", config.bucket);
         Ok(GcsDriver {

@@ -8,12 +8,14 @@ use std::time::{Duration, SystemTime};
 use super::{BlobInfo, StorageError};
 use crate::oci::{Digest, Sha256Writer};
 
-/// Temporary files older than this were left by a process that died while
-/// writing; younger ones may belong to another process sharing the directory.
-const ABANDONED_AFTER: Duration = Duration::from_secs(3600);
+/// Without the directory's lock (`storage::owner`), temporary files older
+/// than this were left by a process that died while writing; younger ones
+/// may belong to another process sharing the directory.
+pub const ABANDONED_AFTER: Duration = Duration::from_secs(3600);
 
-/// Deletes half-written blobs that a crashed process left in `dir`.
-pub fn remove_abandoned(dir: &Path) {
+/// Deletes half-written blobs that a crashed process left in `dir`: those
+/// last written more than `after` ago.
+pub fn remove_abandoned(dir: &Path, after: Duration) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -22,7 +24,7 @@ pub fn remove_abandoned(dir: &Path) {
         let old = entry
             .metadata()
             .and_then(|m| m.modified())
-            .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > ABANDONED_AFTER);
+            .is_ok_and(|t| now.duration_since(t).unwrap_or_default() >= after);
         if old && std::fs::remove_file(entry.path()).is_ok() {
             tracing::info!(path = %entry.path().display(), "removed an abandoned temporary file");
         }

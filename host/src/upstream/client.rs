@@ -20,6 +20,8 @@ use crate::oci::{Digest, MAX_MANIFEST_BYTES};
 const MAX_REDIRECTS: usize = 10;
 /// Token responses are small JSON documents; anything bigger is hostile.
 const MAX_TOKEN_RESPONSE: u64 = 64 * 1024;
+/// Only the start of an upstream's error body is read (for its message).
+const MAX_ERROR_BODY: u64 = 16 * 1024;
 /// Tokens without `expires_in` last 60 s per the token spec; renew a little early.
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(50);
 
@@ -152,7 +154,7 @@ impl Client {
     ) -> Result<Response, UpstreamError> {
         let url = image.url(kind, reference).map_err(|e| invalid(image, e))?;
         let response = self.send(image, method, url, accept).await?;
-        check_status(image, reference, response)
+        check_status(image, reference, response).await
     }
 
     /// Sends a request, answering one authentication challenge.
@@ -357,7 +359,7 @@ fn invalid(image: &UpstreamImage, e: url::ParseError) -> UpstreamError {
     UpstreamError::InvalidImage(format!("{image}: {e}"))
 }
 
-fn check_status(
+async fn check_status(
     image: &UpstreamImage,
     reference: &str,
     response: Response,
@@ -372,11 +374,61 @@ fn check_status(
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(UpstreamError::Unauthorized {
             image: image.to_string(),
         }),
+        // A redirect the client did not follow: its target was not a URL it
+        // may follow (`file://`, no host), which the policy never saw.
+        s if s.is_redirection() => Err(UpstreamError::Refused(Refusal::Scheme {
+            url: response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("(no location)")
+                .chars()
+                .take(200)
+                .collect(),
+        })),
+        // Throttling is worth a retry; other client errors are permanent,
+        // and the upstream's own words say why.
+        s if s.is_client_error() && s != StatusCode::TOO_MANY_REQUESTS => {
+            let said = read_capped(response, MAX_ERROR_BODY)
+                .await
+                .ok()
+                .flatten()
+                .map(|body| error_message(&body))
+                .filter(|m| !m.is_empty())
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default();
+            Err(UpstreamError::Rejected {
+                image: image.to_string(),
+                reference: reference.to_owned(),
+                status: s.as_u16(),
+                said,
+            })
+        }
         s => Err(UpstreamError::Failing {
             image: image.to_string(),
             status: s.as_u16(),
         }),
     }
+}
+
+/// The first OCI error of an error body, as `CODE: message`; else the body's
+/// first line, if it is short text.
+fn error_message(body: &[u8]) -> String {
+    let parsed = serde_json::from_slice::<serde_json::Value>(body).ok();
+    if let Some(e) = parsed.as_ref().map(|v| &v["errors"][0])
+        && let Some(code) = e["code"].as_str()
+    {
+        let message = e["message"].as_str().unwrap_or_default();
+        return format!("{code}: {message}").chars().take(300).collect();
+    }
+    String::from_utf8_lossy(body)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(300)
+        .collect()
 }
 
 /// Parses `Bearer realm="…",service="…",scope="…"` into its scheme and

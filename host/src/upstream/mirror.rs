@@ -23,6 +23,36 @@ impl Upstream {
         let reference: Reference = reference
             .parse()
             .map_err(|e| UpstreamError::InvalidImage(format!("{reference:?}: {e}")))?;
+        let accept = &manifest_types(accept);
+        let stored = self.manifest_at(upstream, reference, accept).await?;
+        self.note_sizes(&stored.bytes);
+        Ok(stored)
+    }
+
+    /// Remembers the blob sizes a manifest declares, for `download`.
+    fn note_sizes(&self, manifest: &[u8]) {
+        let sizes = crate::oci::blob_sizes(manifest);
+        if sizes.is_empty() {
+            return;
+        }
+        let mut declared = self.declared.lock().unwrap_or_else(|p| p.into_inner());
+        if declared.len() + sizes.len() > MAX_DECLARED {
+            declared.clear();
+        }
+        for (digest, size) in sizes {
+            // Never lower: a hostile manifest must not make a blob that
+            // others declare rightly undownloadable.
+            let entry = declared.entry(digest).or_insert(size);
+            *entry = (*entry).max(size);
+        }
+    }
+
+    async fn manifest_at(
+        &self,
+        upstream: &UpstreamImage,
+        reference: Reference,
+        accept: &[String],
+    ) -> Result<StoredManifest, UpstreamError> {
         match reference {
             Reference::Digest(digest) => self.manifest_by_digest(upstream, &digest, accept).await,
             Reference::Tag(tag) => {
@@ -151,13 +181,31 @@ impl Upstream {
             what: "a blob",
             limit: max_blob_bytes,
         };
+        let declared = self
+            .declared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&digest)
+            .copied();
         let mut response = self.client.get_blob(upstream, &digest).await?;
-        if response
-            .content_length()
-            .is_some_and(|n| n > max_blob_bytes)
+        // Read no more than the manifest declares, or than the upstream says
+        // it sends, whichever is known first.
+        let longer = |read| UpstreamError::LongerThanDeclared {
+            image: upstream.to_string(),
+            digest: digest.clone(),
+            declared: declared.unwrap_or_default(),
+            read,
+        };
+        let length = response.content_length();
+        if let (Some(declared), Some(length)) = (declared, length)
+            && length > declared
         {
+            return Err(longer(0));
+        }
+        if declared.or(length).is_some_and(|n| n > max_blob_bytes) {
             return Err(too_large());
         }
+        let limit = declared.or(length).unwrap_or(max_blob_bytes);
         let mut writer = self.store.blob_writer(max_blob_bytes)?;
         // Bytes arrive on the async side; hashing and writing happen on a
         // blocking thread. `None` on the channel means "abandon".
@@ -175,9 +223,19 @@ impl Upstream {
                 .map_err(WriteFailure::Storage)
         });
         let mut transfer_error = None;
+        let mut read = 0u64;
         loop {
             match response.chunk().await {
                 Ok(Some(chunk)) => {
+                    read += chunk.len() as u64;
+                    if read > limit {
+                        let _ = tx.send(None).await;
+                        drop(response);
+                        return Err(match declared {
+                            Some(_) => longer(read),
+                            None => too_large(),
+                        });
+                    }
                     if tx.send(Some(chunk)).await.is_err() {
                         break; // the writer failed; its error is reported below
                     }
@@ -228,6 +286,24 @@ impl Upstream {
                 message: format!("the transfer of {digest} broke off"),
             }),
         }
+    }
+}
+
+/// How many declared blob sizes are remembered (then forgotten at once).
+const MAX_DECLARED: usize = 100_000;
+
+/// The manifest types of a client's `Accept` list; all that kontain reads
+/// when it names none (no header, `*/*`): an upstream asked without one may
+/// refuse the request or answer with a type no client asked for.
+fn manifest_types(accept: &[String]) -> Vec<String> {
+    let known: Vec<String> = accept
+        .iter()
+        .filter(|t| MediaType::MANIFESTS.contains(&t.as_str()))
+        .cloned()
+        .collect();
+    match known.is_empty() {
+        true => MediaType::MANIFESTS.map(str::to_owned).to_vec(),
+        false => known,
     }
 }
 

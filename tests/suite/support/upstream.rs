@@ -100,6 +100,12 @@ struct ProxyState {
     /// When set, requests need `Bearer <TOKEN>`; 401s name this realm.
     token_realm: Mutex<Option<String>>,
     tokens_issued: AtomicUsize,
+    /// Blob bodies go on with zeros for ever after the real bytes.
+    endless_blobs: AtomicBool,
+    /// Bytes of endless bodies sent so far.
+    endless_sent: Arc<std::sync::atomic::AtomicU64>,
+    /// Manifest requests are answered with this status and body.
+    manifest_answer: Mutex<Option<(u16, &'static str)>>,
 }
 
 /// The one token the proxy's token service issues.
@@ -175,6 +181,23 @@ impl Proxy {
         }
     }
 
+    /// Follow every blob body with zeros, for ever (a hostile upstream).
+    pub fn set_endless_blobs(&self, on: bool) {
+        self.state.endless_blobs.store(on, Ordering::SeqCst);
+    }
+
+    /// How many bytes of endless bodies the proxy has sent.
+    pub fn endless_sent(&self) -> u64 {
+        self.state.endless_sent.load(Ordering::SeqCst)
+    }
+
+    /// Answer manifest requests with `status` and `body` (`None`: forward).
+    pub fn answer_manifests(&self, answer: Option<(u16, &'static str)>) {
+        if let Ok(mut a) = self.state.manifest_answer.lock() {
+            *a = answer;
+        }
+    }
+
     /// Answer blob GETs with a redirect to `base` + the original path.
     pub fn redirect_blobs_to(&self, base: Option<String>) {
         if let Ok(mut r) = self.state.redirect_blobs_to.lock() {
@@ -227,6 +250,15 @@ async fn forward(
         .map(|p| p.to_string())
         .unwrap_or_default();
     let is_blob_get = req.method() == http::Method::GET && path.contains("/blobs/sha256:");
+    let answer = state.manifest_answer.lock().ok().and_then(|a| *a);
+    if let Some((status, body)) = answer
+        && path.contains("/manifests/")
+    {
+        return Ok(Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(body.as_bytes())).boxed())?);
+    }
     if is_blob_get {
         let redirect = state.redirect_blobs_to.lock().ok().and_then(|r| r.clone());
         if let Some(base) = redirect {
@@ -265,6 +297,26 @@ async fn forward(
         && let Some(last) = body.last_mut()
     {
         *last ^= 0xff;
+    }
+    if is_blob_get && parts.status == StatusCode::OK && state.endless_blobs.load(Ordering::SeqCst) {
+        let mut parts = parts;
+        parts.headers.remove("content-length");
+        let sent = state.endless_sent.clone();
+        let zeros = Bytes::from(vec![0u8; 16 * 1024]);
+        let head = futures_util::stream::once(async move { Bytes::from(body) });
+        let tail = futures_util::stream::repeat(zeros);
+        let stream = head.chain(tail).then(move |chunk| {
+            let sent = sent.clone();
+            async move {
+                sent.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                Ok::<_, Infallible>(Frame::data(chunk))
+            }
+        });
+        return Ok(Response::from_parts(
+            parts,
+            BodyExt::boxed(StreamBody::new(stream)),
+        ));
     }
     let slow = *state
         .slow_blobs
