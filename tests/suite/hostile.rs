@@ -237,34 +237,40 @@ fn endless_body() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The median time of `n` GETs of `path` on one kept-alive connection.
-fn median_get(server: &Server, path: &str, n: usize) -> anyhow::Result<Duration> {
+/// The median times of `n` GETs of each of `paths`, taken in turns on one
+/// kept-alive connection (so that both see the same machine load).
+fn median_gets(server: &Server, paths: [&str; 2], n: usize) -> anyhow::Result<[Duration; 2]> {
     use http_body_util::{BodyExt, Empty};
     let addr = server.addr;
-    let path = path.to_owned();
+    let paths = paths.map(str::to_owned);
     crate::support::rt().block_on(async move {
         let stream = tokio::net::TcpStream::connect(addr).await?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
         tokio::spawn(conn);
-        let mut times = Vec::with_capacity(n);
+        let mut times = [Vec::with_capacity(n), Vec::with_capacity(n)];
         for _ in 0..n {
-            let request = http::Request::get(path.as_str())
-                .header("host", addr.to_string())
-                .header("accept", ACCEPT_ALL)
-                .body(Empty::<bytes::Bytes>::new())?;
-            let started = Instant::now();
-            let response = sender.send_request(request).await?;
-            anyhow::ensure!(
-                response.status() == StatusCode::OK,
-                "{path}: {}",
-                response.status()
-            );
-            response.into_body().collect().await?;
-            times.push(started.elapsed());
+            for (path, times) in paths.iter().zip(times.iter_mut()) {
+                sender.ready().await?;
+                let request = http::Request::get(path.as_str())
+                    .header("host", addr.to_string())
+                    .header("accept", ACCEPT_ALL)
+                    .body(Empty::<bytes::Bytes>::new())?;
+                let started = Instant::now();
+                let response = sender.send_request(request).await?;
+                anyhow::ensure!(
+                    response.status() == StatusCode::OK,
+                    "{path}: {}",
+                    response.status()
+                );
+                response.into_body().collect().await?;
+                times.push(started.elapsed());
+            }
         }
-        times.sort();
-        Ok(times[n / 2])
+        Ok(times.map(|mut t| {
+            t.sort();
+            t[n / 2]
+        }))
     })
 }
 
@@ -280,17 +286,14 @@ fn small_blobs() -> anyhow::Result<()> {
         "/v2/random/blobs/{}",
         layer["digest"].as_str().unwrap_or_default()
     );
-    let (m, b) = (
-        median_get(&server, &manifest, 41)?,
-        median_get(&server, &blob, 41)?,
-    );
+    let [m, b] = median_gets(&server, [&manifest, &blob], 101)?;
     eprintln!(
         "keep-alive medians: manifest {m:?}, {}-byte blob {b:?}",
         layer["size"]
     );
     // Nagle's delay would be ~40 ms; the slack covers a busy CI machine.
     assert!(
-        b <= m * 2 + Duration::from_millis(2),
+        b <= m * 2 + Duration::from_millis(5),
         "blob {b:?} vs manifest {m:?}"
     );
     Ok(())
@@ -377,10 +380,8 @@ fn crash_debris() -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success());
     assert!(said.contains("another kontain server"), "{said}");
-    eprintln!(
-        "a second server: {}",
-        said.lines().last().unwrap_or_default()
-    );
+    let refusal = said.lines().find(|l| l.contains("another kontain server"));
+    eprintln!("a second server: {}", refusal.unwrap_or_default());
     get_ok(&server, "/v2/")?;
     Ok(())
 }
