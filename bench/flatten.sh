@@ -68,3 +68,13 @@ printf '%-36s %8.3f s %8.1f MB/s\n' "kontain flatten (cold)" "$ours" "$(awk -v u
 printf '%-36s %8.3f s %8.1f MB/s\n' "zcat | gzip -1 (baseline)" "$base" "$(awk -v u="$unpacked" -v t="$base" 'BEGIN { print u / t / 1e6 }')"
 printf '%-36s %8.2f\n' "ratio (kontain / baseline)" "$(awk -v a="$ours" -v b="$base" 'BEGIN { print a / b }')"
 printf '%-36s %8.3f s\n' "kontain flatten (cached result)" "$cached"
+
+# Compression: the flattened layer against `gzip -1` of the same tar.
+layer=$(curl -sf -H "Accept: $accept" "http://127.0.0.1:$port/v2/flatten/local/bench/manifests/latest" |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["layers"][0]["digest"])')
+curl -sf -o "$work/flat.tar.gz" "http://127.0.0.1:$port/v2/flatten/local/bench/blobs/$layer"
+ours_size=$(wc -c < "$work/flat.tar.gz")
+gzip1_size=$(zcat "$work/flat.tar.gz" | gzip -1 | wc -c)
+printf '%-36s %8.1f MB\n' "flattened layer (kontain)" "$(awk -v n="$ours_size" 'BEGIN { print n / 1e6 }')"
+printf '%-36s %8.1f MB\n' "gzip -1 of the same tar" "$(awk -v n="$gzip1_size" 'BEGIN { print n / 1e6 }')"
+printf '%-36s %8.2f\n' "size ratio (kontain / gzip -1)" "$(awk -v a="$ours_size" -v b="$gzip1_size" 'BEGIN { print a / b }')"

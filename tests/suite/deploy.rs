@@ -15,7 +15,7 @@ use anyhow::Context;
 use http::StatusCode;
 use libtest_mimic::Trial;
 
-use crate::support::{Docker, docker, free_port, get, trial};
+use crate::support::{Docker, docker, free_port, get, run, trial};
 
 pub fn trials() -> Vec<Trial> {
     // The one slow trial (a whole build of kontain inside docker, ~15 min on
@@ -29,18 +29,6 @@ pub fn trials() -> Vec<Trial> {
         )
         .with_ignored_flag(skip),
     ]
-}
-
-fn run(command: &mut Command) -> anyhow::Result<String> {
-    let out = command
-        .output()
-        .with_context(|| format!("running {command:?}"))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{command:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// `tar -C <root> -c . | docker import [changes] - <tag>`.

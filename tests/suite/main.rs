@@ -8,6 +8,7 @@ mod buildpack;
 mod deploy;
 mod expiry;
 mod flatten;
+mod flatten_real;
 mod gcs;
 mod hostile;
 mod http;
@@ -30,6 +31,7 @@ fn main() -> ExitCode {
         pull::trials(),
         mirror::trials(),
         flatten::trials(),
+        flatten_real::trials(),
         ko::trials(),
         buildpack::trials(),
         expiry::trials(),

@@ -549,6 +549,14 @@ pub fn skopeo(args: &[&str]) -> anyhow::Result<String> {
     stdout_of(out, &format!("skopeo {}", args.join(" ")))
 }
 
+/// Runs a command; its stdout, or an error with its stderr.
+pub fn run(command: &mut Command) -> anyhow::Result<String> {
+    let out = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    stdout_of(out, &format!("{command:?}"))
+}
+
 /// A finished command's stdout, or an error naming the command (`what`)
 /// with its stderr.
 fn stdout_of(out: std::process::Output, what: &str) -> anyhow::Result<String> {

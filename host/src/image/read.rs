@@ -3,7 +3,7 @@
 //! into a directory as a container runtime would.
 
 use std::io::Read;
-use std::path::{Component, Path};
+use std::path::Path;
 
 use flate2::read::MultiGzDecoder;
 use tokio_util::io::{StreamReader, SyncIoBridge};
@@ -37,17 +37,30 @@ pub fn open_layer(
 }
 
 /// A path inside the root: relative, no `.` or `..`, no trailing slash.
-/// `None` for paths that would leave the root.
+/// `None` for paths that would leave the root, or that are not UTF-8 (see
+/// [`clean_bytes`] for names as Linux allows them).
 pub fn clean(path: &Path) -> Option<String> {
-    let mut parts = Vec::new();
-    for component in path.components() {
-        match component {
-            Component::Normal(p) => parts.push(p.to_str()?),
-            Component::CurDir | Component::RootDir => {}
-            Component::ParentDir | Component::Prefix(_) => return None,
+    use std::os::unix::ffi::OsStrExt;
+    String::from_utf8(clean_bytes(path.as_os_str().as_bytes())?).ok()
+}
+
+/// [`clean`] for a name as raw bytes: any byte but `/` and NUL may be in a
+/// Linux file name, so only what escapes the root is refused.
+pub fn clean_bytes(path: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(path.len());
+    for part in path.split(|b| *b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => return None,
+            part => {
+                if !out.is_empty() {
+                    out.push(b'/');
+                }
+                out.extend_from_slice(part);
+            }
         }
     }
-    (!parts.is_empty()).then(|| parts.join("/"))
+    (!out.is_empty()).then_some(out)
 }
 
 pub fn parent_and_name(path: &str) -> (&str, &str) {
@@ -64,22 +77,38 @@ pub fn join(dir: &str, name: &str) -> String {
 
 /// What a whiteout entry removes from the layers below it.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Whiteout {
+pub enum Whiteout<P = String> {
     /// `<dir>/.wh..wh..opq`: everything lower in `dir`.
-    Opaque(String),
+    Opaque(P),
     /// `<dir>/.wh.<name>`: `<dir>/<name>` and everything under it.
-    Delete(String),
+    Delete(P),
 }
 
 /// The whiteout a (clean) path is, if it is one. Every `.wh.` name is a
 /// whiteout, never content; one naming `.`, `..` or nothing removes nothing.
 pub fn whiteout(path: &str) -> Option<Whiteout> {
-    let (dir, name) = parent_and_name(path);
-    if name == ".wh..wh..opq" {
-        return Some(Whiteout::Opaque(dir.to_owned()));
+    Some(match whiteout_bytes(path.as_bytes())? {
+        Whiteout::Opaque(p) => Whiteout::Opaque(String::from_utf8(p).ok()?),
+        Whiteout::Delete(p) => Whiteout::Delete(String::from_utf8(p).ok()?),
+    })
+}
+
+/// [`whiteout`] of a name as raw bytes.
+pub fn whiteout_bytes(path: &[u8]) -> Option<Whiteout<Vec<u8>>> {
+    let (dir, name) = match path.iter().rposition(|b| *b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&b""[..], path),
+    };
+    if name == b".wh..wh..opq" {
+        return Some(Whiteout::Opaque(dir.to_vec()));
     }
-    name.strip_prefix(".wh.")
-        .map(|target| Whiteout::Delete(join(dir, target)))
+    let target = name.strip_prefix(b".wh.")?;
+    let mut joined = dir.to_vec();
+    if !joined.is_empty() {
+        joined.push(b'/');
+    }
+    joined.extend_from_slice(target);
+    Some(Whiteout::Delete(joined))
 }
 
 /// Applies image layers, in order, to an empty directory: whiteouts remove
