@@ -14,7 +14,9 @@ pub mod config;
 mod ko;
 mod modpath;
 mod proxy;
+mod serve;
 mod source;
+mod sumdb;
 pub mod wit;
 
 use std::path::{Path, PathBuf};
@@ -49,6 +51,19 @@ pub enum GoError {
         module: String,
         version: String,
         import_path: String,
+    },
+    #[error("{import_path} is package {name}, not a main package: ko builds commands only")]
+    NotMain { import_path: String, name: String },
+    #[error("{module} cannot be checked against the checksum database: {reason}")]
+    SumDb { module: String, reason: String },
+    #[error(
+        "{module}: the checksum database {db} records {recorded}, but the zip the proxy sent has {actual}; refusing it, as go would"
+    )]
+    Mismatch {
+        module: String,
+        recorded: String,
+        actual: String,
+        db: String,
     },
     #[error(transparent)]
     Refused(Refusal),
@@ -99,9 +114,11 @@ pub enum GoError {
 impl Classify for GoError {
     fn kind(&self) -> ErrorKind {
         match self {
-            GoError::InvalidPath(_) => ErrorKind::InvalidName,
+            GoError::InvalidPath(_) | GoError::NotMain { .. } => ErrorKind::InvalidName,
             GoError::NotFound { .. } | GoError::NoPackage { .. } => ErrorKind::NotFound,
-            GoError::Refused(_) => ErrorKind::Denied,
+            GoError::Refused(_) | GoError::SumDb { .. } | GoError::Mismatch { .. } => {
+                ErrorKind::Denied
+            }
             GoError::UnsafeModule { .. } | GoError::BadOptions { .. } => ErrorKind::SourceRefused,
             GoError::TooLarge { .. } | GoError::Timeout { .. } => ErrorKind::LimitExceeded,
             // The name asks for a program that does not compile: the
@@ -166,6 +183,8 @@ impl Module {
 /// keep the settings they started with.
 struct Settings {
     proxies: Vec<Proxy>,
+    /// The checksum database main modules are checked against (`None`: off).
+    sumdb: Option<sumdb::SumDb>,
     toolchain: Toolchain,
     max_module: u64,
     /// `go env GOVERSION` of this toolchain, asked once.
@@ -179,18 +198,26 @@ impl Settings {
             .iter()
             .map(Proxy::new)
             .collect::<Result<Vec<_>, _>>()?;
-        let goproxy = config
-            .proxies
-            .iter()
-            .map(|u| u.as_str().trim_end_matches('/'))
-            .collect::<Vec<_>>()
-            .join(",");
+        // Each build gets kontain's own proxy (`serve`); nothing else.
+        let goproxy = "off".to_owned();
+        let sumdb = sumdb::SumDb::parse(&config.sumdb)?;
+        if sumdb.is_none() {
+            tracing::warn!(
+                "[go] sumdb is off: module zips are not checked against a checksum database"
+            );
+        }
+        // `go` checks dependencies with the full key (it asks for the
+        // database through kontain's proxy, `serve`).
+        let gosumdb = sumdb
+            .as_ref()
+            .map_or_else(|| "off".to_owned(), |db| db.key.clone());
         Ok(Settings {
             proxies,
+            sumdb,
             toolchain: Toolchain {
                 command: config.command.clone(),
                 goproxy,
-                gosumdb: config.sumdb.clone(),
+                gosumdb,
                 mod_cache: scratch.join("mod"),
                 build_cache: scratch.join("cache"),
                 timeout: config.build_timeout,
@@ -212,7 +239,9 @@ impl Settings {
 
 /// The Go toolchain and module proxies, as the `go` capability offers them.
 pub struct Go {
-    settings: ArcSwap<Settings>,
+    settings: Arc<ArcSwap<Settings>>,
+    /// The module proxy `go build` is given, started with the first build.
+    server: tokio::sync::OnceCell<serve::ModuleServer>,
     upstream: Arc<Upstream>,
     builds: Arc<Builds>,
     scratch: PathBuf,
@@ -238,7 +267,8 @@ impl Go {
         }
         let settings = Settings::new(config, &scratch)?;
         Ok(Go {
-            settings: ArcSwap::from_pointee(settings),
+            settings: Arc::new(ArcSwap::from_pointee(settings)),
+            server: tokio::sync::OnceCell::new(),
             upstream,
             builds,
             modules: DirCache::new(scratch.join("modules"), scratch.join("tmp")),
@@ -333,14 +363,23 @@ impl Go {
         };
         let module = self.fetch(&module_path, &version).await?;
         let rel = import.relative_to(&module.path).unwrap_or_default();
-        if !module.dir.join(rel).is_dir() {
-            return Err(GoError::NoPackage {
+        let dir = module.dir.join(rel);
+        let name = match dir.is_dir() {
+            true => source::package_name(&dir),
+            false => None,
+        };
+        match name {
+            Some(name) if name == "main" => Ok(module),
+            Some(name) => Err(GoError::NotMain {
+                import_path: import.to_string(),
+                name,
+            }),
+            None => Err(GoError::NoPackage {
                 module: module.path,
                 version: module.version,
                 import_path: import.to_string(),
-            });
+            }),
         }
-        Ok(module)
     }
 
     /// Longest module path first, as `go get` does.
@@ -384,18 +423,25 @@ impl Go {
                         proxies: settings.proxy_names(),
                     });
                 }
-                let (module, version, cap) =
+                let (owned_module, owned_version, cap) =
                     (module.to_owned(), version.to_owned(), settings.max_module);
                 let target = dir.join("src");
-                crate::image::work::blocking(move || {
+                let h1 = crate::image::work::blocking(move || {
                     use std::io::Seek;
                     zip.rewind()
                         .map_err(|e| GoError::io("reading the module zip".into(), e))?;
                     std::fs::create_dir(&target)
                         .map_err(|e| GoError::io("creating a directory".into(), e))?;
-                    source::unpack(zip, &module, &version, &target, cap)
+                    source::unpack(zip, &owned_module, &owned_version, &target, cap)
                 })
-                .await
+                .await?;
+                // Before anything is built from it: the zip everybody's `go`
+                // would accept, or nothing.
+                if let Some(db) = &settings.sumdb {
+                    db.verify(client, module, version, &h1).await?;
+                    tracing::info!(module, version, %h1, sumdb = %db.name, "verified against the checksum database");
+                }
+                Ok(())
             })
             .await?;
         tracing::debug!(module, version, "Go module ready");
@@ -452,8 +498,22 @@ impl Go {
         let _slot = self.slots.acquire().await.map_err(|e| {
             GoError::io("waiting for a build slot".into(), std::io::Error::other(e))
         })?;
+        let server = self
+            .server
+            .get_or_try_init(|| {
+                serve::ModuleServer::start(self.settings.clone(), self.upstream.client().clone())
+            })
+            .await
+            .map_err(|e| GoError::io("starting the module proxy for go".into(), e))?;
+        let proxy = server.for_build();
         tracing::info!(%package, %target, module = %workspace.module().path, version = %workspace.module().version, "go build");
-        let toolchain = self.settings.load().toolchain.clone();
-        workspace.build(&toolchain, package, target, options).await
+        let mut toolchain = self.settings.load().toolchain.clone();
+        toolchain.goproxy = proxy.goproxy();
+        let built = workspace.build(&toolchain, package, target, options).await;
+        // A dependency the policy refused is why the build failed.
+        match (built, proxy.refusal()) {
+            (Err(_), Some(refusal)) => Err(GoError::Refused(refusal)),
+            (built, _) => built,
+        }
     }
 }

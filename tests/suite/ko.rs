@@ -33,6 +33,18 @@ pub fn trials() -> Vec<Trial> {
             "ko::module_zips_with_escaping_paths_or_symlinks_are_refused",
             unsafe_zips,
         ),
+        trial(
+            "ko::zips_naming_a_file_twice_and_libraries_are_refused_before_any_build",
+            twice_and_libraries,
+        ),
+        trial(
+            "ko::main_modules_are_checked_against_a_checksum_database_and_go_uses_kontains_proxy",
+            checksum_database,
+        ),
+        trial(
+            "ko::a_dependency_on_a_proxy_the_policy_refuses_is_denied_by_kontain",
+            refused_dependency,
+        ),
         trial("ko::unknown_modules_and_bad_names", unknown),
     ]
 }
@@ -203,6 +215,65 @@ fn seed_proxy() -> anyhow::Result<GoProxy> {
         ],
         Some(("kodata/passwd", true)),
     )?;
+    // The same file twice (the zip crate would not write that: two names,
+    // then the second renamed in place), twice but for case, and a file
+    // that is also a directory.
+    let main = "package main\n\nfunc main() {}\n";
+    let twice: [(&str, &[(&str, &str)]); 3] = [
+        (
+            "example.com/twice",
+            &[
+                ("main.go", main),
+                ("main.gq", "package main\n\nfunc main() { panic(1) }\n"),
+            ],
+        ),
+        ("example.com/cased", &[("main.go", main), ("MAIN.go", main)]),
+        (
+            "example.com/dirfile",
+            &[("main.go", main), ("x", "a file"), ("x/", "")],
+        ),
+    ];
+    for (module, files) in twice {
+        let mut files = files.to_vec();
+        files.push(("go.mod", "module M\n"));
+        publish(root, module, "v1.0.0", &files, None)?;
+    }
+    // A module whose zip is not what the checksum database records, and one
+    // that needs a module no allowed proxy has.
+    publish(
+        root,
+        "example.com/tampered",
+        "v1.0.0",
+        &[
+            ("go.mod", "module example.com/tampered\n"),
+            ("main.go", main),
+        ],
+        None,
+    )?;
+    publish(
+        root,
+        "example.com/needy",
+        "v1.0.0",
+        &[
+            (
+                "go.mod",
+                "module example.com/needy\n\ngo 1.19\n\nrequire example.com/absent v1.0.0\n",
+            ),
+            (
+                "main.go",
+                "package main\n\nimport \"example.com/absent\"\n\nfunc main() { absent.Run() }\n",
+            ),
+        ],
+        None,
+    )?;
+    let zip = root.join("example.com/twice/@v/v1.0.0.zip");
+    let mut bytes = std::fs::read(&zip)?;
+    for i in 0..bytes.len().saturating_sub(7) {
+        if &bytes[i..i + 7] == b"main.gq" {
+            bytes[i + 6] = b'o';
+        }
+    }
+    std::fs::write(&zip, bytes)?;
     Ok(GoProxy { dir })
 }
 
@@ -474,21 +545,26 @@ fn compile_error() -> anyhow::Result<()> {
     let again = get(server.addr, "/v2/ko/example.com/broken/manifests/v1.0.0")?;
     let (_, repeated) = again.error()?;
     assert!(
-        repeated.contains("undefined: nope") && repeated.contains("not retried"),
+        repeated.contains("undefined: nope") && repeated.contains("remembered"),
         "{repeated}"
     );
     Ok(())
 }
 
+/// The message of the 403 DENIED that `repo` at v1.0.0 must get.
+fn denied(server: &Server, repo: &str) -> anyhow::Result<String> {
+    refused(
+        server.addr,
+        &format!("/v2/ko/{repo}/manifests/v1.0.0"),
+        StatusCode::FORBIDDEN,
+        "DENIED",
+    )
+}
+
 fn unsafe_zips() -> anyhow::Result<()> {
     let server = server()?;
     for (repo, needle) in [("example.com/evil", ".."), ("example.com/linky", "symlink")] {
-        let message = refused(
-            server.addr,
-            &format!("/v2/ko/{repo}/manifests/v1.0.0"),
-            StatusCode::FORBIDDEN,
-            "DENIED",
-        )?;
+        let message = denied(server, repo)?;
         assert!(
             message.contains("refused") && message.contains(needle),
             "{repo}: {message}"
@@ -498,6 +574,156 @@ fn unsafe_zips() -> anyhow::Result<()> {
         !proxy()?.dir.path().join("escaped.txt").exists()
             && !shared_scratch().join("escaped.txt").exists(),
         "nothing escaped"
+    );
+    Ok(())
+}
+
+fn twice_and_libraries() -> anyhow::Result<()> {
+    let server = server()?;
+    for (repo, needle) in [
+        (
+            "example.com/twice",
+            "multiple entries for \"example.com/twice@v1.0.0/main.go\"",
+        ),
+        ("example.com/cased", "appears twice (ignoring case)"),
+        ("example.com/dirfile", "appears twice"),
+    ] {
+        let message = denied(server, repo)?;
+        assert!(message.contains(needle), "{repo}: {message}");
+    }
+    // A library: refused before `go build` runs.
+    let reply = get(server.addr, "/v2/ko/example.com/tools/manifests/v0.1.0")?;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{:?}", reply.body);
+    let (_, message) = reply.error()?;
+    assert!(
+        message.contains("example.com/tools is package tools, not a main package"),
+        "{message}"
+    );
+    let log = server.log();
+    for module in [
+        "example.com/twice",
+        "example.com/cased",
+        "example.com/dirfile",
+    ] {
+        assert!(
+            !log.lines()
+                .any(|l| l.contains("go build") && l.contains(module)),
+            "{module} was built"
+        );
+    }
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("go build") && l.contains("package=example.com/tools ")),
+        "the library was built"
+    );
+    Ok(())
+}
+
+fn checksum_database() -> anyhow::Result<()> {
+    use crate::support::sumdb::{SumDb, hashes};
+    let proxy = proxy()?.dir.path();
+    let mut records = Vec::new();
+    for (module, version) in [
+        ("example.com/greeting", "v1.0.0"),
+        ("example.com/hello", "v1.0.0"),
+    ] {
+        records.push((
+            format!("{module}@{version}"),
+            hashes(proxy, module, version)?,
+        ));
+    }
+    // What the database recorded for `tampered` is another zip's hash.
+    let other = hashes(proxy, "example.com/broken", "v1.0.0")?;
+    records.push(("example.com/tampered@v1.0.0".to_owned(), other.clone()));
+    let db = SumDb::start(&records, 7, false)?;
+    let with_db = |db: &SumDb| -> anyhow::Result<Server> {
+        let config =
+            config(None)?.replace("sumdb = \"off\"", &format!("sumdb = {:?}", db.setting()));
+        // The database is on loopback: name it as an allowed private host.
+        let config = format!(
+            "{config}[upstream.registries.sumdb]\nurl = \"http://{}\"\nallow_private = true\n",
+            db.addr
+        );
+        Server::start(Some(&config))
+    };
+    let server = with_db(&db)?;
+    get_ok(&server, "/v2/ko/example.com/hello/manifests/v1.0.0")?;
+    let log = server.log();
+    assert!(
+        log.contains("verified against the checksum database"),
+        "{log}"
+    );
+    // `go` fetched the dependency, and checked it, through kontain.
+    for asked in [
+        "example.com/greeting/@v/v1.0.0.zip",
+        "sumdb/sum.kontain.test/lookup/example.com/greeting@v1.0.0",
+    ] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("go asked kontain's module proxy") && l.contains(asked)),
+            "go never asked kontain for {asked}:\n{log}"
+        );
+    }
+    let message = refused(
+        server.addr,
+        "/v2/ko/example.com/tampered/manifests/v1.0.0",
+        StatusCode::FORBIDDEN,
+        "DENIED",
+    )?;
+    assert!(
+        message.contains("example.com/tampered@v1.0.0")
+            && message.contains(&other.0)
+            && message.contains("h1:"),
+        "{message}"
+    );
+    assert!(
+        !server.log().contains("module=example.com/tampered"),
+        "tampered was built"
+    );
+    // A tree head signed with another key is not believed.
+    let forged = SumDb::start(&records, 7, true)?;
+    let server = with_db(&forged)?;
+    let message = refused(
+        server.addr,
+        "/v2/ko/example.com/hello/manifests/v1.0.0",
+        StatusCode::FORBIDDEN,
+        "DENIED",
+    )?;
+    assert!(message.contains("not signed by"), "{message}");
+    Ok(())
+}
+
+fn refused_dependency() -> anyhow::Result<()> {
+    let forbidden = crate::support::upstream::ConnectionCounter::start()?;
+    let config = config(None)?.replace(
+        &format!("proxies = [\"{}\"]", proxy()?.url()),
+        &format!(
+            "proxies = [\"{}\", \"http://127.0.0.1:{}/\"]",
+            proxy()?.url(),
+            forbidden.addr.port()
+        ),
+    );
+    let server = Server::start(Some(&config))?;
+    let message = refused(
+        server.addr,
+        "/v2/ko/example.com/needy/manifests/v1.0.0",
+        StatusCode::FORBIDDEN,
+        "DENIED",
+    )?;
+    assert!(message.contains("loopback"), "{message}");
+    assert_eq!(
+        forbidden.connections(),
+        0,
+        "no connection to the refused proxy"
+    );
+    assert!(
+        server
+            .log()
+            .lines()
+            .any(|l| l.contains("go asked kontain's module proxy")
+                && l.contains("example.com/absent/@v/")),
+        "{}",
+        server.log()
     );
     Ok(())
 }

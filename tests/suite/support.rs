@@ -4,6 +4,7 @@
 
 pub mod gcs;
 pub mod images;
+pub mod sumdb;
 pub mod upstream;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -21,8 +21,10 @@ pub struct GoConfig {
     /// reads a directory in proxy layout. `go build` gets the same list for
     /// dependencies, and never `direct`.
     pub proxies: Vec<url::Url>,
-    /// Checksum database that `go` verifies dependencies against (GOSUMDB);
-    /// `"off"` to disable.
+    /// Checksum database that main modules are checked against before a
+    /// build, and `go` checks dependencies against: `sum.golang.org`, a
+    /// verifier key `<name>+<hash>+<key>`, either followed by the database's
+    /// URL (default `https://<name>`); `"off"` to disable.
     pub sumdb: String,
     /// The `go` command; looked up on PATH unless it is a path.
     pub command: PathBuf,
@@ -70,6 +72,7 @@ impl GoConfig {
         if self.proxies.is_empty() {
             return Err(Invalid::new("go.proxies", "name at least one module proxy"));
         }
+        super::sumdb::SumDb::parse(&self.sumdb).map_err(|e| Invalid::new("go.sumdb", e))?;
         if self.build_timeout.is_zero() {
             return Err(Invalid::new("go.build_timeout", "must be more than zero"));
         }
@@ -87,10 +90,12 @@ impl GoConfig {
     }
 
     /// The hosts the upstream client must reach for these settings: the
-    /// module proxies, each as exactly itself.
+    /// module proxies and the checksum database, each as exactly itself.
     pub fn upstream_hosts(&self) -> Vec<HostPattern> {
+        let sumdb = super::sumdb::SumDb::parse(&self.sumdb).ok().flatten();
         self.proxies
             .iter()
+            .chain(sumdb.as_ref().map(|db| &db.url))
             .filter_map(HostPattern::exactly)
             .collect()
     }

@@ -9,10 +9,15 @@ use std::fs;
 use std::io::{self, Read, Seek};
 use std::path::Path;
 
+use sha2::{Digest as _, Sha256};
+
 use super::GoError;
 
 /// More files than any real module has; a zip with more is hostile.
 const MAX_FILES: usize = 100_000;
+
+/// A central directory of more than 100,000 entries is refused anyway.
+const MAX_DIRECTORY: u64 = 64 << 20;
 
 /// Unix file-type bits in a zip entry's external attributes.
 const S_IFMT: u32 = 0o170_000;
@@ -20,20 +25,34 @@ const S_IFREG: u32 = 0o100_000;
 const S_IFDIR: u32 = 0o040_000;
 
 /// Unpacks `zip` (module `module` at `version`) into `dest`, which must be
-/// an empty directory. Stops at the first problem; the caller removes
+/// an empty directory; returns the zip's `h1:` hash, as the checksum
+/// database records it. Stops at the first problem; the caller removes
 /// `dest` then.
 pub fn unpack(
-    zip: impl Read + Seek,
+    mut zip: impl Read + Seek,
     module: &str,
     version: &str,
     dest: &Path,
     cap: u64,
-) -> Result<(), GoError> {
+) -> Result<String, GoError> {
     let refuse = |reason: String| GoError::UnsafeModule {
         module: module.to_owned(),
         version: version.to_owned(),
         reason,
     };
+    // The zip crate keeps one entry per name, so a name given twice (which
+    // Go refuses) is only seen in the central directory itself.
+    let names = central_names(&mut zip).map_err(|e| refuse(format!("not a valid zip: {e}")))?;
+    if names.len() > MAX_FILES {
+        return Err(refuse(format!("more than {MAX_FILES} files")));
+    }
+    let mut once = HashSet::new();
+    if let Some(twice) = names.iter().find(|n| !once.insert(n.as_slice())) {
+        return Err(refuse(format!(
+            "multiple entries for {:?}",
+            String::from_utf8_lossy(twice)
+        )));
+    }
     let mut archive =
         zip::ZipArchive::new(zip).map_err(|e| refuse(format!("not a valid zip: {e}")))?;
     if archive.len() > MAX_FILES {
@@ -41,6 +60,7 @@ pub fn unpack(
     }
     let prefix = format!("{module}@{version}/");
     let mut seen = HashSet::new();
+    let mut hashes = Vec::new();
     let mut unpacked = 0u64;
     for i in 0..archive.len() {
         let mut entry = archive
@@ -71,6 +91,7 @@ pub fn unpack(
         if is_dir || kind == Some(S_IFDIR) {
             fs::create_dir_all(&target)
                 .map_err(|e| GoError::io(format!("creating {}", target.display()), e))?;
+            hashes.push((name, Sha256::digest(b"").into()));
             continue;
         }
         if let Some(parent) = target.parent() {
@@ -84,8 +105,10 @@ pub fn unpack(
             .map_err(|e| GoError::io(format!("creating {}", target.display()), e))?;
         // The sizes in the zip's headers are the attacker's word; count.
         let budget = cap.saturating_sub(unpacked);
-        let copied = io::copy(&mut (&mut entry).take(budget + 1), &mut out)
+        let mut hashed = Hashing(&mut out, Sha256::new());
+        let copied = io::copy(&mut (&mut entry).take(budget + 1), &mut hashed)
             .map_err(|e| refuse(format!("{name:?}: {e}")))?;
+        hashes.push((name, hashed.1.finalize().into()));
         unpacked += copied;
         if unpacked > cap {
             return Err(GoError::TooLarge {
@@ -94,7 +117,98 @@ pub fn unpack(
             });
         }
     }
-    check_go_mod(dest).map_err(refuse)
+    check_go_mod(dest).map_err(refuse)?;
+    Ok(super::sumdb::h1(hashes))
+}
+
+/// A writer that hashes what it writes.
+struct Hashing<'a, W>(&'a mut W, Sha256);
+
+impl<W: io::Write> io::Write for Hashing<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.0.write(buf)?;
+        self.1.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// The name of every entry in a zip's central directory, in order (read
+/// from the end-of-central-directory record, zip64 included).
+fn central_names(zip: &mut (impl Read + Seek)) -> io::Result<Vec<Vec<u8>>> {
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+    let len = zip.seek(io::SeekFrom::End(0))?;
+    // The record is 22 bytes plus a comment of at most 65535.
+    let tail_len = len.min(22 + 65_535);
+    zip.seek(io::SeekFrom::Start(len - tail_len))?;
+    let mut tail = vec![0u8; tail_len as usize];
+    zip.read_exact(&mut tail)?;
+    let at = tail
+        .windows(4)
+        .rposition(|w| w == b"PK\x05\x06")
+        .ok_or_else(|| bad("no end of central directory"))?;
+    let eocd = &tail[at..];
+    if eocd.len() < 22 {
+        return Err(bad("a truncated end of central directory"));
+    }
+    let u16_at = |b: &[u8], i: usize| u64::from(u16::from_le_bytes([b[i], b[i + 1]]));
+    let u32_at =
+        |b: &[u8], i: usize| u64::from(u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]));
+    let u64_at = |b: &[u8], i: usize| {
+        let mut x = [0u8; 8];
+        x.copy_from_slice(&b[i..i + 8]);
+        u64::from_le_bytes(x)
+    };
+    let (mut count, mut size) = (u16_at(eocd, 10), u32_at(eocd, 12));
+    // The directory ends where the record after it begins.
+    let mut end = len - tail_len + at as u64;
+    if count == 0xFFFF || size == 0xFFFF_FFFF {
+        // Zip64: a locator just before the record points at the real one.
+        let locator = at.checked_sub(20).ok_or_else(|| bad("no zip64 locator"))?;
+        if &tail[locator..locator + 4] != b"PK\x06\x07" {
+            return Err(bad("no zip64 locator"));
+        }
+        end = u64_at(&tail, locator + 8);
+        zip.seek(io::SeekFrom::Start(end))?;
+        let mut record = [0u8; 56];
+        zip.read_exact(&mut record)?;
+        if &record[..4] != b"PK\x06\x06" {
+            return Err(bad("no zip64 end of central directory"));
+        }
+        (count, size) = (u64_at(&record, 32), u64_at(&record, 40));
+    }
+    if count > MAX_FILES as u64 + 1 || size > end || size > MAX_DIRECTORY {
+        return Err(bad("an implausible central directory"));
+    }
+    let start = end - size;
+    zip.seek(io::SeekFrom::Start(start))?;
+    let mut directory = vec![0u8; size as usize];
+    zip.read_exact(&mut directory)?;
+    let mut names = Vec::new();
+    let mut i = 0;
+    while names.len() < count as usize {
+        let record = directory
+            .get(i..i + 46)
+            .ok_or_else(|| bad("a truncated central directory"))?;
+        if &record[..4] != b"PK\x01\x02" {
+            return Err(bad("a damaged central directory"));
+        }
+        let (name, extra, comment) = (
+            u16_at(record, 28) as usize,
+            u16_at(record, 30) as usize,
+            u16_at(record, 32) as usize,
+        );
+        let name = directory
+            .get(i + 46..i + 46 + name)
+            .ok_or_else(|| bad("a truncated central directory"))?;
+        names.push(name.to_vec());
+        i += 46 + name.len() + extra + comment;
+    }
+    zip.seek(io::SeekFrom::Start(0))?;
+    Ok(names)
 }
 
 /// A relative path with plain elements only.
@@ -114,6 +228,71 @@ fn check_path(rel: &str) -> Result<(), &'static str> {
         }
     }
     Ok(())
+}
+
+/// The package the Go files of `dir` declare (`main` if any file declares
+/// it), as `go build` would see it without building: test files and files
+/// excluded with `//go:build ignore` (generators beside a library) do not
+/// count. `None`: no Go files.
+pub fn package_name(dir: &Path) -> Option<String> {
+    let mut found = None;
+    let entries = fs::read_dir(dir).ok()?;
+    for entry in entries.flatten().take(MAX_FILES) {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !name.ends_with(".go") || name.ends_with("_test.go") {
+            continue;
+        }
+        let meta = entry.metadata().ok()?;
+        if !meta.is_file() {
+            continue;
+        }
+        let mut head = String::new();
+        let file = fs::File::open(entry.path()).ok()?;
+        let _ = file.take(64 * 1024).read_to_string(&mut head);
+        let Some(package) = package_clause(&head) else {
+            continue;
+        };
+        if package == "main" {
+            return Some(package);
+        }
+        found.get_or_insert(package);
+    }
+    found
+}
+
+/// The name in a Go file's `package` clause, unless a build constraint
+/// before it says `ignore`.
+fn package_clause(text: &str) -> Option<String> {
+    let mut rest = text;
+    loop {
+        rest = rest.trim_start();
+        if let Some(line) = rest.strip_prefix("//") {
+            let (comment, after) = line.split_once('\n').unwrap_or((line, ""));
+            if let Some(constraint) = comment.strip_prefix("go:build")
+                && constraint
+                    .split(|c: char| !c.is_alphanumeric() && c != '_')
+                    .any(|w| w == "ignore")
+            {
+                return None;
+            }
+            rest = after;
+        } else if let Some(block) = rest.strip_prefix("/*") {
+            rest = block.split_once("*/")?.1;
+        } else {
+            break;
+        }
+    }
+    let name = rest.strip_prefix("package")?;
+    if !name.starts_with(char::is_whitespace) {
+        return None;
+    }
+    let name: String = name
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .collect();
+    (!name.is_empty()).then_some(name)
 }
 
 /// Refuses `replace` directives with a local directory on the right: they
@@ -199,7 +378,7 @@ mod tests {
 
     fn try_unpack(entries: &[(&str, Option<u32>, &[u8])]) -> Result<(), GoError> {
         let dir = tempfile::tempdir().unwrap();
-        unpack(zip_of(entries), "a.com/m", "v1.0.0", dir.path(), 1 << 20)
+        unpack(zip_of(entries), "a.com/m", "v1.0.0", dir.path(), 1 << 20).map(drop)
     }
 
     #[test]
@@ -234,6 +413,50 @@ mod tests {
         ])
         .unwrap_err();
         assert!(err.to_string().contains("twice"), "{err}");
+    }
+
+    #[test]
+    fn package_clauses_are_read_past_comments_and_ignored_files_skipped() {
+        assert_eq!(
+            package_clause("// Copyright\n\n/* x */ package main\n").as_deref(),
+            Some("main")
+        );
+        assert_eq!(
+            package_clause("package lib // comment").as_deref(),
+            Some("lib")
+        );
+        assert_eq!(package_clause("//go:build ignore\n\npackage main\n"), None);
+        assert_eq!(
+            package_clause("//go:build linux\npackage main").as_deref(),
+            Some("main")
+        );
+        assert_eq!(package_clause("packagemain"), None);
+    }
+
+    #[test]
+    fn a_name_given_twice_is_refused_as_go_refuses_it() {
+        // The zip crate will not write a name twice: write two, then make
+        // the second name the first's, in its local header and directory.
+        let zip = zip_of(&[
+            ("a.com/m@v1.0.0/main.go", None, b"package main"),
+            ("a.com/m@v1.0.0/main.gp", None, b"package evil"),
+        ])
+        .into_inner();
+        let patched = String::from_utf8_lossy(&zip).contains("main.gp");
+        assert!(patched);
+        let mut bytes = zip;
+        for i in 0..bytes.len() - 7 {
+            if &bytes[i..i + 7] == b"main.gp" {
+                bytes[i + 6] = b'o';
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let err = unpack(Cursor::new(bytes), "a.com/m", "v1.0.0", dir.path(), 1 << 20).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("multiple entries for \"a.com/m@v1.0.0/main.go\""),
+            "{err}"
+        );
     }
 
     #[test]

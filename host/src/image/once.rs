@@ -52,7 +52,7 @@ where
 
 /// A failure of the same build a moment ago, answered from memory.
 #[derive(Clone, Debug, thiserror::Error)]
-#[error("{message} (the same build failed less than {}s ago; it is not retried before then)", FAILURE_MEMORY.as_secs())]
+#[error("{message} (this failure is remembered for {}s: asking again meanwhile answers it without another build)", FAILURE_MEMORY.as_secs())]
 pub struct Remembered {
     pub message: String,
     pub kind: ErrorKind,
