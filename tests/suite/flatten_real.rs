@@ -122,6 +122,9 @@ fn upper_layers() -> anyhow::Result<Vec<Vec<u8>>> {
     // A directory after its child, with a mode of its own.
     three.file("late/child", b"child\n")?;
     three.dir("late", 0o700)?;
+    // Through Debian's `lib -> usr/lib` symlink: lands in usr/lib.
+    three.dir("lib/kontain-dir", 0o700)?;
+    three.file("lib/kontain-dir/x", b"through a symlink\n")?;
     three.whiteout("etc/apt/apt.conf.d/.wh..wh..opq")?;
     three.file("etc/apt/apt.conf.d/10new", b"// only this one\n")?;
     Ok(vec![two.done()?, three.done()?])
@@ -416,6 +419,11 @@ fn debian() -> anyhow::Result<()> {
             .contains(&b"etc/debian_version"[..])
     );
     assert_eq!(node(b"late")?.mode, 0o700);
+    assert_eq!(node(b"usr/lib/kontain-dir")?.mode, 0o700);
+    assert_eq!(
+        node(b"usr/lib/kontain-dir/x")?.content,
+        sha256(b"through a symlink\n")
+    );
     assert!(node(non_utf8().as_os_str().as_encoded_bytes())?.kind == 'f');
     assert!(!got.contains_key(&b"etc/apt/apt.conf.d/99kontain"[..]));
 

@@ -167,7 +167,7 @@ impl Saved {
 
 /// What is at a path of the merged tree, and which entry put it there.
 enum Node {
-    Dir(Box<Saved>),
+    Dir(At, Box<Saved>),
     /// A regular file: an index into the inodes.
     File(usize),
     /// A symlink or a special file.
@@ -233,6 +233,11 @@ impl Tree {
             match w {
                 Whiteout::Opaque(dir) => self.remove_under(&dir),
                 Whiteout::Delete(path) => {
+                    // `.wh.`, `.wh..`, `.wh...` name nothing to remove.
+                    let name = path.rsplit(|b| *b == b'/').next().unwrap_or_default();
+                    if matches!(name, b"" | b"." | b"..") {
+                        continue;
+                    }
                     self.remove_under(&path);
                     self.paths.remove(&path);
                 }
@@ -241,7 +246,7 @@ impl Tree {
         for (position, path, op) in ops {
             let at = (layer, position);
             match op {
-                Op::Dir(saved) => self.put(path, Node::Dir(saved)),
+                Op::Dir(saved) => self.put(path, Node::Dir(at, saved)),
                 Op::File => {
                     self.inodes.push(at);
                     self.put(path, Node::File(self.inodes.len() - 1));
@@ -251,6 +256,12 @@ impl Tree {
                     Some(Node::File(inode)) => {
                         let inode = *inode;
                         self.put(path, Node::File(inode));
+                    }
+                    // A link to a symlink or a device is the same thing under
+                    // another name: written as a copy.
+                    Some(Node::Other(at)) => {
+                        let at = *at;
+                        self.put(path, Node::Other(at));
                     }
                     // A runtime could not make this link either.
                     _ => self.dropped += 1,
@@ -264,7 +275,11 @@ impl Tree {
 enum Write {
     /// An inode's paths, sorted: the first with the content, the rest as links.
     Group(Vec<Vec<u8>>),
-    Other(Vec<u8>),
+    /// A symlink or special file, under each of these paths.
+    Other(Vec<Vec<u8>>),
+    /// A directory under a symlink (or another non-directory): written where
+    /// it was, after what it goes through.
+    Dir(Vec<u8>, Box<Saved>),
 }
 
 /// Merges `layers` (bottom first) into one gzipped layer in storage.
@@ -292,8 +307,17 @@ pub(super) fn merge(
                 whiteouts.push(w);
                 return Ok(());
             }
-            let op = match entry.header().entry_type() {
+            let kind = entry.header().entry_type();
+            // Old tars mark directories by a trailing slash alone.
+            let old_dir = kind == tar::EntryType::Regular && entry.path_bytes().ends_with(b"/");
+            let op = match kind {
                 tar::EntryType::Directory => Op::Dir(Box::new(Saved::of(entry)?)),
+                _ if old_dir => {
+                    let mut saved = Saved::of(entry)?;
+                    saved.header.set_entry_type(tar::EntryType::Directory);
+                    saved.header.set_size(0);
+                    Op::Dir(Box::new(saved))
+                }
                 tar::EntryType::Regular | tar::EntryType::Continuous => Op::File,
                 tar::EntryType::Link => {
                     match entry.link_name_bytes().and_then(|t| clean_bytes(&t)) {
@@ -326,15 +350,34 @@ pub(super) fn merge(
     let mut groups: Vec<Vec<Vec<u8>>> = vec![Vec::new(); tree.inodes.len()];
     let mut writes: HashMap<At, Write> = HashMap::new();
     let mut dirs = Vec::new();
+    let non_dirs: std::collections::HashSet<Vec<u8>> = tree
+        .paths
+        .iter()
+        .filter(|(_, node)| !matches!(node, Node::Dir(..)))
+        .map(|(path, _)| path.clone())
+        .collect();
+    let through_non_dir = |path: &[u8]| {
+        path.iter()
+            .enumerate()
+            .any(|(i, b)| *b == b'/' && non_dirs.contains(&path[..i]))
+    };
     for (path, node) in std::mem::take(&mut tree.paths) {
         match node {
-            Node::Dir(saved) => dirs.push((path, saved)),
+            Node::Dir(at, saved) if through_non_dir(&path) => {
+                writes.insert(at, Write::Dir(path, saved));
+            }
+            Node::Dir(_, saved) => dirs.push((path, saved)),
             Node::File(inode) => groups[inode].push(path),
             Node::Other(at) => {
-                writes.insert(at, Write::Other(path));
+                if let Write::Other(paths) =
+                    writes.entry(at).or_insert_with(|| Write::Other(Vec::new()))
+                {
+                    paths.push(path);
+                }
             }
         }
     }
+    drop(non_dirs);
     for (inode, paths) in groups.into_iter().enumerate() {
         if !paths.is_empty() {
             writes.insert(tree.inodes[inode], Write::Group(paths));
@@ -347,12 +390,7 @@ pub(super) fn merge(
     // every core (the speed issue).
     let mut out = tar::Builder::new(Sha256Writer::new(GzEncoder::new(blob, Compression::fast())));
     for (path, saved) in dirs {
-        let mut header = saved.header.clone();
-        saved.write_pax(&mut out, &[])?;
-        let mut name = path;
-        name.push(b'/');
-        out.append_data(&mut header, as_path(&name), io::empty())
-            .map_err(tar_error)?;
+        write_dir(&mut out, path, &saved)?;
     }
 
     // Pass 2, bottom-up: the content where it is.
@@ -361,7 +399,8 @@ pub(super) fn merge(
         second.entries(layer, |position, _, entry| {
             match writes.remove(&(index, position)) {
                 Some(Write::Group(paths)) => write_group(&mut out, &paths, entry),
-                Some(Write::Other(path)) => write_other(&mut out, &path, entry),
+                Some(Write::Other(paths)) => write_other(&mut out, &paths, entry),
+                Some(Write::Dir(path, saved)) => write_dir(&mut out, path, &saved),
                 None => Ok(()),
             }
         })?;
@@ -370,6 +409,19 @@ pub(super) fn merge(
     let (diff_id, _, gzip) = tar.finish();
     let blob = gzip.finish().map_err(io_error("finishing gzip"))?;
     publish(diff_id, blob)
+}
+
+/// A directory entry, with its PAX records.
+fn write_dir<W: io::Write>(
+    out: &mut tar::Builder<W>,
+    mut name: Vec<u8>,
+    saved: &Saved,
+) -> Result<(), ImageError> {
+    let mut header = saved.header.clone();
+    saved.write_pax(out, &[])?;
+    name.push(b'/');
+    out.append_data(&mut header, as_path(&name), io::empty())
+        .map_err(tar_error)
 }
 
 fn as_path(bytes: &[u8]) -> &Path {
@@ -406,22 +458,26 @@ fn write_group<W: io::Write>(
 /// container's root) or a special file.
 fn write_other<W: io::Write>(
     out: &mut tar::Builder<W>,
-    path: &[u8],
+    paths: &[Vec<u8>],
     entry: &mut tar::Entry<'_, impl Read>,
 ) -> Result<(), ImageError> {
     let saved = Saved::of(entry)?;
-    let mut header = saved.header.clone();
-    saved.write_pax(out, &[])?;
-    if header.entry_type() == tar::EntryType::Symlink {
-        let Some(target) = entry.link_name_bytes() else {
-            return Ok(());
-        };
-        return out
-            .append_link(&mut header, as_path(path), as_path(&target))
-            .map_err(io_error("writing the layer"));
+    let target = entry.link_name_bytes().map(|t| t.into_owned());
+    for path in paths {
+        let mut header = saved.header.clone();
+        saved.write_pax(out, &[])?;
+        if header.entry_type() == tar::EntryType::Symlink {
+            let Some(target) = &target else {
+                continue;
+            };
+            out.append_link(&mut header, as_path(path), as_path(target))
+                .map_err(io_error("writing the layer"))?;
+        } else {
+            out.append_data(&mut header, as_path(path), io::empty())
+                .map_err(tar_error)?;
+        }
     }
-    out.append_data(&mut header, as_path(path), io::empty())
-        .map_err(tar_error)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -527,5 +583,23 @@ mod tests {
             names,
             vec![&b"etc"[..], b"late", b"late/child", b"\xff\xfe"]
         );
+    }
+
+    #[test]
+    fn empty_whiteouts_remove_nothing_and_links_to_symlinks_are_kept() {
+        let mut t = Tree::default();
+        t.apply(0, vec![file(0, "a"), (1, b"s".to_vec(), Op::Other)], vec![]);
+        t.apply(
+            1,
+            vec![link("l", "s")],
+            vec![
+                Whiteout::Delete(Vec::new()),
+                Whiteout::Delete(b"x/.".to_vec()),
+            ],
+        );
+        let names: Vec<&[u8]> = t.paths.keys().map(Vec::as_slice).collect();
+        assert_eq!(names, vec![&b"a"[..], b"l", b"s"]);
+        assert!(matches!(t.paths.get(&b"l"[..]), Some(Node::Other((0, 1)))));
+        assert_eq!(t.dropped, 0);
     }
 }

@@ -28,10 +28,11 @@ use crate::upstream::{Client, Refusal};
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
-/// The loopback proxy, and what it refused for each build.
+/// The loopback proxy, the builds running now (by token) and what it
+/// refused for each.
 pub struct ModuleServer {
     addr: SocketAddr,
-    refused: Arc<Mutex<HashMap<String, Refusal>>>,
+    builds: Arc<Mutex<HashMap<String, Option<Refusal>>>>,
 }
 
 /// One build's view of the proxy: its `GOPROXY`, and what was refused for
@@ -49,15 +50,17 @@ impl ModuleServer {
     ) -> std::io::Result<ModuleServer> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
-        let refused: Arc<Mutex<HashMap<String, Refusal>>> = Arc::default();
+        let builds: Arc<Mutex<HashMap<String, Option<Refusal>>>> = Arc::default();
         let state = Arc::new(State {
             settings,
             client,
-            refused: refused.clone(),
+            builds: builds.clone(),
         });
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
+                    // Out of descriptors and the like: wait, don't spin.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 };
                 let state = state.clone();
@@ -73,12 +76,16 @@ impl ModuleServer {
             }
         });
         tracing::info!(%addr, "module proxy for go is serving");
-        Ok(ModuleServer { addr, refused })
+        Ok(ModuleServer { addr, builds })
     }
 
-    /// A token and `GOPROXY` for one build.
+    /// A token and `GOPROXY` for one build; the proxy answers only tokens
+    /// of builds running now.
     pub fn for_build(&self) -> BuildProxy<'_> {
         let token = hex::encode(rand::random::<[u8; 16]>());
+        let mut builds = self.builds.lock().unwrap_or_else(|p| p.into_inner());
+        builds.insert(token.clone(), None);
+        drop(builds);
         BuildProxy {
             server: self,
             token,
@@ -94,30 +101,22 @@ impl BuildProxy<'_> {
 
     /// What the policy refused while this build ran, if anything.
     pub fn refusal(&self) -> Option<Refusal> {
-        let refused = self
-            .server
-            .refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        refused.get(&self.token).cloned()
+        let builds = self.server.builds.lock().unwrap_or_else(|p| p.into_inner());
+        builds.get(&self.token).cloned().flatten()
     }
 }
 
 impl Drop for BuildProxy<'_> {
     fn drop(&mut self) {
-        let mut refused = self
-            .server
-            .refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        refused.remove(&self.token);
+        let mut builds = self.server.builds.lock().unwrap_or_else(|p| p.into_inner());
+        builds.remove(&self.token);
     }
 }
 
 struct State {
     settings: Arc<ArcSwap<Settings>>,
     client: Arc<Client>,
-    refused: Arc<Mutex<HashMap<String, Refusal>>>,
+    builds: Arc<Mutex<HashMap<String, Option<Refusal>>>>,
 }
 
 fn answer(status: StatusCode, text: &str) -> Response<Body> {
@@ -152,6 +151,13 @@ impl State {
         if request.method() != http::Method::GET || !plain(rest) {
             return answer(StatusCode::NOT_FOUND, "not a module proxy path");
         }
+        let running = {
+            let builds = self.builds.lock().unwrap_or_else(|p| p.into_inner());
+            builds.contains_key(token)
+        };
+        if !running {
+            return answer(StatusCode::NOT_FOUND, "no build of that token is running");
+        }
         tracing::info!(path = rest, "go asked kontain's module proxy");
         let settings = self.settings.load_full();
         let result = match rest.strip_prefix("sumdb/") {
@@ -162,8 +168,10 @@ impl State {
             Ok(response) => response,
             Err(GoError::Refused(refusal)) => {
                 let message = refusal.to_string();
-                let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
-                refused.entry(token.to_owned()).or_insert(refusal);
+                let mut builds = self.builds.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(first @ None) = builds.get_mut(token) {
+                    *first = Some(refusal);
+                }
                 answer(StatusCode::FORBIDDEN, &message)
             }
             Err(e) => {

@@ -217,8 +217,13 @@ fn check_path(rel: &str) -> Result<(), &'static str> {
     if trimmed.is_empty() {
         return Err("an empty path");
     }
-    if rel.contains('\\') || rel.contains('\0') || rel.contains(':') {
-        return Err("a path with \\, : or NUL");
+    if rel.contains('\\') || rel.contains(':') {
+        return Err("a path with \\ or :");
+    }
+    // Control characters (a newline above all) could forge the lines the
+    // module's `h1:` hash is made of; Go refuses them too.
+    if rel.chars().any(char::is_control) {
+        return Err("a path with a control character");
     }
     for element in trimmed.split('/') {
         match element {
@@ -247,10 +252,10 @@ pub fn package_name(dir: &Path) -> Option<String> {
         if !meta.is_file() {
             continue;
         }
-        let mut head = String::new();
+        let mut head = Vec::new();
         let file = fs::File::open(entry.path()).ok()?;
-        let _ = file.take(64 * 1024).read_to_string(&mut head);
-        let Some(package) = package_clause(&head) else {
+        let _ = file.take(64 * 1024).read_to_end(&mut head);
+        let Some(package) = package_clause(&String::from_utf8_lossy(&head)) else {
             continue;
         };
         if package == "main" {
@@ -413,6 +418,17 @@ mod tests {
         ])
         .unwrap_err();
         assert!(err.to_string().contains("twice"), "{err}");
+    }
+
+    #[test]
+    fn a_newline_in_a_name_is_refused() {
+        let entries: &[(&str, Option<u32>, &[u8])] = &[(
+            "a.com/m@v1.0.0/auth.go\n0000  a.com/m@v1.0.0/x.go",
+            None,
+            b"package main",
+        )];
+        let err = try_unpack(entries).unwrap_err();
+        assert!(err.to_string().contains("control character"), "{err}");
     }
 
     #[test]

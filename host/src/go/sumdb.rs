@@ -340,7 +340,17 @@ impl Tiles<'_> {
         let width = (stored - (tile << TILE_HEIGHT)).min(1 << TILE_HEIGHT);
         let path = tile_path(tile_level, tile, width);
         if !self.cache.contains_key(&path) {
-            let data = self.db.fetch(self.client, &path).await?;
+            let data = match self.db.fetch(self.client, &path).await {
+                // The tile was completed meanwhile: the full one holds the
+                // same hashes first.
+                Err(GoError::Failing { status: 404, .. }) if width < 1 << TILE_HEIGHT => {
+                    let full = tile_path(tile_level, tile, 1 << TILE_HEIGHT);
+                    let mut data = self.db.fetch(self.client, &full).await?;
+                    data.truncate(width as usize * 32);
+                    data
+                }
+                fetched => fetched?,
+            };
             self.cache.insert(path.clone(), data);
         }
         let data = &self.cache[&path];

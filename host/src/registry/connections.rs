@@ -57,6 +57,11 @@ pub struct Slot {
     head_since: AtomicU64,
     /// Requests whose response is not finished (HTTP/2 has several).
     busy: AtomicUsize,
+    /// Since when writes have been refused (the peer reads nothing).
+    write_blocked: AtomicU64,
+    /// HTTP/2: frames between requests (window updates, pings) are not the
+    /// start of a request head.
+    h2: std::sync::atomic::AtomicBool,
     served: AtomicU64,
     close: CancellationToken,
 }
@@ -86,6 +91,8 @@ enum Verdict {
     Keep,
     HeadTooSlow,
     Idle,
+    /// A response the peer stopped reading.
+    Stalled,
 }
 
 impl Connections {
@@ -147,6 +154,8 @@ impl Connections {
             last_active: AtomicU64::new(now),
             head_since: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
+            write_blocked: AtomicU64::new(0),
+            h2: Default::default(),
             served: AtomicU64::new(0),
             close: CancellationToken::new(),
         });
@@ -228,8 +237,15 @@ impl Connections {
     }
 
     fn verdict(&self, slot: &Slot, now: u64) -> Verdict {
+        let idle = self.limits.idle_timeout.as_millis() as u64;
         if slot.busy.load(Ordering::Acquire) > 0 {
-            return Verdict::Keep;
+            // A build may take minutes with nothing written; a response the
+            // peer does not read is a slot held for nothing.
+            let blocked = slot.write_blocked.load(Ordering::Acquire);
+            return match blocked != 0 && now.saturating_sub(blocked) > idle {
+                true => Verdict::Stalled,
+                false => Verdict::Keep,
+            };
         }
         let header = self.limits.header_timeout.as_millis() as u64;
         let head_since = slot.head_since.load(Ordering::Acquire);
@@ -246,7 +262,6 @@ impl Connections {
                 false => Verdict::Keep,
             };
         }
-        let idle = self.limits.idle_timeout.as_millis() as u64;
         match now.saturating_sub(slot.last_active.load(Ordering::Acquire)) > idle {
             true => Verdict::Idle,
             false => Verdict::Keep,
@@ -350,12 +365,28 @@ pub struct Tracked<T> {
 }
 
 impl<T> Tracked<T> {
+    /// A write the peer's window refused: the start of a stall, if none is
+    /// counting yet.
+    fn blocked(&self) {
+        let now = self.connections.now();
+        let _ =
+            self.slot
+                .write_blocked
+                .compare_exchange(0, now, Ordering::AcqRel, Ordering::Relaxed);
+    }
+
     fn touch(&self, read: bool) {
         let now = self.connections.now();
         self.slot.last_active.store(now, Ordering::Release);
+        if !read {
+            self.slot.write_blocked.store(0, Ordering::Release);
+        }
         // The first byte of a request on an idle connection starts the
         // head's clock.
-        if read && self.slot.busy.load(Ordering::Acquire) == 0 {
+        if read
+            && self.slot.busy.load(Ordering::Acquire) == 0
+            && !self.slot.h2.load(Ordering::Relaxed)
+        {
             let _ =
                 self.slot
                     .head_since
@@ -373,6 +404,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            if self.slot.served.load(Ordering::Relaxed) == 0
+                && buf.filled()[before..].starts_with(b"PRI * HTTP/2.0")
+            {
+                self.slot.h2.store(true, Ordering::Relaxed);
+            }
             self.touch(true);
         }
         polled
@@ -386,8 +422,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.io).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch(false);
+        match polled {
+            Poll::Ready(Ok(n)) if n > 0 => self.touch(false),
+            Poll::Pending => self.blocked(),
+            _ => {}
         }
         polled
     }
@@ -398,8 +436,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch(false);
+        match polled {
+            Poll::Ready(Ok(n)) if n > 0 => self.touch(false),
+            Poll::Pending => self.blocked(),
+            _ => {}
         }
         polled
     }
@@ -475,6 +515,11 @@ mod tests {
         assert_eq!(c.verdict(&slot, t0 + 150), Verdict::HeadTooSlow);
         let busy = c.request_started(&slot);
         assert_eq!(c.verdict(&slot, t0 + 10_000), Verdict::Keep);
+        // A response the peer stops reading is not kept for ever.
+        slot.write_blocked.store(t0 + 10_000, Ordering::Release);
+        assert_eq!(c.verdict(&slot, t0 + 10_200), Verdict::Keep);
+        assert_eq!(c.verdict(&slot, t0 + 10_400), Verdict::Stalled);
+        slot.write_blocked.store(0, Ordering::Release);
         drop(busy);
         let done = slot.last_active.load(Ordering::Acquire);
         assert_eq!(c.verdict(&slot, done + 200), Verdict::Keep);

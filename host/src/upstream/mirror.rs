@@ -202,10 +202,17 @@ impl Upstream {
         {
             return Err(longer(0));
         }
-        if declared.or(length).is_some_and(|n| n > max_blob_bytes) {
+        // Only what the upstream says it sends is refused up front: a size a
+        // manifest declares is anyone's word (a hostile manifest may name a
+        // popular blob), so it only lowers the bound.
+        if length.is_some_and(|n| n > max_blob_bytes) {
             return Err(too_large());
         }
-        let limit = declared.or(length).unwrap_or(max_blob_bytes);
+        let limit = [declared, length, Some(max_blob_bytes)]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(max_blob_bytes);
         let mut writer = self.store.blob_writer(max_blob_bytes)?;
         // Bytes arrive on the async side; hashing and writing happen on a
         // blocking thread. `None` on the channel means "abandon".
@@ -232,8 +239,8 @@ impl Upstream {
                         let _ = tx.send(None).await;
                         drop(response);
                         return Err(match declared {
-                            Some(_) => longer(read),
-                            None => too_large(),
+                            Some(d) if d < max_blob_bytes => longer(read),
+                            _ => too_large(),
                         });
                     }
                     if tx.send(Some(chunk)).await.is_err() {
