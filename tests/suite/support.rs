@@ -525,14 +525,22 @@ impl Docker {
         let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
         kill(child.id());
         let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
+        let mut stopped = false;
+        while !stopped && Instant::now() < deadline {
+            stopped = matches!(child.try_wait(), Ok(Some(_)));
             std::thread::sleep(Duration::from_millis(100));
         }
-        let _ = child.kill();
-        let _ = child.wait();
+        if !stopped {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // The daemon's images (gigabytes, with vfs) go with it: the static
+        // holding this directory is never dropped.
+        let _ = Command::new("umount")
+            .arg(self.dir.path().join("exec/netns/default"))
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(self.dir.path());
     }
 }
 
