@@ -99,7 +99,7 @@ baseline_once() {
         CNB_BUILDPACK_DIR="$bp/app" "$bp/app/bin/detect" "$b/platform" "$b/io/plan.toml"
         CNB_LAYERS_DIR="$b/layers/bench_tool" CNB_BP_PLAN_PATH="$b/io/plan.toml" "$bp/tool/bin/build" "$b/layers/bench_tool" "$b/platform" "$b/io/plan.toml"
         PATH="$b/layers/bench_tool/shout/bin:$PATH" CNB_LAYERS_DIR="$b/layers/bench_app" CNB_BP_PLAN_PATH="$b/io/plan.toml" "$bp/app/bin/build" "$b/layers/bench_app" "$b/platform" "$b/io/plan.toml"
-    )
+    ) > /dev/null
     since "$s"
 }
 base=$(for _ in $(seq "$runs"); do baseline_once; done | median)

@@ -1,11 +1,14 @@
 # Shared by the benchmark scripts: `source "$(dirname "$0")/lib.sh"` after
 # `set -euo pipefail`. Leaves the caller in the repository root with
 # `$root`, a scratch directory `$work` and `pids` (killed on exit).
+# KONTAIN_BIN=<path> runs another kontain binary (a before/after comparison).
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
 work=$(mktemp -d)
 pids=()
 cleanup() {
+    # BENCH_LOGS=<dir> keeps the servers' logs (with BENCH_LOG=debug, say).
+    if [[ -n ${BENCH_LOGS:-} ]]; then mkdir -p "$BENCH_LOGS" && find "$work" -maxdepth 2 -name log -exec sh -c 'cp "$1" "$2/$(basename "$(dirname "$1")").log"' _ {} "$BENCH_LOGS" \; ; fi
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     chmod -R u+w "$work" 2>/dev/null || true
@@ -47,7 +50,7 @@ kontain_config() {
 
 # start_kontain <dir> <port>: the release binary with <dir>/kontain.toml.
 start_kontain() {
-    (cd "$1" && PORT=$2 RUST_LOG=warn exec "$root/target/release/kontain") > "$1/log" 2>&1 &
+    (cd "$1" && PORT=$2 RUST_LOG=${BENCH_LOG:-warn} exec "${KONTAIN_BIN:-$root/target/release/kontain}") > "$1/log" 2>&1 &
     pids+=($!)
     wait_http "http://127.0.0.1:$2/v2/"
 }

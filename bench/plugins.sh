@@ -11,6 +11,7 @@
 #    several swaps.
 #
 # usage: bench/plugins.sh [requests]     (default 3000)
+# KONTAIN_BIN=<path> runs another kontain binary (a before/after comparison).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -32,7 +33,7 @@ grants = ["cache", "random"]
 [generators.swap]
 source = "swap.wasm"
 TOML
-(cd "$work" && PORT=$port RUST_LOG=warn exec "$root/target/release/kontain") &
+(cd "$work" && PORT=$port RUST_LOG=warn exec "${KONTAIN_BIN:-$root/target/release/kontain}") &
 server=$!
 for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:$port/v2/" && break; sleep 0.1; done
 

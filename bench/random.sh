@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Benchmark of the `random` generator (not a test: it asserts nothing).
 #
-# Prints, for HEAD random:1x10000000 and HEAD random:8x50000000, the median
+# Prints, for HEAD random:1x10000000, random:1x99999999 (one 100 MB layer)
+# and random:8x50000000, the median
 # latency next to a baseline measured in the same run — sha256 of the same
 # number of bytes twice plus writing them to disk (host/examples/baseline.rs),
 # single-threaded — and the ratio; then the server's peak RSS while serving
 # random:20x50000000.
 #
 # usage: bench/random.sh [runs]      (default 7)
+# KONTAIN_BIN=<path> runs another kontain binary (a before/after comparison).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-7}
@@ -28,7 +30,7 @@ grants = ["random"]
 timeout = "600s"
 max_bytes = "10GB"
 TOML
-(cd "$work" && PORT=$port RUST_LOG=warn exec "$OLDPWD/target/release/kontain") &
+(cd "$work" && PORT=$port RUST_LOG=warn exec "${KONTAIN_BIN:-$OLDPWD/target/release/kontain}") &
 server=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
 
@@ -41,7 +43,7 @@ head_latency() {
 }
 
 printf '%-24s %12s %12s %8s\n' "request" "kontain (s)" "baseline (s)" "ratio"
-for spec in 1x10000000 8x50000000; do
+for spec in 1x10000000 1x99999999 8x50000000; do
     n=${spec%x*}; m=${spec#*x}
     ours=$(head_latency "$spec")
     base=$(target/release/examples/baseline $((n * m)) "$work" "$runs")
@@ -51,7 +53,7 @@ done
 
 # Peak RSS of a fresh server while it serves 20 × 50 MB.
 kill $server; wait $server 2>/dev/null || true
-(cd "$work" && PORT=$port RUST_LOG=warn exec "$OLDPWD/target/release/kontain") &
+(cd "$work" && PORT=$port RUST_LOG=warn exec "${KONTAIN_BIN:-$OLDPWD/target/release/kontain}") &
 server=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
 t=$(curl -sf -o /dev/null -I -w '%{time_total}' "http://127.0.0.1:$port/v2/random/manifests/20x50000000")

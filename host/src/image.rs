@@ -16,6 +16,7 @@ pub mod assemble;
 pub mod gzip;
 pub mod json;
 pub mod layer;
+pub mod offload;
 pub mod once;
 pub mod read;
 pub mod work;

@@ -478,9 +478,15 @@ fn go_builds_in(log: &str) -> usize {
     log.lines().filter(|l| l.contains("go build")).count()
 }
 
+/// Threads for the layer compressor (rayon's global pool reads this).
+const ONE_THREAD: [(&str, &str); 1] = [("RAYON_NUM_THREADS", "1")];
+const TWO_THREADS: [(&str, &str); 1] = [("RAYON_NUM_THREADS", "2")];
+
 fn reproducible() -> anyhow::Result<()> {
     // Nothing shared with the other trials: Go's caches start empty too.
-    let first = Server::start(Some(&config(None)?))?;
+    // The compressor gets one thread here and two after the restart: the
+    // binary's layer is many pieces, and its digest must not change.
+    let first = Server::start_with_env(Some(&config(None)?), &ONE_THREAD)?;
     let path = "/v2/ko/example.com/hello/manifests/v1.0.0";
     // Five concurrent cold pulls: one build (two platforms).
     let digests = std::thread::scope(|s| {
@@ -513,7 +519,7 @@ fn reproducible() -> anyhow::Result<()> {
     assert_eq!(go_builds_in(&first.log()), 2);
 
     // Delete everything (image cache, modules, Go's caches) and rebuild.
-    let again = first.restart_after(|dir| {
+    let again = first.restart_after_with_env(&TWO_THREADS, |dir| {
         let data = dir.join("data");
         // Go's module cache is read-only by design.
         std::process::Command::new("chmod")

@@ -264,11 +264,16 @@ impl Server {
     /// written to `kontain.toml` there (and found as `./kontain.toml`);
     /// without, the built-in default is used. `PORT` picks the port.
     pub fn start(config: Option<&str>) -> anyhow::Result<Server> {
+        Server::start_with_env(config, &[])
+    }
+
+    /// As [`Server::start`], with `env` added to the server's environment.
+    pub fn start_with_env(config: Option<&str>, env: &[(&str, &str)]) -> anyhow::Result<Server> {
         let dir = tempfile::tempdir()?;
         if let Some(config) = config {
             std::fs::write(dir.path().join("kontain.toml"), config)?;
         }
-        Server::start_in(dir)
+        Server::start_in(dir, env)
     }
 
     /// Stops the server and starts it again in the same directory (same
@@ -280,7 +285,16 @@ impl Server {
     /// As [`Server::restart`], running `between` on the server's directory
     /// while it is stopped.
     pub fn restart_after(
+        self,
+        between: impl FnOnce(&std::path::Path) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Server> {
+        self.restart_after_with_env(&[], between)
+    }
+
+    /// As [`Server::restart_after`], the new process with `env` added.
+    pub fn restart_after_with_env(
         mut self,
+        env: &[(&str, &str)],
         between: impl FnOnce(&std::path::Path) -> anyhow::Result<()>,
     ) -> anyhow::Result<Server> {
         let _ = self.child.kill();
@@ -288,16 +302,17 @@ impl Server {
         let dir = tempfile::TempDir::new()?;
         let dir = std::mem::replace(&mut self.dir, dir);
         between(dir.path())?;
-        Server::start_in(dir)
+        Server::start_in(dir, env)
     }
 
-    fn start_in(dir: tempfile::TempDir) -> anyhow::Result<Server> {
+    fn start_in(dir: tempfile::TempDir, env: &[(&str, &str)]) -> anyhow::Result<Server> {
         let port = free_port()?;
         let log = std::fs::File::create(dir.path().join("server.log"))?;
         let mut child = Command::new(env!("CARGO_BIN_EXE_kontain"))
             .current_dir(dir.path())
             .env("PORT", port.to_string())
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()

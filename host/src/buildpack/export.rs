@@ -14,6 +14,7 @@
 
 use std::path::{Path, PathBuf};
 
+use futures_util::future::try_join_all;
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
@@ -219,7 +220,9 @@ impl Buildpacks {
             owner,
             ..
         } = &built;
-        let mut new_layers: Vec<(LayerBlob, String)> = Vec::new();
+        // Every launch layer and the app, written at once (each is one
+        // core's work), in image order.
+        let mut jobs = Vec::new();
         for bp in &output.buildpacks {
             for (name, types) in &bp.layers {
                 if !types.launch {
@@ -227,32 +230,34 @@ impl Buildpacks {
                 }
                 let escaped = lifecycle::escape_id(&bp.id);
                 let host = work.layers.join(&escaped).join(name);
-                let store = self.builds.store().clone();
-                let prefix = format!("layers/{escaped}/{name}");
                 let parents = vec!["layers".to_owned(), format!("layers/{escaped}")];
-                let owner = *owner;
-                let blob = self
-                    .builds
-                    .cpu()
-                    .run(move |_| tree_layer(&store, &host, &parents, &prefix, owner))
-                    .await?;
-                new_layers.push((
-                    blob,
-                    format!("buildpack {}@{} layer {name}", bp.id, bp.version),
-                ));
+                let prefix = format!("layers/{escaped}/{name}");
+                let what = format!("buildpack {}@{} layer {name}", bp.id, bp.version);
+                jobs.push((host, parents, prefix, what));
             }
         }
-        let (store, app, owner) = (self.builds.store().clone(), work.app.clone(), *owner);
-        let app_blob = self
-            .builds
-            .cpu()
-            .run(move |_| tree_layer(&store, &app, &[], "workspace", owner))
+        jobs.push((
+            work.app.clone(),
+            Vec::new(),
+            "workspace".to_owned(),
+            "application at /workspace".to_owned(),
+        ));
+        let new_layers: Vec<(LayerBlob, String)> =
+            try_join_all(jobs.into_iter().map(|(host, parents, prefix, what)| {
+                let (store, owner) = (self.builds.store().clone(), *owner);
+                let cpu = self.builds.cpu().clone();
+                async move {
+                    let blob = cpu
+                        .run(move |_| tree_layer(&store, &host, &parents, &prefix, owner))
+                        .await?;
+                    Ok::<_, BuildpackError>((blob, what))
+                }
+            }))
             .await?;
-        new_layers.push((app_blob, "application at /workspace".to_owned()));
 
         let launch_env = launch_env(&run_config, output, &work.layers);
         let mut config = run_config;
-        image_config(&mut config, output, launch_env, owner, &new_layers)?;
+        image_config(&mut config, output, launch_env, *owner, &new_layers)?;
         let labels = labels(build, exported, output);
         let inner = inner_config(&mut config, "the run image config")?;
         let all = inner.entry("Labels").or_insert_with(|| json!({}));

@@ -92,7 +92,11 @@ impl Git {
             .args(["-c", "core.hooksPath=/dev/null"])
             .args(["-c", "submodule.recurse=false"])
             .args(["-c", "core.fsmonitor=false"])
-            .args(["-c", "advice.detachedHead=false"]);
+            .args(["-c", "advice.detachedHead=false"])
+            // A checkout lives for one fetch: no housekeeping after it (a
+            // process per fetch otherwise).
+            .args(["-c", "maintenance.auto=false"])
+            .args(["-c", "gc.auto=0"]);
         match url.scheme() {
             "file" => {
                 cmd.args(["-c", "protocol.file.allow=always"]);
@@ -237,15 +241,20 @@ impl Git {
         let init = |cmd: &mut tokio::process::Command| {
             cmd.current_dir(&repo);
         };
-        let mut git_init = self.command(url, policy, &home).await?;
-        init(&mut git_init);
-        git_init.args(["init", "-q"]);
-        self.run(git_init, "init").await?;
+        // Only a fetch needs a repository: a commit already checked out
+        // costs one ls-remote.
+        let create = async || -> Result<(), BuildpackError> {
+            let mut git_init = self.command(url, policy, &home).await?;
+            init(&mut git_init);
+            git_init.args(["init", "-q"]);
+            self.run(git_init, "init").await.map(drop)
+        };
         let commit = match resolved {
             Some(sha) => sha,
             None if revision.len() == 40 && is_sha(revision) => revision.to_ascii_lowercase(),
             None if is_sha(revision) => {
                 // An abbreviated SHA: only the history can say which commit.
+                create().await?;
                 let mut all = self.command(url, policy, &home).await?;
                 init(&mut all);
                 all.args([
@@ -285,10 +294,13 @@ impl Git {
         // never serves another's checkout.
         let url_digest = crate::oci::Digest::sha256(url.as_str().as_bytes());
         let key = format!("{}-{commit}", &url_digest.hex()[..16]);
-        let (home, repo, commit_ref, init) = (&home, &repo, &commit, &init);
+        let (home, repo, commit_ref, init, create) = (&home, &repo, &commit, &init, &create);
         let done = sources
             .get_or_make(&key, |dir: PathBuf| async move {
                 let commit = commit_ref;
+                if !repo.join(".git").is_dir() {
+                    create().await?;
+                }
                 let mut fetch = self.command(url, policy, home).await?;
                 init(&mut fetch);
                 fetch.args(["fetch", "-q", "--depth", "1", "--", url.as_str(), commit]);

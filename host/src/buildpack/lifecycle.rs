@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
+use futures_util::{StreamExt, TryStreamExt};
 use serde::Deserialize;
 
 use super::BuildpackError;
@@ -211,13 +212,13 @@ pub struct Detected {
 }
 
 impl Lifecycle<'_> {
-    fn mounts(&self) -> Mounts<'_> {
+    fn mounts<'m>(&'m self, io: &'m Path) -> Mounts<'m> {
         Mounts {
             rootfs: &self.builder.rootfs,
             app: &self.work.app,
             layers: &self.work.layers,
             platform: &self.work.platform,
-            io: &self.work.io,
+            io,
         }
     }
 
@@ -236,28 +237,26 @@ impl Lifecycle<'_> {
         env
     }
 
-    /// A new, empty plan directory for one step, `plan.toml` in it holding
-    /// `content`. New each time: a step may have left symlinks in the old
-    /// one, and the host writes and reads here.
-    fn fresh_plan(&self, content: &str) -> Result<PathBuf, BuildpackError> {
-        let io = &self.work.io;
+    /// A new plan directory for one step, `plan.toml` in it holding
+    /// `content`; the step sees it (and only it) as its plan dir. Never
+    /// reused: a step may leave symlinks in its own, and the host reads
+    /// there after the step.
+    fn plan_dir(&self, name: &str, content: &str) -> Result<PathBuf, BuildpackError> {
+        let dir = self.work.io.join(name);
         let fail = |e| BuildpackError::io("preparing the plan directory".into(), e);
-        if std::fs::symlink_metadata(io).is_ok() {
-            std::fs::remove_dir_all(io).map_err(fail)?;
-        }
-        std::fs::create_dir(io).map_err(fail)?;
-        let plan = io.join("plan.toml");
+        std::fs::create_dir(&dir).map_err(fail)?;
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .open(&plan)
+            .open(dir.join("plan.toml"))
             .and_then(|mut f| std::io::Write::write_all(&mut f, content.as_bytes()))
             .map_err(fail)?;
-        self.work.give(io)?;
-        Ok(plan)
+        self.work.give(&dir)?;
+        Ok(dir)
     }
 
-    /// Runs `bp`'s `bin/<phase>` (from `dir`, inside the sandbox).
+    /// Runs `bp`'s `bin/<phase>` (from `dir`, inside the sandbox), with the
+    /// plan directory `io`.
     async fn step(
         &self,
         bp: &GroupEntry,
@@ -265,6 +264,7 @@ impl Lifecycle<'_> {
         phase: &str,
         args: Vec<String>,
         env: Env,
+        io: &Path,
     ) -> Result<sandbox::Outcome, BuildpackError> {
         let step = sandbox::Step {
             program: format!("{dir}/bin/{phase}"),
@@ -272,28 +272,49 @@ impl Lifecycle<'_> {
             env: env.0.into_iter().collect(),
             what: format!("{}@{} {phase}", bp.id, bp.version),
         };
-        self.sandbox.run(&self.mounts(), &step).await
+        self.sandbox.run(&self.mounts(io), &step).await
+    }
+
+    /// Runs `bin/detect` of every buildpack of `group`, several at once as
+    /// the lifecycle does (each in its own sandbox); outcomes in group order.
+    async fn detect_group(
+        &self,
+        index: usize,
+        group: &[GroupEntry],
+    ) -> Result<Vec<(sandbox::Outcome, PathBuf)>, BuildpackError> {
+        let plan_inside = format!("{}/plan.toml", sandbox::IO);
+        let mut steps = Vec::new();
+        for (n, bp) in group.iter().enumerate() {
+            let dir = self.builder.buildpack_dir(bp)?;
+            let io = self.plan_dir(&format!("detect-{index}-{n}"), "")?;
+            let mut env = self.base_env(&dir);
+            env.0
+                .insert("CNB_BUILD_PLAN_PATH".into(), plan_inside.clone());
+            let args = vec![sandbox::PLATFORM.to_owned(), plan_inside.clone()];
+            steps.push(async move {
+                let outcome = self.step(bp, &dir, "detect", args, env, &io).await?;
+                Ok::<_, BuildpackError>((outcome, io))
+            });
+        }
+        let at_once = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
+        futures_util::stream::iter(steps)
+            .buffered(at_once)
+            .try_collect()
+            .await
     }
 
     /// Runs detect over the order; the first group that passes wins.
     pub async fn detect(&self) -> Result<Detected, BuildpackError> {
-        let plan_inside = format!("{}/plan.toml", sandbox::IO);
         let mut tried = Vec::new();
         for (index, group) in self.builder.order.iter().enumerate() {
             let mut passed: Vec<(GroupEntry, DetectPlan)> = Vec::new();
             let mut failed_required = false;
             let mut notes = Vec::new();
-            for bp in group {
-                let dir = self.builder.buildpack_dir(bp)?;
-                let plan = self.fresh_plan("")?;
-                let mut env = self.base_env(&dir);
-                env.0
-                    .insert("CNB_BUILD_PLAN_PATH".into(), plan_inside.clone());
-                let args = vec![sandbox::PLATFORM.to_owned(), plan_inside.clone()];
-                let outcome = self.step(bp, &dir, "detect", args, env).await?;
+            let outcomes = self.detect_group(index, group).await?;
+            for (bp, (outcome, io)) in group.iter().zip(outcomes) {
                 match outcome.code {
                     Some(0) => {
-                        let text = read_small(&plan).unwrap_or_default();
+                        let text = read_small(&io.join("plan.toml")).unwrap_or_default();
                         let parsed: DetectPlan = toml::from_str(&text).map_err(|e| {
                             unusable(
                                 bp,
@@ -361,7 +382,7 @@ impl Lifecycle<'_> {
             let text = toml::to_string(&BpPlan { entries }).map_err(|e| {
                 BuildpackError::io("writing the plan".into(), std::io::Error::other(e))
             })?;
-            self.fresh_plan(&text)?;
+            let io = self.plan_dir(&format!("build-{}", built.len()), &text)?;
 
             let mut env = self.base_env(&dir);
             // Build layers of the buildpacks before this one.
@@ -383,7 +404,7 @@ impl Lifecycle<'_> {
                 sandbox::PLATFORM.to_owned(),
                 plan_inside.clone(),
             ];
-            let outcome = self.step(bp, &dir, "build", args, env).await?;
+            let outcome = self.step(bp, &dir, "build", args, env, &io).await?;
             if outcome.code != Some(0) {
                 return Err(BuildpackError::BuildpackFailed {
                     buildpack: format!("{}@{}", bp.id, bp.version),

@@ -27,13 +27,9 @@ use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use flate2::Compression;
-use flate2::write::GzEncoder;
-
-use crate::image::layer::publish;
+use crate::image::layer::{finish, layer_tar};
 use crate::image::read::{LayerInput, Whiteout, clean_bytes, open_layer, whiteout_bytes};
 use crate::image::{Cancel, ImageError, LayerBlob, io_error};
-use crate::oci::Sha256Writer;
 use crate::storage::ContentStore;
 
 /// Counts bytes read through it, failing once `limit` is passed.
@@ -383,12 +379,10 @@ pub(super) fn merge(
             writes.insert(tree.inodes[inode], Write::Group(paths));
         }
     }
-    let blob = store.blob_writer(u64::MAX)?;
     // Level 1 (zlib-rs's quick strategy): ~20% larger than `gzip -1` of the
     // same tar but ~18% faster than level 2, which is smaller than `gzip -1`
-    // (bench/flatten.sh prints both). Speed wins until compression runs on
-    // every core (the speed issue).
-    let mut out = tar::Builder::new(Sha256Writer::new(GzEncoder::new(blob, Compression::fast())));
+    // (bench/flatten.sh prints both).
+    let mut out = layer_tar(store)?;
     for (path, saved) in dirs {
         write_dir(&mut out, path, &saved)?;
     }
@@ -405,10 +399,7 @@ pub(super) fn merge(
             }
         })?;
     }
-    let tar = out.into_inner().map_err(io_error("finishing the layer"))?;
-    let (diff_id, _, gzip) = tar.finish();
-    let blob = gzip.finish().map_err(io_error("finishing gzip"))?;
-    publish(diff_id, blob)
+    finish(out)
 }
 
 /// A directory entry, with its PAX records.

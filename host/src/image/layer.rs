@@ -6,14 +6,15 @@
 use std::path::Path;
 
 use flate2::Compression;
-use flate2::write::GzEncoder;
 
+use super::gzip::ParallelGzip;
+use super::offload::Offload;
 use super::{ImageError, LayerBlob, io_error};
 use crate::oci::{Digest, Sha256Writer};
 use crate::storage::{BlobWriter, ContentStore};
 
 /// A layer being written: tar, hashed for the diff id, gzipped into storage.
-pub type LayerTar = tar::Builder<Sha256Writer<GzEncoder<BlobWriter>>>;
+pub type LayerTar = tar::Builder<Sha256Writer<ParallelGzip<Offload<BlobWriter>>>>;
 
 /// Publishes a finished layer blob whose uncompressed tar hashed to `diff_id`.
 pub fn publish(diff_id: Digest, blob: BlobWriter) -> Result<LayerBlob, ImageError> {
@@ -30,17 +31,30 @@ pub fn write_layer(
     store: &ContentStore,
     fill: impl FnOnce(&mut LayerTar) -> Result<(), ImageError>,
 ) -> Result<LayerBlob, ImageError> {
-    let blob = store.blob_writer(u64::MAX)?;
-    let mut tar = tar::Builder::new(Sha256Writer::new(GzEncoder::new(blob, Compression::fast())));
+    let mut tar = layer_tar(store)?;
     fill(&mut tar)?;
     finish(tar)
+}
+
+/// A new layer's tar: level 1 (zlib-rs's quick strategy) on every core;
+/// the blob is hashed and written on a thread of its own.
+pub fn layer_tar(store: &ContentStore) -> Result<LayerTar, ImageError> {
+    let blob =
+        Offload::new(store.blob_writer(u64::MAX)?).map_err(io_error("starting a layer writer"))?;
+    Ok(tar::Builder::new(Sha256Writer::new(ParallelGzip::new(
+        blob,
+        Compression::fast(),
+    ))))
 }
 
 /// Ends the tar and the gzip stream, and publishes the layer.
 pub fn finish(tar: LayerTar) -> Result<LayerBlob, ImageError> {
     let hashed = tar.into_inner().map_err(io_error("finishing a layer"))?;
     let (diff_id, _, gzip) = hashed.finish();
-    let blob = gzip.finish().map_err(io_error("finishing gzip"))?;
+    let blob = gzip
+        .finish()
+        .and_then(Offload::finish)
+        .map_err(io_error("finishing gzip"))?;
     publish(diff_id, blob)
 }
 
