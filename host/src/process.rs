@@ -111,7 +111,7 @@ impl<F: FnOnce()> Drop for OnDrop<F> {
 }
 
 /// Kills the process group `id` leads.
-fn kill_group(id: Option<u32>) {
+pub(crate) fn kill_group(id: Option<u32>) {
     let pid = id
         .and_then(|id| i32::try_from(id).ok())
         .and_then(rustix::process::Pid::from_raw);

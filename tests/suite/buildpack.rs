@@ -34,7 +34,7 @@ pub fn trials() -> Vec<Trial> {
             hostile,
         ),
         trial(
-            "buildpack::symlinks_left_by_a_buildpack_never_lead_the_host_out",
+            "buildpack::symlinks_or_processes_left_by_a_buildpack_never_lead_the_host_out",
             symlinks,
         ),
     ]
@@ -165,20 +165,25 @@ fn seed_images() -> anyhow::Result<()> {
                 "bp-evil",
             )?;
             // Passes, but leaves symlinks to host paths where the host
-            // writes the next plan and reads launch environment files.
+            // reads plans and launch environment files, and a process
+            // that would spoil the build if it outlived its step.
             let linker_detect: &'static str = Box::leak(
                 format!(
-                    "#!/bin/sh\nln -sf {dir}/written-through-plan.txt /kontain/plan.toml\nexit 0\n",
+                    "#!/bin/sh\nln -sf {dir}/written-through-plan.txt \"$CNB_BUILD_PLAN_PATH\"\n\
+                     (while true; do if test -e /workspace/.go; then echo late > /workspace/late.txt; fi; busybox usleep 10000; done) &\n\
+                     exit 0\n",
                     dir = secret.display()
                 )
                 .into_boxed_str(),
             );
             let linker_build: &'static str = Box::leak(
                 format!(
-                    "#!/bin/sh\nset -e\nmkdir -p \"$CNB_LAYERS_DIR/evil\"\n\
+                    "#!/bin/sh\nset -e\necho > /workspace/.go\nbusybox usleep 300000\n\
+                     if test -e /workspace/late.txt; then echo 'a process outlived its step'; exit 9; fi\n\
+                     mkdir -p \"$CNB_LAYERS_DIR/evil\"\n\
                      ln -s {dir} \"$CNB_LAYERS_DIR/evil/env.launch\"\n\
                      printf '[types]\\nlaunch = true\\n' > \"$CNB_LAYERS_DIR/evil.toml\"\n\
-                     ln -sf {dir}/written-through-plan.txt /kontain/plan.toml\n\
+                     ln -sf {dir}/written-through-plan.txt \"$CNB_BP_PLAN_PATH\"\n\
                      printf '[[processes]]\\ntype = \"web\"\\ncommand = [\"/bin/sh\", \"-c\", \"env\"]\\ndefault = true\\n' > \"$CNB_LAYERS_DIR/launch.toml\"\n",
                     dir = secret.display()
                 )

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use super::BuildpackError;
 use super::env::Env;
 use super::plan::{DetectPlan, PlanItem, resolve_plan};
-use super::sandbox::{self, Mounts, Sandbox};
+use super::sandbox::{self, Mounts, Sandbox, Session};
 use crate::files::inside;
 
 /// The builder's filesystem and what it says.
@@ -201,6 +201,8 @@ impl Work {
 pub struct Lifecycle<'a> {
     pub builder: &'a Builder,
     pub sandbox: &'a Sandbox,
+    /// The sandbox all steps run in, if the builder can run them that way.
+    pub session: Option<tokio::sync::Mutex<Session>>,
     pub work: &'a Work,
     pub os: &'a str,
     pub arch: &'a str,
@@ -212,13 +214,25 @@ pub struct Detected {
 }
 
 impl Lifecycle<'_> {
-    fn mounts<'m>(&'m self, io: &'m Path) -> Mounts<'m> {
+    fn mounts(&self) -> Mounts<'_> {
         Mounts {
             rootfs: &self.builder.rootfs,
             app: &self.work.app,
             layers: &self.work.layers,
             platform: &self.work.platform,
-            io,
+            io: &self.work.io,
+        }
+    }
+
+    /// Starts the sandbox that runs every step, where the builder allows.
+    pub async fn start_session(&mut self) {
+        self.session = self
+            .sandbox
+            .session(&self.mounts())
+            .await
+            .map(tokio::sync::Mutex::new);
+        if self.session.is_none() {
+            tracing::debug!("each buildpack step runs in a sandbox of its own");
         }
     }
 
@@ -237,11 +251,10 @@ impl Lifecycle<'_> {
         env
     }
 
-    /// A new plan directory for one step, `plan.toml` in it holding
-    /// `content`; the step sees it (and only it) as its plan dir. Never
-    /// reused: a step may leave symlinks in its own, and the host reads
-    /// there after the step.
-    fn plan_dir(&self, name: &str, content: &str) -> Result<PathBuf, BuildpackError> {
+    /// A new plan directory `name` for one step, `plan.toml` in it holding
+    /// `content`; inside the sandbox it is `<IO>/<name>`. Never reused: a
+    /// step may leave symlinks in its own.
+    fn plan_dir(&self, name: &str, content: &str) -> Result<String, BuildpackError> {
         let dir = self.work.io.join(name);
         let fail = |e| BuildpackError::io("preparing the plan directory".into(), e);
         std::fs::create_dir(&dir).map_err(fail)?;
@@ -252,11 +265,21 @@ impl Lifecycle<'_> {
             .and_then(|mut f| std::io::Write::write_all(&mut f, content.as_bytes()))
             .map_err(fail)?;
         self.work.give(&dir)?;
-        Ok(dir)
+        Ok(format!("{}/{name}/plan.toml", sandbox::IO))
+    }
+
+    /// The plan a step left in its plan directory `name`, never through a
+    /// symlink put in place of the directory or the file.
+    fn read_plan(&self, name: &str) -> Option<String> {
+        let dir = self.work.io.join(name);
+        std::fs::symlink_metadata(&dir)
+            .is_ok_and(|m| m.is_dir())
+            .then(|| read_small(&dir.join("plan.toml")))
+            .flatten()
     }
 
     /// Runs `bp`'s `bin/<phase>` (from `dir`, inside the sandbox), with the
-    /// plan directory `io`.
+    /// plan directory `plan`.
     async fn step(
         &self,
         bp: &GroupEntry,
@@ -264,7 +287,7 @@ impl Lifecycle<'_> {
         phase: &str,
         args: Vec<String>,
         env: Env,
-        io: &Path,
+        plan: &str,
     ) -> Result<sandbox::Outcome, BuildpackError> {
         let step = sandbox::Step {
             program: format!("{dir}/bin/{phase}"),
@@ -272,28 +295,35 @@ impl Lifecycle<'_> {
             env: env.0.into_iter().collect(),
             what: format!("{}@{} {phase}", bp.id, bp.version),
         };
-        self.sandbox.run(&self.mounts(io), &step).await
+        if let Some(session) = &self.session {
+            let mut session = session.lock().await;
+            if session.can_run(&step) {
+                return session.run(&step, plan).await;
+            }
+        }
+        self.sandbox.run(&self.mounts(), &step).await
     }
 
     /// Runs `bin/detect` of every buildpack of `group`, several at once as
-    /// the lifecycle does (each in its own sandbox); outcomes in group order.
+    /// the lifecycle does (one after the other in a session); outcomes and
+    /// plan directories in group order.
     async fn detect_group(
         &self,
         index: usize,
         group: &[GroupEntry],
-    ) -> Result<Vec<(sandbox::Outcome, PathBuf)>, BuildpackError> {
-        let plan_inside = format!("{}/plan.toml", sandbox::IO);
+    ) -> Result<Vec<(sandbox::Outcome, String)>, BuildpackError> {
         let mut steps = Vec::new();
         for (n, bp) in group.iter().enumerate() {
             let dir = self.builder.buildpack_dir(bp)?;
-            let io = self.plan_dir(&format!("detect-{index}-{n}"), "")?;
+            let name = format!("detect-{index}-{n}");
+            let plan_inside = self.plan_dir(&name, "")?;
             let mut env = self.base_env(&dir);
             env.0
                 .insert("CNB_BUILD_PLAN_PATH".into(), plan_inside.clone());
-            let args = vec![sandbox::PLATFORM.to_owned(), plan_inside.clone()];
+            let args = vec![sandbox::PLATFORM.to_owned(), plan_inside];
             steps.push(async move {
-                let outcome = self.step(bp, &dir, "detect", args, env, &io).await?;
-                Ok::<_, BuildpackError>((outcome, io))
+                let outcome = self.step(bp, &dir, "detect", args, env, &name).await?;
+                Ok::<_, BuildpackError>((outcome, name))
             });
         }
         let at_once = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
@@ -311,10 +341,10 @@ impl Lifecycle<'_> {
             let mut failed_required = false;
             let mut notes = Vec::new();
             let outcomes = self.detect_group(index, group).await?;
-            for (bp, (outcome, io)) in group.iter().zip(outcomes) {
+            for (bp, (outcome, name)) in group.iter().zip(outcomes) {
                 match outcome.code {
                     Some(0) => {
-                        let text = read_small(&io.join("plan.toml")).unwrap_or_default();
+                        let text = self.read_plan(&name).unwrap_or_default();
                         let parsed: DetectPlan = toml::from_str(&text).map_err(|e| {
                             unusable(
                                 bp,
@@ -363,7 +393,6 @@ impl Lifecycle<'_> {
 
     /// Runs build for each buildpack of the detected group.
     pub async fn build(&self, detected: &Detected) -> Result<BuildOutput, BuildpackError> {
-        let plan_inside = format!("{}/plan.toml", sandbox::IO);
         let mut built: Vec<Built> = Vec::new();
         let mut processes: Vec<Process> = Vec::new();
         for (bp, entries) in &detected.group {
@@ -382,7 +411,8 @@ impl Lifecycle<'_> {
             let text = toml::to_string(&BpPlan { entries }).map_err(|e| {
                 BuildpackError::io("writing the plan".into(), std::io::Error::other(e))
             })?;
-            let io = self.plan_dir(&format!("build-{}", built.len()), &text)?;
+            let name = format!("build-{}", built.len());
+            let plan_inside = self.plan_dir(&name, &text)?;
 
             let mut env = self.base_env(&dir);
             // Build layers of the buildpacks before this one.
@@ -404,7 +434,7 @@ impl Lifecycle<'_> {
                 sandbox::PLATFORM.to_owned(),
                 plan_inside.clone(),
             ];
-            let outcome = self.step(bp, &dir, "build", args, env, &io).await?;
+            let outcome = self.step(bp, &dir, "build", args, env, &name).await?;
             if outcome.code != Some(0) {
                 return Err(BuildpackError::BuildpackFailed {
                     buildpack: format!("{}@{}", bp.id, bp.version),
