@@ -94,13 +94,16 @@ fn base_engine_config() -> EngineConfig {
 /// send to every core) were a third of a plugin call's cost.
 fn pooled_engine() -> Result<Engine, RuntimeError> {
     let mut pool = PoolingAllocationConfig::new();
-    // A component of a Rust wasip2 plugin holds a handful of core instances
-    // (the program, the WASI adapter, shims), each with at most a memory
-    // and a few tables.
+    // Room for every call at once to use all that its store's limits allow
+    // (see `state::STORE_LIMITS`), so that the semaphore, not the pool, is
+    // what a busy server runs into.
+    let (instances, memories, tables) = state::STORE_LIMITS;
     pool.total_component_instances(CONCURRENT_CALLS)
-        .total_core_instances(CONCURRENT_CALLS * 8)
-        .total_memories(CONCURRENT_CALLS * 2)
-        .total_tables(CONCURRENT_CALLS * 8)
+        .total_core_instances(CONCURRENT_CALLS * instances)
+        .total_memories(CONCURRENT_CALLS * memories)
+        .total_tables(CONCURRENT_CALLS * tables)
+        .max_memories_per_module(memories)
+        .max_tables_per_module(tables)
         .total_stacks(CONCURRENT_CALLS)
         // Any wasm32 memory; each plugin's own `limits.memory` is enforced
         // by its store's limiter.
@@ -324,11 +327,20 @@ impl Runtime {
     ) -> Result<T, GeneratorError> {
         let id = plugin.id.clone();
         let limit = plugin.limits.timeout;
-        let _slot = self.slots.acquire().await.map_err(|_| GeneratorError {
-            kind: ErrorKind::Internal,
-            plugin: Some(id.clone()),
-            message: "the plugin runtime is shutting down".into(),
-        })?;
+        // Waiting for a slot counts against the plugin's time limit.
+        let started = tokio::time::Instant::now();
+        let _slot = match tokio::time::timeout(limit, self.slots.acquire()).await {
+            Ok(Ok(slot)) => slot,
+            Ok(Err(_closed)) => {
+                return Err(GeneratorError {
+                    kind: ErrorKind::Internal,
+                    plugin: Some(id.clone()),
+                    message: "the plugin runtime is shutting down".into(),
+                });
+            }
+            Err(_elapsed) => return Err(error::deadline(&id, limit)),
+        };
+        let left = limit.saturating_sub(started.elapsed());
         let mut store = Store::new(
             &self.engine,
             HostState::new(plugin.clone(), self.services.clone()),
@@ -340,7 +352,7 @@ impl Runtime {
             let instance = plugin.pre.instantiate_async(&mut store).await?;
             export(instance.kontain_generator_generator(), &mut store).await
         };
-        let outcome = tokio::time::timeout(limit, call).await;
+        let outcome = tokio::time::timeout(left, call).await;
         let output = store.data().output();
         if !output.is_empty() {
             tracing::debug!(plugin = %id, output = %output.trim_end(), "plugin output");

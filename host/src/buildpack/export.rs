@@ -177,20 +177,16 @@ impl Buildpacks {
             host_user,
         };
         let (os, arch) = host_platform();
-        let mut lifecycle = Lifecycle {
+        let lifecycle = Lifecycle {
             builder: &builder,
             sandbox: &sandbox,
-            session: None,
             work: &work,
             os,
             arch,
         };
-        lifecycle.start_session().await;
         let detected = lifecycle.detect().await?;
         tracing::info!(url = %build.source.url, commit = %build.source.commit, group = ?detected.group.iter().map(|(b, _)| format!("{}@{}", b.id, b.version)).collect::<Vec<_>>(), "buildpacks detected");
         let output = lifecycle.build(&detected).await?;
-        // The sandbox goes (and all in it) before the host reads the tree.
-        drop(lifecycle);
         let measured = dir.path().to_owned();
         let size =
             blocking(move || tree_size(&measured).map_err(io_error("measuring the build"))).await?;

@@ -6,13 +6,13 @@
 
 use std::path::{Path, PathBuf};
 
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::StreamExt;
 use serde::Deserialize;
 
 use super::BuildpackError;
 use super::env::Env;
 use super::plan::{DetectPlan, PlanItem, resolve_plan};
-use super::sandbox::{self, Mounts, Sandbox, Session};
+use super::sandbox::{self, Mounts, Sandbox};
 use crate::files::inside;
 
 /// The builder's filesystem and what it says.
@@ -201,8 +201,6 @@ impl Work {
 pub struct Lifecycle<'a> {
     pub builder: &'a Builder,
     pub sandbox: &'a Sandbox,
-    /// The sandbox all steps run in, if the builder can run them that way.
-    pub session: Option<tokio::sync::Mutex<Session>>,
     pub work: &'a Work,
     pub os: &'a str,
     pub arch: &'a str,
@@ -214,25 +212,13 @@ pub struct Detected {
 }
 
 impl Lifecycle<'_> {
-    fn mounts(&self) -> Mounts<'_> {
+    fn mounts<'m>(&'m self, io: &'m Path) -> Mounts<'m> {
         Mounts {
             rootfs: &self.builder.rootfs,
             app: &self.work.app,
             layers: &self.work.layers,
             platform: &self.work.platform,
-            io: &self.work.io,
-        }
-    }
-
-    /// Starts the sandbox that runs every step, where the builder allows.
-    pub async fn start_session(&mut self) {
-        self.session = self
-            .sandbox
-            .session(&self.mounts())
-            .await
-            .map(tokio::sync::Mutex::new);
-        if self.session.is_none() {
-            tracing::debug!("each buildpack step runs in a sandbox of its own");
+            io,
         }
     }
 
@@ -251,10 +237,11 @@ impl Lifecycle<'_> {
         env
     }
 
-    /// A new plan directory `name` for one step, `plan.toml` in it holding
-    /// `content`; inside the sandbox it is `<IO>/<name>`. Never reused: a
-    /// step may leave symlinks in its own.
-    fn plan_dir(&self, name: &str, content: &str) -> Result<String, BuildpackError> {
+    /// A new plan directory for one step, `plan.toml` in it holding
+    /// `content`; the step sees it (and only it) as its plan dir. Never
+    /// reused: a step may leave symlinks in its own, and the host reads
+    /// there after the step.
+    fn plan_dir(&self, name: &str, content: &str) -> Result<PathBuf, BuildpackError> {
         let dir = self.work.io.join(name);
         let fail = |e| BuildpackError::io("preparing the plan directory".into(), e);
         std::fs::create_dir(&dir).map_err(fail)?;
@@ -265,21 +252,11 @@ impl Lifecycle<'_> {
             .and_then(|mut f| std::io::Write::write_all(&mut f, content.as_bytes()))
             .map_err(fail)?;
         self.work.give(&dir)?;
-        Ok(format!("{}/{name}/plan.toml", sandbox::IO))
-    }
-
-    /// The plan a step left in its plan directory `name`, never through a
-    /// symlink put in place of the directory or the file.
-    fn read_plan(&self, name: &str) -> Option<String> {
-        let dir = self.work.io.join(name);
-        std::fs::symlink_metadata(&dir)
-            .is_ok_and(|m| m.is_dir())
-            .then(|| read_small(&dir.join("plan.toml")))
-            .flatten()
+        Ok(dir)
     }
 
     /// Runs `bp`'s `bin/<phase>` (from `dir`, inside the sandbox), with the
-    /// plan directory `plan`.
+    /// plan directory `io`.
     async fn step(
         &self,
         bp: &GroupEntry,
@@ -287,7 +264,7 @@ impl Lifecycle<'_> {
         phase: &str,
         args: Vec<String>,
         env: Env,
-        plan: &str,
+        io: &Path,
     ) -> Result<sandbox::Outcome, BuildpackError> {
         let step = sandbox::Step {
             program: format!("{dir}/bin/{phase}"),
@@ -295,41 +272,38 @@ impl Lifecycle<'_> {
             env: env.0.into_iter().collect(),
             what: format!("{}@{} {phase}", bp.id, bp.version),
         };
-        if let Some(session) = &self.session {
-            let mut session = session.lock().await;
-            if session.can_run(&step) {
-                return session.run(&step, plan).await;
-            }
-        }
-        self.sandbox.run(&self.mounts(), &step).await
+        self.sandbox.run(&self.mounts(io), &step).await
     }
 
     /// Runs `bin/detect` of every buildpack of `group`, several at once as
-    /// the lifecycle does (one after the other in a session); outcomes and
-    /// plan directories in group order.
+    /// the lifecycle does (each in its own sandbox and plan directory).
+    /// One result per buildpack, in group order: the caller reads them as
+    /// the sequential lifecycle would, so that what comes after a required
+    /// failure (even an error) does not count.
     async fn detect_group(
         &self,
         index: usize,
         group: &[GroupEntry],
-    ) -> Result<Vec<(sandbox::Outcome, String)>, BuildpackError> {
+    ) -> Vec<Result<(sandbox::Outcome, PathBuf), BuildpackError>> {
+        let plan_inside = format!("{}/plan.toml", sandbox::IO);
         let mut steps = Vec::new();
         for (n, bp) in group.iter().enumerate() {
-            let dir = self.builder.buildpack_dir(bp)?;
-            let name = format!("detect-{index}-{n}");
-            let plan_inside = self.plan_dir(&name, "")?;
-            let mut env = self.base_env(&dir);
-            env.0
-                .insert("CNB_BUILD_PLAN_PATH".into(), plan_inside.clone());
-            let args = vec![sandbox::PLATFORM.to_owned(), plan_inside];
+            let plan_inside = plan_inside.clone();
             steps.push(async move {
-                let outcome = self.step(bp, &dir, "detect", args, env, &name).await?;
-                Ok::<_, BuildpackError>((outcome, name))
+                let dir = self.builder.buildpack_dir(bp)?;
+                let io = self.plan_dir(&format!("detect-{index}-{n}"), "")?;
+                let mut env = self.base_env(&dir);
+                env.0
+                    .insert("CNB_BUILD_PLAN_PATH".into(), plan_inside.clone());
+                let args = vec![sandbox::PLATFORM.to_owned(), plan_inside];
+                let outcome = self.step(bp, &dir, "detect", args, env, &io).await?;
+                Ok::<_, BuildpackError>((outcome, io))
             });
         }
         let at_once = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
         futures_util::stream::iter(steps)
             .buffered(at_once)
-            .try_collect()
+            .collect()
             .await
     }
 
@@ -340,11 +314,12 @@ impl Lifecycle<'_> {
             let mut passed: Vec<(GroupEntry, DetectPlan)> = Vec::new();
             let mut failed_required = false;
             let mut notes = Vec::new();
-            let outcomes = self.detect_group(index, group).await?;
-            for (bp, (outcome, name)) in group.iter().zip(outcomes) {
+            let outcomes = self.detect_group(index, group).await;
+            for (bp, result) in group.iter().zip(outcomes) {
+                let (outcome, io) = result?;
                 match outcome.code {
                     Some(0) => {
-                        let text = self.read_plan(&name).unwrap_or_default();
+                        let text = read_small(&io.join("plan.toml")).unwrap_or_default();
                         let parsed: DetectPlan = toml::from_str(&text).map_err(|e| {
                             unusable(
                                 bp,
@@ -393,6 +368,7 @@ impl Lifecycle<'_> {
 
     /// Runs build for each buildpack of the detected group.
     pub async fn build(&self, detected: &Detected) -> Result<BuildOutput, BuildpackError> {
+        let plan_inside = format!("{}/plan.toml", sandbox::IO);
         let mut built: Vec<Built> = Vec::new();
         let mut processes: Vec<Process> = Vec::new();
         for (bp, entries) in &detected.group {
@@ -411,8 +387,7 @@ impl Lifecycle<'_> {
             let text = toml::to_string(&BpPlan { entries }).map_err(|e| {
                 BuildpackError::io("writing the plan".into(), std::io::Error::other(e))
             })?;
-            let name = format!("build-{}", built.len());
-            let plan_inside = self.plan_dir(&name, &text)?;
+            let io = self.plan_dir(&format!("build-{}", built.len()), &text)?;
 
             let mut env = self.base_env(&dir);
             // Build layers of the buildpacks before this one.
@@ -434,7 +409,7 @@ impl Lifecycle<'_> {
                 sandbox::PLATFORM.to_owned(),
                 plan_inside.clone(),
             ];
-            let outcome = self.step(bp, &dir, "build", args, env, &name).await?;
+            let outcome = self.step(bp, &dir, "build", args, env, &io).await?;
             if outcome.code != Some(0) {
                 return Err(BuildpackError::BuildpackFailed {
                     buildpack: format!("{}@{}", bp.id, bp.version),

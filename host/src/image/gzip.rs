@@ -20,6 +20,8 @@ const PIECE: usize = 256 * 1024;
 /// Deflate's window: each piece is compressed with the previous piece's last
 /// 32 KiB as its dictionary, so splitting costs almost no compression.
 const WINDOW: usize = 32 * 1024;
+/// Pieces one writer has in flight at most (~0.5 MiB each, input and output).
+const MAX_IN_FLIGHT: usize = 16;
 /// A final, empty block with fixed codes (BFINAL=1, BTYPE=01, end of block).
 const FINAL_BLOCK: [u8; 2] = [0x03, 0x00];
 
@@ -58,7 +60,8 @@ struct Piece {
 
 /// A gzip writer that compresses pieces of [`PIECE`] bytes on a thread pool
 /// while the writing thread goes on (tar, hashing, storage), as pigz does.
-/// Pieces are written out in order; at most two per thread are in flight.
+/// Pieces are written out in order; two per thread are in flight, at most
+/// [`MAX_IN_FLIGHT`].
 pub struct ParallelGzip<W: Write> {
     member: Member<W>,
     level: Compression,
@@ -104,7 +107,9 @@ impl<W: Write> ParallelGzip<W> {
             let _ = done.send(deflate_piece(level, &dictionary, &data));
         });
         self.in_flight.push_back(result);
-        while self.in_flight.len() > 2 * self.threads.count().max(1) {
+        // Two per thread keep every thread busy; the cap keeps a many-core
+        // machine's layers (one writer per core) from holding cores² pieces.
+        while self.in_flight.len() > (2 * self.threads.count()).clamp(2, MAX_IN_FLIGHT) {
             self.write_oldest()?;
         }
         Ok(())

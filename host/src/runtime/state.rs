@@ -19,6 +19,10 @@ use crate::storage::{BlobInfo, StoredManifest};
 /// call, tagged with the plugin, instead of reaching the server's own output.
 const OUTPUT_CAPTURE: usize = 64 * 1024;
 
+/// Core instances, memories and tables one plugin call may create: a Rust
+/// wasip2 component needs a few (the program, the WASI adapter, shims).
+pub(super) const STORE_LIMITS: (u32, u32, u32) = (4, 4, 16);
+
 pub struct HostState {
     pub(super) call: Call,
     table: ResourceTable,
@@ -37,11 +41,12 @@ impl HostState {
             .stdout(output.clone())
             .stderr(output.clone())
             .build();
+        let (instances, memories, tables) = STORE_LIMITS;
         let limits = StoreLimitsBuilder::new()
             .memory_size(plugin.limits.memory.0 as usize)
-            .instances(4)
-            .tables(16)
-            .memories(4)
+            .instances(instances as usize)
+            .tables(tables as usize)
+            .memories(memories as usize)
             .trap_on_grow_failure(true)
             .build();
         HostState {
