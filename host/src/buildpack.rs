@@ -23,6 +23,7 @@ pub mod wit;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
@@ -31,7 +32,7 @@ pub use export::BuildpackBuild;
 pub use git::Source;
 
 use crate::generator::{Classify, ErrorKind};
-use crate::image::once::DirCache;
+use crate::image::once::{DirCache, Recent};
 use crate::image::{Builds, ImageError};
 use crate::upstream::{Refusal, Upstream, UpstreamError};
 
@@ -93,7 +94,7 @@ impl Classify for BuildpackError {
                 ErrorKind::BuildFailed
             }
             // The configured builder is the operator's to fix.
-            BuildpackError::BadBuilder(_) => ErrorKind::Internal,
+            BuildpackError::BadBuilder(_) => ErrorKind::Misconfigured,
             BuildpackError::Unreachable { .. }
             | BuildpackError::Git { .. }
             | BuildpackError::Tool { .. }
@@ -144,7 +145,12 @@ pub struct Buildpacks {
     sources: DirCache,
     /// Builder filesystems, by builder digest.
     builders: DirCache,
+    /// Branch and tag lists read lately, by URL.
+    refs: Recent<Vec<String>>,
 }
+
+/// How long a repository's branch and tag list is answered from memory.
+const REFS_TTL: Duration = Duration::from_secs(60);
 
 impl Buildpacks {
     pub fn new(
@@ -165,6 +171,7 @@ impl Buildpacks {
             builds,
             sources: DirCache::new(scratch.join("sources"), scratch.join("tmp")),
             builders: DirCache::new(scratch.join("builders"), scratch.join("tmp")),
+            refs: Recent::new(REFS_TTL),
             scratch,
         })
     }
@@ -208,6 +215,22 @@ impl Buildpacks {
     /// Removes checkouts and unpacked builders unused for `ttl`.
     pub fn collect(&self, ttl: std::time::Duration) -> usize {
         self.sources.expire(ttl) + self.builders.expire(ttl)
+    }
+
+    /// The branches and tags of `owner/repo`, from a recent read or git.
+    pub async fn refs(&self, owner: &str, repo: &str) -> Result<Arc<Vec<String>>, BuildpackError> {
+        let settings = self.settings.load_full();
+        let url = settings.git.url(owner, repo)?;
+        let key = url.to_string();
+        if let Some(refs) = self.refs.get(&key) {
+            return Ok(refs);
+        }
+        let policy = self.upstream.client().policy();
+        let tmp = self.scratch.join("tmp");
+        let mut refs = settings.git.refs(&url, &policy, &tmp).await?;
+        refs.sort();
+        refs.dedup();
+        Ok(self.refs.put(key, refs))
     }
 
     /// The commit `revision` names in `owner/repo`, checked out.

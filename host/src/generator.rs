@@ -42,6 +42,9 @@ pub trait Generators: Send + Sync + 'static {
 
     /// A blob storage did not have, if the generator can produce it.
     async fn fetch_blob(&self, route: Route, digest: Digest) -> Result<BlobInfo, GeneratorError>;
+
+    /// The tags the generator lists for a repository, unsorted.
+    async fn tags(&self, route: Route) -> Result<Vec<String>, GeneratorError>;
 }
 
 /// A plugin, named the way its errors and logs name it: the configured name
@@ -87,6 +90,10 @@ pub enum ErrorKind {
     /// The server's storage is full: nothing new can be made until space
     /// is freed (what exists is still served).
     OutOfSpace,
+    /// The server's own configuration cannot serve this (a configured
+    /// builder that cannot be used): the operator has to change it, and the
+    /// client should learn why.
+    Misconfigured,
     /// A bug, a crash or a server-side failure.
     Internal,
 }

@@ -14,6 +14,7 @@ pub mod config;
 mod ko;
 mod modpath;
 mod proxy;
+mod sbom;
 mod serve;
 mod source;
 mod sumdb;
@@ -380,6 +381,20 @@ impl Go {
                 import_path: import.to_string(),
             }),
         }
+    }
+
+    /// The released versions of the module providing `import_path` (the
+    /// longest module path the proxies know), as `@v/list` gives them:
+    /// semver lines only.
+    pub async fn versions(&self, import_path: &str) -> Result<Vec<String>, GoError> {
+        let import = ImportPath::parse(import_path).map_err(GoError::InvalidPath)?;
+        for candidate in import.module_candidates() {
+            let list = proxy::path_of(candidate, "@v/list");
+            if let Some(body) = self.document(&list).await? {
+                return Ok(modpath::versions_of(&String::from_utf8_lossy(&body)));
+            }
+        }
+        Ok(Vec::new())
     }
 
     /// Longest module path first, as `go get` does.

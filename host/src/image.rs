@@ -19,6 +19,7 @@ pub mod layer;
 pub mod offload;
 pub mod once;
 pub mod read;
+pub mod sbom;
 pub mod work;
 
 use std::io;

@@ -11,7 +11,9 @@
 mod admitted;
 mod connections;
 mod endpoint;
+mod referrers;
 mod response;
+mod tags;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -80,16 +82,17 @@ impl Registry {
             // RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host; which
             // generator answers may depend on it.
             let hosts = request.headers().get_all(header::HOST).iter().count();
+            let query = request.uri().query().unwrap_or_default();
             let result = match request.version() == http::Version::HTTP_11 && hosts != 1 {
                 true => Err(ApiError::BadRequest(match hosts {
-                    0 => "the request has no Host header",
-                    _ => "the request has more than one Host header",
+                    0 => "the request has no Host header".into(),
+                    _ => "the request has more than one Host header".into(),
                 })),
-                false => self.dispatch(&method, &path, &headers).await,
+                false => self.dispatch(&method, &path, query, &headers).await,
             };
             let mut response = match result {
                 Ok(response) => response,
-                Err(error) => error.into_response(head),
+                Err(error) => error.into_response(head, endpoint::parse(&path).subject()),
             };
             response
                 .headers_mut()
@@ -105,6 +108,7 @@ impl Registry {
         &self,
         method: &Method,
         path: &str,
+        query: &str,
         headers: &HeaderMap,
     ) -> Result<Response<Body>, ApiError> {
         let readable = method == Method::GET || method == Method::HEAD;
@@ -125,16 +129,58 @@ impl Registry {
                 self.blob(name, digest, headers, method == Method::HEAD)
                     .await
             }
-            Endpoint::TagsList | Endpoint::Catalog if readable => Err(ApiError::Unsupported(
-                "listing is not supported: kontain generates tags on demand",
+            Endpoint::TagsList { name } if readable => {
+                self.tags(name, query, headers, method == Method::HEAD)
+                    .await
+            }
+            Endpoint::Referrers { name, digest } if readable => {
+                self.referrers(name, digest, query, headers, method == Method::HEAD)
+                    .await
+            }
+            Endpoint::Catalog if readable => Err(ApiError::NotFound(
+                "the catalog is not served: kontain generates repositories on demand; \
+                 list a repository's tags instead"
+                    .into(),
             )),
             Endpoint::Unknown => Err(ApiError::NotFound(format!(
                 "{path} is not part of the registry API"
             ))),
-            _ => Err(ApiError::Unsupported(
-                "kontain is a pull-only registry: pushing and deleting are not supported",
-            )),
+            Endpoint::Upload => Err(ApiError::MethodNotAllowed {
+                message: "kontain is a pull-only registry: pushing is not supported",
+                allow: "",
+            }),
+            _ => Err(ApiError::MethodNotAllowed {
+                message: "kontain is a pull-only registry: pushing and deleting are not supported",
+                allow: "GET, HEAD",
+            }),
         }
+    }
+
+    /// `GET|HEAD /v2/<name>/tags/list[?n=<count>&last=<tag>]`: the tags the
+    /// generator lists, in lexical order, a page at a time.
+    async fn tags(
+        &self,
+        name: &str,
+        query: &str,
+        headers: &HeaderMap,
+        head: bool,
+    ) -> Result<Response<Body>, ApiError> {
+        let (name, route) = self.route(name, headers)?;
+        let page = tags::Page::parse(query).map_err(ApiError::BadRequest)?;
+        let all = tags::sorted(self.generators.tags(route).await?);
+        let (tags, next) = page.of(&all);
+        let body = serde_json::json!({ "name": name.to_string(), "tags": tags });
+        let bytes = Bytes::from(body.to_string());
+        let mut builder = Response::builder()
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CONTENT_LENGTH, bytes.len());
+        if let Some(next) = next {
+            builder = builder.header(header::LINK, next.link(&name));
+        }
+        let body = if head { empty() } else { full(bytes) };
+        Ok(builder
+            .body(body)
+            .unwrap_or_else(|_| Response::new(empty())))
     }
 
     /// Parses and routes a repository name.

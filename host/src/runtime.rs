@@ -320,7 +320,7 @@ impl Runtime {
         &self,
         plugin: Arc<Plugin>,
         export: impl AsyncFnOnce(
-            &guest::Guest,
+            &Exports,
             &mut Store<HostState>,
         ) -> wasmtime::Result<Result<R, types::Error>>,
         finish: impl FnOnce(&mut HostState, R) -> wasmtime::Result<T>,
@@ -349,8 +349,17 @@ impl Runtime {
         store.epoch_deadline_async_yield_and_update(1);
 
         let call = async {
-            let instance = plugin.pre.instantiate_async(&mut store).await?;
-            export(instance.kontain_generator_generator(), &mut store).await
+            let instance = plugin
+                .pre
+                .instance_pre()
+                .instantiate_async(&mut store)
+                .await?;
+            let exports = Exports {
+                bound: bindings::Plugin::new(&mut store, &instance)?,
+                instance,
+                tags: plugin.tags,
+            };
+            export(&exports, &mut store).await
         };
         let outcome = tokio::time::timeout(left, call).await;
         let output = store.data().output();
@@ -373,6 +382,36 @@ impl Runtime {
     }
 }
 
+/// What an instance exports: the `generator` interface every plugin has, and
+/// the optional ones, looked up when called.
+struct Exports {
+    bound: bindings::Plugin,
+    instance: wasmtime::component::Instance,
+    tags: Option<wasmtime::component::ComponentExportIndex>,
+}
+
+impl Exports {
+    fn generator(&self) -> &guest::Guest {
+        self.bound.kontain_generator_generator()
+    }
+
+    /// `tags.list(repository)`; a plugin without it lists nothing.
+    async fn tags(
+        &self,
+        store: &mut Store<HostState>,
+        repository: &str,
+    ) -> wasmtime::Result<Result<Vec<String>, types::Error>> {
+        let Some(index) = &self.tags else {
+            return Ok(Ok(Vec::new()));
+        };
+        let list = self
+            .instance
+            .get_typed_func::<(&str,), (Result<Vec<String>, types::Error>,)>(&mut *store, index)?;
+        let (tags,) = list.call_async(&mut *store, (repository,)).await?;
+        Ok(tags)
+    }
+}
+
 #[async_trait::async_trait]
 impl Generators for Runtime {
     fn route(&self, host: Option<&str>, name: &RepositoryName) -> Option<Route> {
@@ -388,8 +427,26 @@ impl Generators for Runtime {
         };
         self.call(
             plugin,
-            async |guest, store| guest.call_resolve(store, &guest_request).await,
+            async |exports, store| {
+                exports
+                    .generator()
+                    .call_resolve(store, &guest_request)
+                    .await
+            },
             |state, handle| state.take_manifest(handle),
+        )
+        .await
+    }
+
+    async fn tags(&self, route: Route) -> Result<Vec<String>, GeneratorError> {
+        let plugin = self.plugin(&route.generator)?;
+        if plugin.tags.is_none() {
+            return Ok(Vec::new());
+        }
+        self.call(
+            plugin,
+            async |exports, store| exports.tags(store, &route.repository).await,
+            |_, tags| Ok(tags),
         )
         .await
     }
@@ -402,7 +459,12 @@ impl Generators for Runtime {
         };
         self.call(
             plugin,
-            async |guest, store| guest.call_fetch_blob(store, &guest_request).await,
+            async |exports, store| {
+                exports
+                    .generator()
+                    .call_fetch_blob(store, &guest_request)
+                    .await
+            },
             |state, handle| state.take_blob(handle),
         )
         .await

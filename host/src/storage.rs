@@ -23,6 +23,7 @@ pub mod expiry;
 pub mod filesystem;
 pub mod gcs;
 mod owner;
+mod referrers;
 mod spool;
 
 use std::io;

@@ -22,7 +22,11 @@ pub mod wit;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use arc_swap::ArcSwap;
+
+use crate::image::once::Recent;
 
 use crate::generator::{Classify, ErrorKind};
 use crate::oci::Digest;
@@ -138,7 +142,13 @@ pub struct Upstream {
     /// Blob sizes the manifests served so far declare: a download reads no
     /// more than that (`mirror`).
     declared: std::sync::Mutex<HashMap<Digest, u64>>,
+    /// Tag lists read lately, by registry and repository.
+    tag_lists: Recent<Vec<String>>,
 }
+
+/// How long a tag list is answered from memory: tag lists change, but a
+/// client paging through one must see the same list on every page.
+const TAG_LIST_TTL: Duration = Duration::from_secs(60);
 
 /// The policy and settings `config` describes; `extra` are hosts other
 /// sections need reached (module proxies, the git host), each allowed as
@@ -205,6 +215,7 @@ impl Upstream {
             settings: ArcSwap::from_pointee(settings),
             store,
             declared: Default::default(),
+            tag_lists: Recent::new(TAG_LIST_TTL),
         })
     }
 
@@ -286,6 +297,19 @@ impl Scoped<'_> {
     ) -> Result<StoredManifest, UpstreamError> {
         let upstream = self.check(image)?;
         self.upstream.manifest(&upstream, reference, accept).await
+    }
+
+    /// The tags of `image`, sorted, from a recent read or upstream.
+    pub async fn tags(&self, image: &str) -> Result<Arc<Vec<String>>, UpstreamError> {
+        let upstream = self.check(image)?;
+        let key = upstream.cache_key();
+        if let Some(tags) = self.upstream.tag_lists.get(&key) {
+            return Ok(tags);
+        }
+        let mut tags = self.upstream.client.list_tags(&upstream).await?;
+        tags.sort();
+        tags.dedup();
+        Ok(self.upstream.tag_lists.put(key, tags))
     }
 
     /// A blob of `image`, from storage or streamed from upstream into it.

@@ -37,7 +37,33 @@ pub fn trials() -> Vec<Trial> {
             "buildpack::symlinks_or_processes_left_by_a_buildpack_never_lead_the_host_out",
             symlinks,
         ),
+        trial(
+            "buildpack::skopeo_inspect_lists_branches_and_tags",
+            inspect_tags,
+        ),
     ]
+}
+
+fn inspect_tags() -> anyhow::Result<()> {
+    let server = server()?;
+    let repos = repos()?;
+    let dir = repos.create(
+        "acme",
+        "tagged",
+        &[("message.txt", "tagged\n"), ("run.sh", RUN_SH)],
+    )?;
+    git(&dir, &["tag", "v1.0"])?;
+    // Not a valid image tag: left out of the list.
+    git(&dir, &["branch", "feature/x"])?;
+    git(&dir, &["branch", "next"])?;
+    let tags =
+        crate::support::skopeo_repo_tags(&format!("{}/buildpack/acme/tagged:v1.0", server.addr))?;
+    assert_eq!(
+        tags,
+        serde_json::json!(["latest", "main", "next", "v1.0"]),
+        "{tags}"
+    );
+    Ok(())
 }
 
 const TOOL_DETECT: &str = include_str!("../fixtures/buildpacks/tool/detect");

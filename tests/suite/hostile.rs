@@ -209,7 +209,7 @@ fn endless_body() -> anyhow::Result<()> {
     proxy.set_endless_blobs(true);
     let path = format!("/v2/mirror/local/oci-image/blobs/{digest}");
     let message =
-        get(server.addr, &path)?.expect_error(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE")?;
+        get(server.addr, &path)?.expect_error(StatusCode::SERVICE_UNAVAILABLE, "BLOB_UNKNOWN")?;
     eprintln!(
         "an endless body: {message}; the upstream sent {} bytes",
         proxy.endless_sent()
@@ -337,7 +337,7 @@ fn accept_and_upstream_errors() -> anyhow::Result<()> {
     // Throttling and failures upstream are worth a retry.
     proxy.answer_manifests(Some((429, "{}")));
     get(server.addr, "/v2/mirror/local/multi/manifests/latest")?
-        .expect_error(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE")?;
+        .expect_error(StatusCode::SERVICE_UNAVAILABLE, "MANIFEST_UNKNOWN")?;
     Ok(())
 }
 
@@ -415,7 +415,11 @@ fn full_disk() -> anyhow::Result<()> {
         &format!("path = {:?}", data.display().to_string()),
     )))?;
     let check = |reply: crate::support::Reply| -> anyhow::Result<()> {
-        let message = reply.expect_error(StatusCode::INSUFFICIENT_STORAGE, "UNAVAILABLE")?;
+        let code = match reply.request.contains("/blobs/") {
+            true => "BLOB_UNKNOWN",
+            false => "MANIFEST_UNKNOWN",
+        };
+        let message = reply.expect_error(StatusCode::INSUFFICIENT_STORAGE, code)?;
         assert!(message.contains("out of storage space"), "{message}");
         assert!(!message.contains('/'), "a path in {message}");
         Ok(())

@@ -24,7 +24,7 @@ pub fn trials() -> Vec<Trial> {
             unknown_digests,
         ),
         trial(
-            "http::malformed_digests_and_names_are_400_not_500",
+            "http::malformed_digests_and_names_are_400_and_malformed_tags_404_never_500",
             malformed_input,
         ),
         trial(
@@ -32,7 +32,7 @@ pub fn trials() -> Vec<Trial> {
             push_endpoints,
         ),
         trial(
-            "http::out_of_range_random_tags_are_400_with_a_clear_message",
+            "http::out_of_range_random_tags_are_404_manifest_unknown_with_a_clear_message",
             out_of_range_tags,
         ),
         trial(
@@ -178,18 +178,25 @@ fn malformed_input() -> anyhow::Result<()> {
         ("/v2/Random/manifests/latest", "NAME_INVALID"),
         ("/v2/ran..dom/manifests/latest", "NAME_INVALID"),
         ("/v2/random/x%2F..%2Fy/manifests/latest", "NAME_INVALID"),
-        ("/v2/random/manifests/-latest", "TAG_INVALID"),
-        (
-            &format!("/v2/random/manifests/{}", "a".repeat(129)),
-            "TAG_INVALID",
-        ),
         (
             &format!("/v2/{}/manifests/latest", "a".repeat(256)),
             "NAME_INVALID",
         ),
+        ("/v2/random/tags/list?n=many", "UNSUPPORTED"),
+        ("/v2/random/referrers/sha256:totallywrong", "DIGEST_INVALID"),
     ] {
         let message = r.refused(path, StatusCode::BAD_REQUEST, code)?;
         assert!(!message.is_empty(), "{path}");
+    }
+    // A tag that cannot exist names no manifest: the spec's 404, with the
+    // words docker prints.
+    for path in [
+        "/v2/random/manifests/-latest",
+        "/v2/random/manifests/.INVALID_MANIFEST_NAME",
+        &format!("/v2/random/manifests/{}", "a".repeat(129)),
+    ] {
+        let message = r.refused(path, StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN")?;
+        assert!(message.contains("is not valid"), "{path}: {message}");
     }
     Ok(())
 }
@@ -205,9 +212,17 @@ fn push_endpoints() -> anyhow::Result<()> {
         (Method::DELETE, "/v2/random/manifests/latest".to_owned()),
         (Method::DELETE, format!("/v2/random/blobs/{zero}")),
         (Method::POST, "/v2/".to_owned()),
+        (Method::DELETE, "/v2/random/tags/list".to_owned()),
     ] {
-        r.request(method, &path, &[])?
-            .expect_error(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED")?;
+        let reply = r.request(method, &path, &[])?;
+        reply.expect_error(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED")?;
+        let allow = reply.header("allow");
+        match path.contains("/uploads") {
+            // Nothing is allowed on the push side; RFC 9110 says so with an
+            // empty Allow.
+            true => assert_eq!(allow, "", "{path}"),
+            false => assert_eq!(allow, "GET, HEAD", "{path}"),
+        }
     }
     Ok(())
 }
@@ -221,8 +236,8 @@ fn out_of_range_tags() -> anyhow::Result<()> {
     ] {
         let message = r.refused(
             &format!("/v2/random/manifests/{tag}"),
-            StatusCode::BAD_REQUEST,
-            "TAG_INVALID",
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
         )?;
         assert!(message.contains(words), "{tag}: {message}");
     }

@@ -46,6 +46,14 @@ pub fn trials() -> Vec<Trial> {
             refused_dependency,
         ),
         trial("ko::unknown_modules_and_bad_names", unknown),
+        trial(
+            "ko::each_image_has_an_spdx_sbom_in_the_referrers_api_naming_every_dependency",
+            sbom,
+        ),
+        trial(
+            "ko::skopeo_inspect_lists_the_module_versions_as_tags",
+            inspect_tags,
+        ),
     ]
 }
 
@@ -459,6 +467,87 @@ fn layout() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The SBOM artifacts the referrers API lists for `digest`.
+fn sboms(server: &Server, digest: &str) -> anyhow::Result<Vec<String>> {
+    let path =
+        format!("/v2/ko/example.com/hello/referrers/{digest}?artifactType=application/spdx%2Bjson");
+    let reply = get_ok(server, &path)?;
+    assert_eq!(reply.header("oci-filters-applied"), "artifactType");
+    let index = reply.json()?;
+    Ok(index["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["digest"].as_str().map(str::to_owned))
+        .collect())
+}
+
+fn sbom() -> anyhow::Result<()> {
+    let server = server()?;
+    let index = get_ok(server, "/v2/ko/example.com/hello/manifests/v1.0.0")?;
+    let index_digest = index.header("docker-content-digest").to_owned();
+    let index = index.json()?;
+    assert_eq!(sboms(server, &index_digest)?.len(), 1, "the index's SBOM");
+    let child = index["manifests"][0]["digest"].as_str().unwrap_or_default();
+    let found = sboms(server, child)?;
+    assert_eq!(found.len(), 1, "one SBOM per platform image: {found:?}");
+    // A real client fetches the artifact by digest.
+    let artifact = crate::support::skopeo(&[
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{}/ko/example.com/hello@{}", server.addr, found[0]),
+    ])?;
+    let artifact: serde_json::Value = serde_json::from_str(&artifact)?;
+    assert_eq!(artifact["artifactType"], "application/spdx+json");
+    assert_eq!(artifact["subject"]["digest"], child);
+    let document = get_blob(server, "ko/example.com/hello", &artifact["layers"][0])?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("sbom.spdx.json");
+    std::fs::write(&file, &document.body)?;
+    // SPDX's own validator (spdx-tools, installed by tests/run.sh).
+    crate::support::run(
+        std::process::Command::new("python3")
+            .args(["-m", "spdx_tools.spdx.clitools.pyspdxtools", "--infile"])
+            .arg(&file),
+    )?;
+    let document: serde_json::Value = serde_json::from_slice(&document.body)?;
+    assert_eq!(document["spdxVersion"], "SPDX-2.3");
+    let packages = document["packages"].as_array().cloned().unwrap_or_default();
+    let package = |name: &str| packages.iter().find(|p| p["name"] == name).cloned();
+    let greeting = package("example.com/greeting").expect("the dependency is listed");
+    assert_eq!(greeting["versionInfo"], "v1.0.0");
+    let (h1, _) =
+        crate::support::sumdb::hashes(proxy()?.dir.path(), "example.com/greeting", "v1.0.0")?;
+    assert_eq!(greeting["comment"], format!("go.sum: {h1}"));
+    let main = packages
+        .iter()
+        .find(|p| p["SPDXID"] == "SPDXRef-Package-main")
+        .expect("the main module");
+    assert_eq!(
+        (main["name"].as_str(), main["versionInfo"].as_str()),
+        (Some("example.com/hello"), Some("v1.0.0"))
+    );
+    assert!(package("stdlib").is_some_and(|p| {
+        p["versionInfo"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("go1."))
+    }));
+    Ok(())
+}
+
+fn inspect_tags() -> anyhow::Result<()> {
+    let server = server()?;
+    let tags =
+        crate::support::skopeo_repo_tags(&format!("{}/ko/example.com/hello:v1.0.0", server.addr))?;
+    assert_eq!(
+        tags,
+        serde_json::json!(["latest", "v1.0.0", "v1.1.0"]),
+        "{tags}"
+    );
+    Ok(())
+}
+
 fn versions() -> anyhow::Result<()> {
     let server = server()?;
     let v1 = digest(server, "example.com/hello", "v1.0.0")?;
@@ -517,6 +606,11 @@ fn reproducible() -> anyhow::Result<()> {
         assert_eq!(digest(&first, "example.com/hello", "v1.0.0")?, digests[0]);
     }
     assert_eq!(go_builds_in(&first.log()), 2);
+    let child = get_ok(&first, path)?.json()?["manifests"][1]["digest"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let sbom_digests = [sboms(&first, &digests[0])?, sboms(&first, &child)?];
 
     // Delete everything (image cache, modules, Go's caches) and rebuild.
     let again = first.restart_after_with_env(&TWO_THREADS, |dir| {
@@ -531,6 +625,11 @@ fn reproducible() -> anyhow::Result<()> {
     })?;
     assert_eq!(digest(&again, "example.com/hello", "v1.0.0")?, digests[0]);
     assert_eq!(go_builds_in(&again.log()), 2, "{}", again.log());
+    assert_eq!(
+        [sboms(&again, &digests[0])?, sboms(&again, &child)?],
+        sbom_digests,
+        "the same build gives the same SBOMs"
+    );
     let _ = std::process::Command::new("chmod")
         .args(["-R", "u+w"])
         .arg(again.dir.path())
@@ -547,6 +646,7 @@ fn compile_error() -> anyhow::Result<()> {
         message.contains("undefined: nope"),
         "docker pull shows the compiler's message: {message}"
     );
+    assert!(message.contains("manifest unknown"), "{message}");
     // Asked again at once: the same answer, without another build.
     let again = get(server.addr, "/v2/ko/example.com/broken/manifests/v1.0.0")?;
     let (_, repeated) = again.error()?;

@@ -48,6 +48,10 @@ pub fn trials() -> Vec<Trial> {
             "mirror::refusals_are_denied_before_any_connection",
             refusals,
         ),
+        trial(
+            "mirror::skopeo_lists_the_upstreams_250_tags_page_by_page_and_inspects_mirror_and_flatten",
+            tag_list,
+        ),
     ]
 }
 
@@ -110,6 +114,99 @@ fn seed() -> anyhow::Result<World> {
     images::single(&bomb, "v1", &bomb_image)?;
     registry.push(&bomb, "v1", "bomb", Some("oci"))?;
     Ok(World { registry })
+}
+
+/// `oci-image:v1` copied to the upstream repository `many` under 250 more
+/// tags, once.
+fn many_tags() -> anyhow::Result<()> {
+    static MANY: OnceLock<Result<(), String>> = OnceLock::new();
+    MANY.get_or_init(|| {
+        let tag = || -> anyhow::Result<()> {
+            let addr = world()?.registry.addr;
+            skopeo(&[
+                "copy",
+                "--src-tls-verify=false",
+                "--dest-tls-verify=false",
+                &format!("docker://{addr}/oci-image:v1"),
+                &format!("docker://{addr}/many:v1"),
+            ])?;
+            let manifest = http(
+                addr,
+                Method::GET,
+                "/v2/many/manifests/v1",
+                &[("accept", ACCEPT_ALL)],
+            )?;
+            let media_type = manifest.header("content-type").to_owned();
+            for i in 0..250 {
+                let put = crate::support::http_with_body(
+                    addr,
+                    Method::PUT,
+                    &format!("/v2/many/manifests/t{i:03}"),
+                    &[("content-type", &media_type)],
+                    manifest.body.clone(),
+                )?;
+                anyhow::ensure!(
+                    put.status == StatusCode::CREATED,
+                    "PUT t{i:03}: {}",
+                    put.status
+                );
+            }
+            Ok(())
+        };
+        tag().map_err(|e| format!("{e:?}"))
+    })
+    .clone()
+    .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn tag_list() -> anyhow::Result<()> {
+    many_tags()?;
+    let (_proxy, server) = proxied_mirror()?;
+    let listed = skopeo(&[
+        "list-tags",
+        "--tls-verify=false",
+        &format!("docker://{}/mirror/local/many", server.addr),
+    ])?;
+    let listed: serde_json::Value = serde_json::from_str(&listed)?;
+    let tags: Vec<&str> = listed["Tags"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.as_str())
+        .collect();
+    let mut want: Vec<String> = (0..250).map(|i| format!("t{i:03}")).collect();
+    want.push("v1".into());
+    assert_eq!(tags, want);
+    // Pages of the spec: `n`, `last`, and a Link while there is more.
+    let mut path = "/v2/mirror/local/many/tags/list?n=100".to_owned();
+    let mut pages = Vec::new();
+    loop {
+        let reply = get(server.addr, &path)?;
+        assert_eq!(reply.status, StatusCode::OK, "{path}");
+        pages.push(reply.json()?["tags"].as_array().map_or(0, Vec::len));
+        let link = reply.header("link");
+        if link.is_empty() {
+            break;
+        }
+        let next = link.trim_start_matches('<');
+        path = next[..next.find('>').unwrap_or(next.len())].to_owned();
+        assert!(link.ends_with("rel=\"next\""), "{link}");
+    }
+    assert_eq!(pages, [100, 100, 51]);
+    for name in ["mirror/local/many", "flatten/local/many"] {
+        let out = skopeo(&[
+            "inspect",
+            "--tls-verify=false",
+            &format!("docker://{}/{name}:t007", server.addr),
+        ])?;
+        let out: serde_json::Value = serde_json::from_str(&out)?;
+        assert_eq!(
+            out["RepoTags"].as_array().map(Vec::len),
+            Some(251),
+            "{name}"
+        );
+    }
+    Ok(())
 }
 
 /// The upstream's own digest for `repo:tag`.
@@ -304,7 +401,7 @@ fn upstream_down() -> anyhow::Result<()> {
         "/v2/mirror/local/busybox/manifests/latest",
         &[],
     )?
-    .expect_error(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE")?;
+    .expect_error(StatusCode::SERVICE_UNAVAILABLE, "MANIFEST_UNKNOWN")?;
     assert!(message.contains("unreachable"), "{message}");
     assert!(
         server.log().contains("serving the cached tag"),
@@ -337,7 +434,7 @@ fn corrupted_blob() -> anyhow::Result<()> {
         &format!("/v2/mirror/local/oci-image/blobs/{layer}"),
         &[],
     )?
-    .expect_error(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE")?;
+    .expect_error(StatusCode::SERVICE_UNAVAILABLE, "BLOB_UNKNOWN")?;
     assert!(
         message.contains("digest") && message.contains("nothing was cached"),
         "{message}"

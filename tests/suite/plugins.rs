@@ -35,7 +35,32 @@ pub fn trials() -> Vec<Trial> {
             "plugins::a_restart_with_a_warm_cache_compiles_no_component",
             warm_restart,
         ),
+        trial(
+            "plugins::a_plugin_built_against_wit_0_1_0_loads_serves_and_lists_no_tags",
+            older_wit,
+        ),
     ]
+}
+
+/// The WIT is a public contract: a plugin built against its first release
+/// (`plugins/fixtures/wit-0.1.0`, with its own frozen copy) keeps working.
+fn older_wit() -> anyhow::Result<()> {
+    let r = InProcess::new(&with_fixture("fixture-wit-0-1-0", "timeout = \"5s\""))?;
+    let manifest = r.get("/v2/bad/manifests/v1")?;
+    assert_eq!(manifest.status, StatusCode::OK, "{:?}", manifest.body);
+    let message = r.refused(
+        "/v2/bad/manifests/v2",
+        StatusCode::NOT_FOUND,
+        "MANIFEST_UNKNOWN",
+    )?;
+    assert!(message.contains("only tag v1"), "{message}");
+    let tags = r.get("/v2/bad/tags/list")?;
+    assert_eq!(tags.status, StatusCode::OK);
+    assert_eq!(
+        tags.json()?,
+        serde_json::json!({ "name": "bad", "tags": [] })
+    );
+    random_still_works(&r)
 }
 
 /// Config with `random` plus a fixture generator named `bad`.
@@ -56,7 +81,7 @@ fn random_still_works(r: &InProcess) -> anyhow::Result<()> {
 fn trapping_plugin() -> anyhow::Result<()> {
     let r = InProcess::new(&with_fixture("fixture-trap", "timeout = \"5s\""))?;
     let reply = r.get("/v2/bad/manifests/latest")?;
-    let message = reply.expect_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN")?;
+    let message = reply.expect_error(StatusCode::INTERNAL_SERVER_ERROR, "MANIFEST_UNKNOWN")?;
     assert!(
         message.starts_with("bad@sha256:"),
         "names the plugin: {message}"
@@ -89,8 +114,7 @@ fn looping_plugin() -> anyhow::Result<()> {
         "stopped after {elapsed:?}"
     );
     let reply = r.get("/v2/bad/manifests/latest")?;
-    let (code, message) = reply.error()?;
-    assert_eq!(code, "UNAVAILABLE");
+    let message = reply.expect_error(StatusCode::GATEWAY_TIMEOUT, "MANIFEST_UNKNOWN")?;
     assert!(
         message.contains("did not finish within its limit of 1s"),
         "{message}"

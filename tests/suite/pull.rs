@@ -31,7 +31,22 @@ pub fn trials() -> Vec<Trial> {
             "pull::server_rss_stays_under_200mb_while_generating_1gb",
             rss_while_generating,
         ),
+        trial(
+            "pull::skopeo_inspect_lists_example_shapes_as_random_tags",
+            inspect_tags,
+        ),
     ]
+}
+
+fn inspect_tags() -> anyhow::Result<()> {
+    let server = shared_server()?;
+    let tags = crate::support::skopeo_repo_tags(&format!("{}/random:1x10", server.addr))?;
+    assert_eq!(
+        tags,
+        serde_json::json!(["10x10000000", "1x10", "4x100", "4x1000000", "latest"]),
+        "{tags}"
+    );
+    Ok(())
 }
 
 fn docker_4x100() -> anyhow::Result<()> {

@@ -51,6 +51,24 @@ pub fn plugin_path(crate_name: &str) -> PathBuf {
 /// Every manifest type the suite's clients accept, as docker sends them.
 pub const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
 
+/// The error codes of the distribution spec v1.1; no answer has another.
+pub const SPEC_CODES: [&str; 14] = [
+    "BLOB_UNKNOWN",
+    "BLOB_UPLOAD_INVALID",
+    "BLOB_UPLOAD_UNKNOWN",
+    "DIGEST_INVALID",
+    "MANIFEST_BLOB_UNKNOWN",
+    "MANIFEST_INVALID",
+    "MANIFEST_UNKNOWN",
+    "NAME_INVALID",
+    "NAME_UNKNOWN",
+    "SIZE_INVALID",
+    "UNAUTHORIZED",
+    "DENIED",
+    "UNSUPPORTED",
+    "TOOMANYREQUESTS",
+];
+
 pub struct Reply {
     /// What was asked, `METHOD path`, for failure messages.
     pub request: String,
@@ -72,12 +90,25 @@ impl Reply {
             .with_context(|| format!("body is not JSON: {:?}", self.body))
     }
 
-    /// The first OCI error's code and message.
+    /// The first OCI error's code and message. Every error any trial reads
+    /// is checked here: its code is one of the spec's, and a 405 says what
+    /// is allowed.
     pub fn error(&self) -> anyhow::Result<(String, String)> {
         let v = self.json()?;
         let e = &v["errors"][0];
+        let code = e["code"].as_str().context("no error code")?.to_owned();
+        ensure!(
+            SPEC_CODES.contains(&code.as_str()),
+            "{}: error code {code} is not one of the distribution spec's",
+            self.request
+        );
+        ensure!(
+            self.status != StatusCode::METHOD_NOT_ALLOWED || self.headers.contains_key("allow"),
+            "{}: a 405 without Allow",
+            self.request
+        );
         Ok((
-            e["code"].as_str().context("no error code")?.to_owned(),
+            code,
             e["message"]
                 .as_str()
                 .context("no error message")?
@@ -571,6 +602,18 @@ pub fn skopeo(args: &[&str]) -> anyhow::Result<String> {
         .output()
         .context("running skopeo (apt-get install skopeo)")?;
     stdout_of(out, &format!("skopeo {}", args.join(" ")))
+}
+
+/// The tags `skopeo inspect` lists for `image` (`host/name:tag`), which it
+/// reads from the registry's tag list, following its pages.
+pub fn skopeo_repo_tags(image: &str) -> anyhow::Result<serde_json::Value> {
+    let out = skopeo(&[
+        "inspect",
+        "--tls-verify=false",
+        &format!("docker://{image}"),
+    ])?;
+    let out: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(out["RepoTags"].clone())
 }
 
 /// Runs a command; its stdout, or an error with its stderr.

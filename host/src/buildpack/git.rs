@@ -60,6 +60,27 @@ fn is_sha(rev: &str) -> bool {
     (7..=40).contains(&rev.len()) && rev.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// A directory for one git job under `tmp`, with `home/` and `repo/`;
+/// removed when dropped.
+async fn scratch(tmp: &Path) -> Result<crate::files::Scratch, BuildpackError> {
+    let tmp = tmp.to_owned();
+    blocking(move || {
+        std::fs::create_dir_all(&tmp)
+            .map_err(|e| BuildpackError::io(format!("creating {}", tmp.display()), e))?;
+        let work = tempfile::Builder::new()
+            .prefix("git-")
+            .tempdir_in(&tmp)
+            .map(crate::files::Scratch::new)
+            .map_err(|e| BuildpackError::io("creating a directory".into(), e))?;
+        for d in ["home", "repo"] {
+            std::fs::create_dir_all(work.path().join(d))
+                .map_err(|e| BuildpackError::io("creating a directory".into(), e))?;
+        }
+        Ok::<_, BuildpackError>(work)
+    })
+    .await
+}
+
 impl Git {
     pub fn url(&self, owner: &str, repo: &str) -> Result<Url, BuildpackError> {
         check_name("owner", owner)?;
@@ -192,7 +213,29 @@ impl Git {
         Ok(String::from_utf8_lossy(&done.stdout).into_owned())
     }
 
-    /// The commit `revision` names, and the commit's files under `dir`.
+    /// The branches and tags of the repository at `url`, short names.
+    pub async fn refs(
+        &self,
+        url: &Url,
+        policy: &Policy,
+        tmp: &Path,
+    ) -> Result<Vec<String>, BuildpackError> {
+        let work = scratch(tmp).await?;
+        let mut ls = self.command(url, policy, &work.path().join("home")).await?;
+        ls.args(["ls-remote", "--heads", "--tags", "--", url.as_str()]);
+        let refs = self.run(ls, &format!("ls-remote {url}")).await?;
+        Ok(refs
+            .lines()
+            .filter_map(|l| l.split_once('\t').map(|(_, r)| r))
+            .filter_map(|r| {
+                r.strip_prefix("refs/heads/")
+                    .or_else(|| r.strip_prefix("refs/tags/"))
+            })
+            .filter(|r| !r.ends_with("^{}"))
+            .map(str::to_owned)
+            .collect())
+    }
+
     /// The commit `revision` names, and the commit's files, checked out
     /// once into `sources`; `tmp` holds the work of one fetch.
     pub async fn fetch(
@@ -204,22 +247,7 @@ impl Git {
         tmp: &Path,
     ) -> Result<Source, BuildpackError> {
         check_revision(revision)?;
-        let tmp = tmp.to_owned();
-        let work = blocking(move || {
-            std::fs::create_dir_all(&tmp)
-                .map_err(|e| BuildpackError::io(format!("creating {}", tmp.display()), e))?;
-            let work = tempfile::Builder::new()
-                .prefix("git-")
-                .tempdir_in(&tmp)
-                .map(crate::files::Scratch::new)
-                .map_err(|e| BuildpackError::io("creating a directory".into(), e))?;
-            for d in ["home", "repo"] {
-                std::fs::create_dir_all(work.path().join(d))
-                    .map_err(|e| BuildpackError::io("creating a directory".into(), e))?;
-            }
-            Ok::<_, BuildpackError>(work)
-        })
-        .await?;
+        let work = scratch(tmp).await?;
         let home = work.path().join("home");
         let repo = work.path().join("repo");
         let mut ls = self.command(url, policy, &home).await?;

@@ -39,6 +39,10 @@ impl buildpack::Host for Ctx<'_, Buildpacks> {
         self.push(SourceHandle(source))
     }
 
+    async fn refs(&mut self, owner: String, repo: String) -> HostResult<Vec<String>> {
+        Ok(self.service.refs(&owner, &repo).await?.to_vec())
+    }
+
     async fn build(
         &mut self,
         source: Resource<SourceHandle>,

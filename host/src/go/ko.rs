@@ -20,7 +20,7 @@ use std::path::Path;
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
-use super::{BuildOptions, Go, GoError, ImportPath, Module, Target, Workspace};
+use super::{BuildOptions, Go, GoError, ImportPath, Module, Target, Workspace, sbom};
 use crate::image::assemble::{add_layers, extend};
 use crate::image::json::{canonical, config_env, digest_of, inner_config, parse, read_config};
 use crate::image::layer::{Fixed, write_layer};
@@ -33,8 +33,9 @@ const EPOCH: &str = "1970-01-01T00:00:00Z";
 const KODATA_ROOT: &str = "var/run/ko";
 const APP_DIR: &str = "ko-app";
 const AUTHOR: &str = "kontain ko";
-/// Bump when the image layout changes, so cached results are not reused.
-const LAYOUT_VERSION: u32 = 1;
+/// Bump when the image layout changes, so cached results are not reused
+/// (2: images come with their SBOM).
+const LAYOUT_VERSION: u32 = 2;
 
 /// One ko build request.
 pub struct KoBuild<'a> {
@@ -123,15 +124,21 @@ impl Go {
                         .await?
                 };
                 let mut images = Vec::new();
+                let mut infos = Vec::new();
                 for child in &children {
-                    let image = self
+                    let (image, info) = self
                         .platform_image(upstream, &build, &workspace, &kodata, child)
                         .await?;
                     images.push(image);
+                    infos.push(info);
                 }
                 match (build.base.media_type.as_str(), images.len()) {
                     (MediaType::OCI_INDEX | MediaType::DOCKER_MANIFEST_LIST, n) if n > 1 => {
-                        self.index(&build, &children, &images).await
+                        let index = self.index(&build, &children, &images).await?;
+                        if let Some(info) = infos.iter().flatten().next() {
+                            self.attach_sbom(&build, &index, &info.common()).await?;
+                        }
+                        Ok::<_, GoError>(index)
                     }
                     _ => Ok(images.swap_remove(0)),
                 }
@@ -234,7 +241,38 @@ impl Go {
         Ok(read_config(self.builds.store(), &digest, "the base config").await?)
     }
 
-    /// One platform: build the binary, add the two layers, edit the config.
+    /// Attaches the SPDX SBOM of `image` (built as `info` says).
+    async fn attach_sbom(
+        &self,
+        build: &KoBuild<'_>,
+        image: &StoredManifest,
+        info: &sbom::BuildInfo,
+    ) -> Result<(), GoError> {
+        // Go stamps a main module built from a directory `(devel)`; kontain
+        // knows which version of it the proxy gave.
+        let mut info = info.clone();
+        let main = info.main.get_or_insert_with(|| sbom::ModuleInfo {
+            path: build.module.path.clone(),
+            version: String::new(),
+            sum: None,
+        });
+        if matches!(main.version.as_str(), "" | "(devel)") {
+            main.version = build.module.version.clone();
+        }
+        let document = sbom::spdx(build.package.as_str(), &image.digest, &info);
+        let bytes = canonical(&document)?;
+        crate::image::sbom::attach(
+            self.builds.store(),
+            image,
+            crate::image::sbom::SPDX_JSON,
+            bytes,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// One platform: build the binary, add the two layers, edit the config;
+    /// the image comes with its SBOM, whose build information is returned.
     async fn platform_image(
         &self,
         upstream: &Scoped<'_>,
@@ -242,7 +280,7 @@ impl Go {
         workspace: &Workspace,
         kodata: &LayerBlob,
         child: &Child,
-    ) -> Result<StoredManifest, GoError> {
+    ) -> Result<(StoredManifest, Option<sbom::BuildInfo>), GoError> {
         let manifest = parse(&child.manifest.bytes, "a base manifest")?;
         let mut config = self
             .base_config(upstream, build.base_image, &manifest)
@@ -257,17 +295,22 @@ impl Go {
             .build(workspace, build.package, &child.target, build.options)
             .await?;
         let name = app_name(build.package);
-        let app = {
+        let (app, info) = {
             let store = self.builds.store().clone();
             let name = name.clone();
             self.builds
                 .cpu()
-                .run(move |_| binary_layer(&store, &binary, &name))
+                .run(move |_| {
+                    let layer = binary_layer(&store, &binary, &name)?;
+                    let bytes = std::fs::read(&binary)
+                        .map_err(|e| ImageError::io(format!("reading {}", binary.display()), e))?;
+                    Ok::<_, ImageError>((layer, sbom::build_info(&bytes)))
+                })
                 .await?
         };
         let app_path = format!("/{APP_DIR}/{name}");
         ko_config(&mut config, build.package, &app_path, [kodata, &app])?;
-        Ok(extend(
+        let image = extend(
             self.builds.store(),
             &child.manifest.media_type,
             manifest,
@@ -275,7 +318,14 @@ impl Go {
             &[kodata, &app],
             |m| annotate(m, build.base_reference, &child.manifest.digest),
         )
-        .await?)
+        .await?;
+        match &info {
+            Some(info) => self.attach_sbom(build, &image, info).await?,
+            None => {
+                tracing::warn!(package = %build.package, "the binary has no Go build information: no SBOM")
+            }
+        }
+        Ok((image, info))
     }
 
     /// An index over the platform images, in the base index's order and type.

@@ -157,6 +157,18 @@ fn compare_pre(a: Option<&str>, b: Option<&str>) -> Ordering {
     }
 }
 
+/// The semver lines of a version list, in semver order.
+pub fn versions_of(list: &str) -> Vec<String> {
+    let mut versions: Vec<(&str, SemVer<'_>)> = list
+        .lines()
+        .map(str::trim)
+        .filter_map(|v| parse_semver(v).map(|s| (v, s)))
+        .collect();
+    versions.sort_by(|(_, a), (_, b)| a.core.cmp(&b.core).then(compare_pre(a.pre, b.pre)));
+    versions.dedup_by(|(a, _), (b, _)| a == b);
+    versions.into_iter().map(|(v, _)| v.to_owned()).collect()
+}
+
 /// What `go` picks as `@latest` from a version list: the highest release,
 /// else the highest pre-release. Lines that are not semver are ignored.
 pub fn latest_of(list: &str) -> Option<String> {

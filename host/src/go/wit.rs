@@ -56,6 +56,10 @@ impl go::Host for Ctx<'_, Go> {
         self.push(ModuleHandle(module))
     }
 
+    async fn versions(&mut self, import_path: String) -> HostResult<Vec<String>> {
+        Ok(self.service.versions(&import_path).await?)
+    }
+
     async fn image(
         &mut self,
         module: Resource<ModuleHandle>,

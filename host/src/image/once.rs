@@ -4,7 +4,8 @@
 //! For images built on request, a failure that asking again cannot fix is
 //! answered from memory for a while. Trees on the local disk (unpacked
 //! modules, builder filesystems, checkouts) are made once per process and
-//! kept while used ([`DirCache`]).
+//! kept while used ([`DirCache`]). Answers that may change but are asked for
+//! in bursts (a tag list paged through) are kept a short while ([`Recent`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -48,6 +49,39 @@ where
         return Ok(found);
     }
     make().await
+}
+
+/// Values read lately, by key, answered from memory for `ttl`.
+pub struct Recent<T> {
+    ttl: Duration,
+    entries: Mutex<HashMap<String, (Instant, Arc<T>)>>,
+}
+
+impl<T> Recent<T> {
+    pub fn new(ttl: Duration) -> Self {
+        Recent {
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The value read for `key` within the last `ttl`.
+    pub fn get(&self, key: &str) -> Option<Arc<T>> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .get(key)
+            .filter(|(read, _)| read.elapsed() < self.ttl)
+            .map(|(_, value)| value.clone())
+    }
+
+    /// Keeps `value` as just read for `key` (and forgets stale ones).
+    pub fn put(&self, key: String, value: T) -> Arc<T> {
+        let value = Arc::new(value);
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.retain(|_, (read, _)| read.elapsed() < self.ttl);
+        entries.insert(key, (Instant::now(), value.clone()));
+        value
+    }
 }
 
 /// A failure of the same build a moment ago, answered from memory.

@@ -3,6 +3,8 @@
 //! parts stay raw strings here and are validated by the handlers, which know
 //! which error each invalid part deserves.
 
+use super::response::Subject;
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Endpoint<'a> {
     /// Not under `/v2/`.
@@ -16,11 +18,25 @@ pub enum Endpoint<'a> {
     /// `/v2/<name>/blobs/uploads/...`: the push side.
     Upload,
     /// `/v2/<name>/tags/list`
-    TagsList,
+    TagsList { name: &'a str },
+    /// `/v2/<name>/referrers/<digest>`
+    Referrers { name: &'a str, digest: &'a str },
     /// `/v2/_catalog`
     Catalog,
     /// Anything else under `/v2/`.
     Unknown,
+}
+
+impl Endpoint<'_> {
+    /// What a failure at this endpoint failed to produce.
+    pub fn subject(&self) -> Subject {
+        match self {
+            Endpoint::Manifest { .. } | Endpoint::Referrers { .. } => Subject::Manifest,
+            Endpoint::Blob { .. } => Subject::Blob,
+            Endpoint::TagsList { .. } => Subject::Repository,
+            _ => Subject::Other,
+        }
+    }
 }
 
 pub fn parse(path: &str) -> Endpoint<'_> {
@@ -37,8 +53,19 @@ pub fn parse(path: &str) -> Endpoint<'_> {
     if rest == "_catalog" {
         return Endpoint::Catalog;
     }
-    if rest.ends_with("/tags/list") {
-        return Endpoint::TagsList;
+    if let Some(name) = rest.strip_suffix("/tags/list") {
+        return match name.is_empty() {
+            true => Endpoint::Unknown,
+            false => Endpoint::TagsList { name },
+        };
+    }
+    if let Some(at) = rest.rfind("/referrers/") {
+        let (name, digest) = (&rest[..at], &rest[at + "/referrers/".len()..]);
+        // Otherwise a name with a `referrers` component, e.g. a manifest of
+        // `a/referrers/b`.
+        if !name.is_empty() && !digest.is_empty() && !digest.contains('/') {
+            return Endpoint::Referrers { name, digest };
+        }
     }
     if let Some(at) = rest.rfind("/manifests/") {
         let (name, reference) = (&rest[..at], &rest[at + "/manifests/".len()..]);
@@ -96,9 +123,25 @@ mod tests {
                 },
             ),
             ("/v2/x/blobs/uploads/", Endpoint::Upload),
+            ("/v2/a/b/tags/list", Endpoint::TagsList { name: "a/b" }),
+            ("/v2/tags/list", Endpoint::Unknown),
+            (
+                "/v2/ko/x/referrers/sha256:00",
+                Endpoint::Referrers {
+                    name: "ko/x",
+                    digest: "sha256:00",
+                },
+            ),
+            (
+                "/v2/a/referrers/b/manifests/v1",
+                Endpoint::Manifest {
+                    name: "a/referrers/b",
+                    reference: "v1",
+                },
+            ),
             ("/v2/x/blobs/uploads/1234", Endpoint::Upload),
             ("/v2/x/blobs/uploads", Endpoint::Upload),
-            ("/v2/x/tags/list", Endpoint::TagsList),
+            ("/v2/x/tags/list", Endpoint::TagsList { name: "x" }),
             ("/v2/_catalog", Endpoint::Catalog),
             ("/v2/x/manifests/", Endpoint::Unknown),
             ("/v2/manifests/latest", Endpoint::Unknown),

@@ -36,11 +36,36 @@ pub fn stream(body: BoxStream<'static, io::Result<Bytes>>) -> Body {
 const OUT_OF_SPACE: &str = "the registry is out of storage space: it serves what it has, \
     but cannot make anything new until space is freed; try again later";
 
+/// What a request asked for, which names the code of a failure to produce
+/// it: a manifest that could not be made is `MANIFEST_UNKNOWN` whatever the
+/// reason, and the status says the reason (404, 503, 500, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Subject {
+    Manifest,
+    Blob,
+    /// A tag list or a repository as a whole.
+    Repository,
+    /// Anything else (the API root, paths outside it).
+    Other,
+}
+
+impl Subject {
+    fn unknown(self) -> ErrorCode {
+        match self {
+            Subject::Manifest => ErrorCode::ManifestUnknown,
+            Subject::Blob => ErrorCode::BlobUnknown,
+            Subject::Repository | Subject::Other => ErrorCode::NameUnknown,
+        }
+    }
+}
+
 /// Everything a request can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{0}")]
     NameInvalid(NameError),
+    /// A tag that is not one (the spec answers a manifest that cannot
+    /// exist with 404, as for any unknown manifest).
     #[error("{0}")]
     TagInvalid(NameError),
     #[error("{0}")]
@@ -56,10 +81,14 @@ pub enum ApiError {
     BlobUnknown(Digest),
     #[error("the requested range is not within the blob's {size} bytes")]
     RangeNotSatisfiable { size: u64 },
+    /// A method this resource does not have; `allow` lists those it has.
+    #[error("{message}")]
+    MethodNotAllowed {
+        message: &'static str,
+        allow: &'static str,
+    },
     #[error("{0}")]
-    Unsupported(&'static str),
-    #[error("{0}")]
-    BadRequest(&'static str),
+    BadRequest(String),
     #[error("{0}")]
     NotFound(String),
     #[error(transparent)]
@@ -70,33 +99,34 @@ pub enum ApiError {
 
 impl ApiError {
     /// The one mapping from errors to OCI codes and HTTP statuses.
-    fn classify(&self) -> (StatusCode, ErrorCode) {
+    fn classify(&self, subject: Subject) -> (StatusCode, ErrorCode) {
         use ApiError as E;
         match self {
             E::NameInvalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
-            E::TagInvalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::TagInvalid),
+            E::TagInvalid(_) => (StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown),
             E::DigestInvalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid),
             E::NameUnknown(_) => (StatusCode::NOT_FOUND, ErrorCode::NameUnknown),
             E::ManifestUnknown { .. } => (StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown),
             E::BlobUnknown(_) => (StatusCode::NOT_FOUND, ErrorCode::BlobUnknown),
+            // The spec has no range code; the parameters are what is wrong.
             E::RangeNotSatisfiable { .. } => {
-                (StatusCode::RANGE_NOT_SATISFIABLE, ErrorCode::RangeInvalid)
+                (StatusCode::RANGE_NOT_SATISFIABLE, ErrorCode::Unsupported)
             }
-            E::Unsupported(_) => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::Unsupported),
+            E::MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::Unsupported),
             E::BadRequest(_) => (StatusCode::BAD_REQUEST, ErrorCode::Unsupported),
-            E::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NameUnknown),
-            E::Generator(g) => classify_generator(g),
+            E::NotFound(_) => (StatusCode::NOT_FOUND, subject.unknown()),
+            E::Generator(g) => classify_generator(g, subject),
             E::Storage(StorageError::TooLarge { .. }) => {
                 (StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid)
             }
             // The bucket is unreachable or refusing: worth a retry.
             E::Storage(StorageError::Remote { .. }) => {
-                (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable)
+                (StatusCode::SERVICE_UNAVAILABLE, subject.unknown())
             }
             E::Storage(e) if e.kind() == ErrorKind::OutOfSpace => {
-                (StatusCode::INSUFFICIENT_STORAGE, ErrorCode::Unavailable)
+                (StatusCode::INSUFFICIENT_STORAGE, subject.unknown())
             }
-            E::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown),
+            E::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, subject.unknown()),
         }
     }
 
@@ -111,15 +141,17 @@ impl ApiError {
         }
     }
 
-    /// The error as a response; `head` leaves the body out.
-    pub fn into_response(self, head: bool) -> Response<Body> {
-        let (status, code) = self.classify();
+    /// The error as a response about `subject`; `head` leaves the body out.
+    pub fn into_response(self, head: bool, subject: Subject) -> Response<Body> {
+        let (status, code) = self.classify(subject);
         let mut message = self.to_string();
+        let misconfigured =
+            matches!(&self, ApiError::Generator(g) if g.kind == ErrorKind::Misconfigured);
         if status == StatusCode::INSUFFICIENT_STORAGE {
             // The operator needs the path; a client needs only the fact.
             tracing::error!(error = %message, "out of storage space");
             message = OUT_OF_SPACE.to_owned();
-        } else if status.is_server_error() {
+        } else if status.is_server_error() || misconfigured {
             tracing::error!(%code, error = %message, "request failed");
         } else {
             tracing::debug!(%code, error = %message, "request refused");
@@ -130,10 +162,20 @@ impl ApiError {
             .status(status)
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::CONTENT_LENGTH, bytes.len());
-        if let ApiError::RangeNotSatisfiable { size } = self {
-            response = response.header(header::CONTENT_RANGE, format!("bytes */{size}"));
+        match &self {
+            ApiError::RangeNotSatisfiable { size } => {
+                response = response.header(header::CONTENT_RANGE, format!("bytes */{size}"));
+            }
+            ApiError::MethodNotAllowed { allow, .. } => {
+                response = response.header(header::ALLOW, *allow);
+            }
+            _ => {}
         }
-        if matches!(code, ErrorCode::Unavailable) && status.is_server_error() {
+        // Failures a retry may cure: the upstream, the bucket, a deadline.
+        if matches!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+        ) {
             response = response.header(header::RETRY_AFTER, HeaderValue::from_static("10"));
         }
         let body = if head { empty() } else { full(bytes) };
@@ -143,23 +185,27 @@ impl ApiError {
     }
 }
 
-/// What each kind of generator failure is, over HTTP.
-fn classify_generator(e: &GeneratorError) -> (StatusCode, ErrorCode) {
+/// What each kind of generator failure is, over HTTP. Docker prints the
+/// body of a 4xx answer (`manifest unknown: <message>`) but only the status
+/// line of a 5xx, so failures the client must read about are 4xx, and 5xx
+/// is kept for what a retry may cure or only the operator can see.
+fn classify_generator(e: &GeneratorError, subject: Subject) -> (StatusCode, ErrorCode) {
     match e.kind {
-        ErrorKind::InvalidReference => (StatusCode::BAD_REQUEST, ErrorCode::TagInvalid),
-        // A source that cannot be built as it is: the name asks for
-        // something that cannot exist.
-        ErrorKind::InvalidName | ErrorKind::BuildFailed => {
-            (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid)
+        ErrorKind::InvalidName => (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
+        // A tag that names nothing this generator can make, a source that
+        // cannot be built as it is, a configured builder that cannot be
+        // used: there is no such manifest, and the message says why.
+        ErrorKind::InvalidReference | ErrorKind::BuildFailed | ErrorKind::Misconfigured => {
+            (StatusCode::NOT_FOUND, subject.unknown())
         }
         ErrorKind::NameUnknown => (StatusCode::NOT_FOUND, ErrorCode::NameUnknown),
-        ErrorKind::NotFound => (StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown),
+        ErrorKind::NotFound => (StatusCode::NOT_FOUND, subject.unknown()),
         ErrorKind::Denied | ErrorKind::LimitExceeded | ErrorKind::SourceRefused => {
             (StatusCode::FORBIDDEN, ErrorCode::Denied)
         }
-        ErrorKind::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
-        ErrorKind::Deadline => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Unavailable),
-        ErrorKind::OutOfSpace => (StatusCode::INSUFFICIENT_STORAGE, ErrorCode::Unavailable),
-        ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown),
+        ErrorKind::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, subject.unknown()),
+        ErrorKind::Deadline => (StatusCode::GATEWAY_TIMEOUT, subject.unknown()),
+        ErrorKind::OutOfSpace => (StatusCode::INSUFFICIENT_STORAGE, subject.unknown()),
+        ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, subject.unknown()),
     }
 }

@@ -67,7 +67,9 @@ pub fn trap(e: impl Classify) -> wasmtime::Error {
 impl<E: Classify> From<E> for HostError {
     fn from(e: E) -> Self {
         match e.kind() {
-            ErrorKind::Internal | ErrorKind::OutOfSpace => HostError(Failure::Trap(trap(e))),
+            ErrorKind::Internal | ErrorKind::OutOfSpace | ErrorKind::Misconfigured => {
+                HostError(Failure::Trap(trap(e)))
+            }
             kind => HostError(Failure::Guest {
                 kind,
                 message: e.to_string(),
@@ -98,7 +100,9 @@ fn case(kind: ErrorKind, message: String) -> types::Error {
         ErrorKind::Denied | ErrorKind::SourceRefused => types::Error::Denied(message),
         ErrorKind::LimitExceeded | ErrorKind::Deadline => types::Error::LimitExceeded(message),
         ErrorKind::Unavailable => types::Error::Unavailable(message),
-        ErrorKind::Internal | ErrorKind::OutOfSpace => types::Error::Internal(message),
+        ErrorKind::Internal | ErrorKind::OutOfSpace | ErrorKind::Misconfigured => {
+            types::Error::Internal(message)
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
 use wasmtime::Engine;
-use wasmtime::component::{Component, Linker};
+use wasmtime::component::{Component, ComponentExportIndex, Linker};
 
 use super::bindings::PluginPre;
 use super::state::HostState;
@@ -18,7 +18,11 @@ use crate::oci::Digest;
 
 /// The WIT package this host implements; see `wit/generator.wit`.
 pub const WIT_PACKAGE: &str = "kontain:generator";
-pub const WIT_VERSION: (u64, u64, u64) = (0, 1, 0);
+pub const WIT_VERSION: (u64, u64, u64) = (0, 1, 1);
+
+/// The optional `tags` export (since 0.1.1), looked up semver-compatibly:
+/// a plugin of a later 0.1.x exports it under its own version.
+const TAGS_EXPORT: (&str, &str) = ("kontain:generator/tags@0.1.1", "list");
 
 /// Built-in generators, embedded at build time (see `build.rs`).
 const BUILT_IN: &[(&str, &[u8])] = &[
@@ -55,6 +59,9 @@ pub struct Plugin {
     /// The generator's `settings` table.
     pub settings: BTreeMap<String, String>,
     pub pre: PluginPre<HostState>,
+    /// `tags.list`, if the plugin exports it (plugins built against 0.1.0
+    /// cannot).
+    pub tags: Option<ComponentExportIndex>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +171,9 @@ pub fn load(
         name: name.to_owned(),
         message: format!("{e:#}"),
     })?;
+    let tags = component
+        .get_export_index(None, TAGS_EXPORT.0)
+        .and_then(|interface| component.get_export_index(Some(&interface), TAGS_EXPORT.1));
     Ok(Plugin {
         id,
         digest,
@@ -172,6 +182,7 @@ pub fn load(
         upstreams: config.upstreams.clone(),
         settings: config.settings.clone(),
         pre,
+        tags,
     })
 }
 

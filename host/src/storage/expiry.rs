@@ -24,6 +24,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::content::{blob_key, manifest_key};
+use super::referrers::pair_of_key;
 use super::{ContentStore, Listed, Stat, StorageError};
 use crate::oci::Digest;
 
@@ -87,10 +88,20 @@ impl ContentStore {
         let driver = self.driver();
         let manifests = driver.list("manifests/").await?;
         let values = driver.list("values/").await?;
+        let pairs = driver.list("referrers/").await?;
         let known: HashMap<Digest, &Listed> = manifests
             .iter()
             .filter_map(|m| Some((digest_of_key(&m.key)?, m)))
             .collect();
+        // A referrer (an image's SBOM) lives as long as its subject.
+        let mut referrers: HashMap<Digest, Vec<Digest>> = HashMap::new();
+        for (subject, referrer) in pairs.iter().filter_map(|p| pair_of_key(&p.key)) {
+            referrers.entry(subject).or_default().push(referrer);
+        }
+        let graph = Graph {
+            known: &known,
+            referrers: &referrers,
+        };
 
         // Mark: from the roots, through every manifest they reach.
         let mut roots: Vec<Digest> = known
@@ -110,7 +121,7 @@ impl ContentStore {
             }
         }
         let mut live: HashSet<Digest> = HashSet::new();
-        self.reach(&known, &mut live, roots).await;
+        self.reach(&graph, &mut live, roots).await;
 
         // Sweep. Each victim is looked at once more just before it goes:
         // one used since the listing (a manifest served, a blob asked for or
@@ -130,7 +141,18 @@ impl ContentStore {
             done.manifests += 1;
             done.bytes += m.stat.size;
         }
-        self.reach(&known, &mut live, spared).await;
+        self.reach(&graph, &mut live, spared).await;
+        // A pair goes with either of its manifests.
+        for pair in &pairs {
+            let Some((subject, referrer)) = pair_of_key(&pair.key) else {
+                continue;
+            };
+            if live.contains(&subject) && live.contains(&referrer) {
+                continue;
+            }
+            driver.delete(&pair.key).await?;
+            done.bytes += pair.stat.size;
+        }
         for blob in driver.list("blobs/").await? {
             // Only keys of the store's own shape: a stray file in `blobs/`
             // (an editor's backup, say) is left alone.
@@ -158,16 +180,15 @@ impl ContentStore {
         Ok(done)
     }
 
-    /// Adds to `live` everything `roots` reach through the manifests known.
-    async fn reach(
-        &self,
-        known: &HashMap<Digest, &Listed>,
-        live: &mut HashSet<Digest>,
-        mut queue: Vec<Digest>,
-    ) {
+    /// Adds to `live` everything `roots` reach through the manifests known
+    /// and their referrers.
+    async fn reach(&self, graph: &Graph<'_>, live: &mut HashSet<Digest>, mut queue: Vec<Digest>) {
         while let Some(digest) = queue.pop() {
-            if !live.insert(digest.clone()) || !known.contains_key(&digest) {
+            if !live.insert(digest.clone()) || !graph.known.contains_key(&digest) {
                 continue;
+            }
+            if let Some(referrers) = graph.referrers.get(&digest) {
+                queue.extend(referrers.iter().cloned());
             }
             // Unreadable manifests keep nothing alive and are swept.
             if let Ok(Some(manifest)) = self.read_manifest(&digest, false).await {
@@ -175,6 +196,12 @@ impl ContentStore {
             }
         }
     }
+}
+
+/// What a collection found: the manifests stored, and the referrers of each.
+struct Graph<'a> {
+    known: &'a HashMap<Digest, &'a Listed>,
+    referrers: &'a HashMap<Digest, Vec<Digest>>,
 }
 
 /// Whether an object (if it is still there) was used at or after `cutoff`;

@@ -94,10 +94,19 @@ impl FilesystemDriver {
         }
         let mut file = NamedTempFile::new_in(tmp).map_err(StorageError::io(tmp))?;
         file.write_all(bytes).map_err(StorageError::io(path))?;
-        let persisted = if keep {
-            file.persist_noclobber(path)
-        } else {
-            file.persist(path)
+        let publish = |file: NamedTempFile| match keep {
+            true => file.persist_noclobber(path),
+            false => file.persist(path),
+        };
+        let persisted = match publish(file) {
+            // The first object under a new directory (a subject's referrers).
+            Err(e) if e.error.kind() == io::ErrorKind::NotFound => {
+                if let Some(parent) = path.parent() {
+                    fs::create_dir_all(parent).map_err(StorageError::io(parent))?;
+                }
+                publish(e.file)
+            }
+            other => other,
         };
         match persisted {
             Ok(_) => Ok(()),

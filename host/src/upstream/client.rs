@@ -25,6 +25,10 @@ const MAX_ERROR_BODY: u64 = 16 * 1024;
 /// Tokens without `expires_in` last 60 s per the token spec; renew a little early.
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(50);
 
+/// The most tags read from one repository, and the largest page read.
+pub const MAX_TAGS: usize = 10_000;
+const MAX_TAGS_PAGE: u64 = 1024 * 1024;
+
 #[derive(Clone)]
 enum Auth {
     Bearer(String),
@@ -130,6 +134,43 @@ impl Client {
                 .unwrap_or_else(|| crate::oci::MediaType::OCI_MANIFEST.to_owned()),
         };
         Ok((body, media_type))
+    }
+
+    /// Every tag of `image`, following the registry's `Link` pages (at most
+    /// [`MAX_TAGS`]; the rest are left out).
+    pub async fn list_tags(&self, image: &UpstreamImage) -> Result<Vec<String>, UpstreamError> {
+        #[derive(serde::Deserialize)]
+        struct Page {
+            #[serde(default)]
+            tags: Option<Vec<String>>,
+        }
+        let first = image.url("tags", "list").map_err(|e| invalid(image, e))?;
+        let mut next = Some(first);
+        let mut tags = Vec::new();
+        while let Some(url) = next.take() {
+            let response = self.send(image, Method::GET, url.clone(), &[]).await?;
+            let response = check_status(image, "tags/list", response).await?;
+            next = next_page(&url, response.headers());
+            let body = read_capped(response, MAX_TAGS_PAGE)
+                .await
+                .map_err(|e| self.transport(image, e))?
+                .ok_or_else(|| UpstreamError::TooLarge {
+                    image: image.to_string(),
+                    what: "a page of the tag list",
+                    limit: MAX_TAGS_PAGE,
+                })?;
+            let page: Page =
+                serde_json::from_slice(&body).map_err(|e| UpstreamError::Unreachable {
+                    image: image.to_string(),
+                    message: format!("its tag list is not the JSON the spec defines: {e}"),
+                })?;
+            tags.extend(page.tags.unwrap_or_default());
+            if tags.len() >= MAX_TAGS {
+                tags.truncate(MAX_TAGS);
+                break;
+            }
+        }
+        Ok(tags)
     }
 
     /// `GET` a blob; the body is left to stream.
@@ -357,6 +398,19 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 
 fn invalid(image: &UpstreamImage, e: url::ParseError) -> UpstreamError {
     UpstreamError::InvalidImage(format!("{image}: {e}"))
+}
+
+/// The `rel="next"` target of a `Link` header, relative to `url`, if any.
+fn next_page(url: &Url, headers: &reqwest::header::HeaderMap) -> Option<Url> {
+    let link = headers.get(reqwest::header::LINK)?.to_str().ok()?;
+    link.split(',').find_map(|entry| {
+        let (target, params) = entry.split_once(';')?;
+        let is_next = params
+            .split(';')
+            .any(|p| matches!(p.trim(), "rel=\"next\"" | "rel=next"));
+        let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
+        is_next.then(|| url.join(target).ok()).flatten()
+    })
 }
 
 async fn check_status(

@@ -27,6 +27,13 @@ impl upstream::Host for Ctx<'_, Upstream> {
         self.push(ManifestHandle(manifest))
     }
 
+    async fn list_tags(&mut self, image: String) -> HostResult<Vec<String>> {
+        let scoped = self
+            .service
+            .scoped(self.call.generator(), self.call.upstreams());
+        Ok(scoped.tags(&image).await?.to_vec())
+    }
+
     async fn fetch_blob(
         &mut self,
         image: String,

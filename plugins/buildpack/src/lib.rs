@@ -42,6 +42,17 @@ impl Generator for Buildpack {
         let run_image = settings::get("run_image").unwrap_or_default();
         buildpack::build(&source, app_path, &builder, &builder_manifest, &run_image)
     }
+
+    /// The repository's branches and tags, and `latest` (its default branch).
+    fn tags(repository: String) -> Result<Vec<String>, Error> {
+        let mut parts = repository.splitn(3, '/');
+        let (Some(owner), Some(repo)) = (parts.next(), parts.next()) else {
+            return Ok(Vec::new());
+        };
+        let mut tags = buildpack::refs(owner, repo)?;
+        tags.push("latest".to_owned());
+        Ok(tags)
+    }
 }
 
 kontain_sdk::export_generator!(Buildpack);

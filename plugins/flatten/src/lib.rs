@@ -27,6 +27,14 @@ impl Generator for Flatten {
             upstream::fetch_manifest(&request.repository, &request.reference, &request.accept)?;
         flatten::image(&request.repository, &source, &request.accept)
     }
+
+    /// Every tag of the source can be flattened.
+    fn tags(repository: String) -> Result<Vec<String>, Error> {
+        if repository.is_empty() {
+            return Ok(Vec::new());
+        }
+        upstream::list_tags(&repository)
+    }
 }
 
 kontain_sdk::export_generator!(Flatten);

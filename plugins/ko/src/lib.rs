@@ -72,6 +72,16 @@ impl Generator for Ko {
             &platforms,
         )
     }
+
+    /// The module's released versions, and `latest`.
+    fn tags(repository: String) -> Result<Vec<String>, Error> {
+        if repository.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tags = go::versions(&repository)?;
+        tags.push("latest".to_owned());
+        Ok(tags)
+    }
 }
 
 kontain_sdk::export_generator!(Ko);

@@ -22,6 +22,14 @@ impl Generator for Mirror {
     fn fetch_blob(request: BlobRequest) -> Result<Blob, Error> {
         upstream::fetch_blob(&request.repository, &request.digest)
     }
+
+    /// The upstream's own tags.
+    fn tags(repository: String) -> Result<Vec<String>, Error> {
+        if repository.is_empty() {
+            return Ok(Vec::new());
+        }
+        upstream::list_tags(&repository)
+    }
 }
 
 kontain_sdk::export_generator!(Mirror);

@@ -41,7 +41,15 @@ impl Generator for Random {
         let borrowed: Vec<&images::Layer> = layers.iter().collect();
         images::assemble(ManifestFormat::Docker, &config, &borrowed, &[])
     }
+
+    /// Any `NxM` is a tag; these show the grammar.
+    fn tags(_repository: String) -> Result<Vec<String>, Error> {
+        Ok(EXAMPLE_TAGS.iter().map(|t| (*t).to_owned()).collect())
+    }
 }
+
+/// What `tags/list` shows: a few shapes, small to large.
+const EXAMPLE_TAGS: [&str; 5] = ["1x10", "4x100", "4x1000000", "10x10000000", "latest"];
 
 /// Parses `NxM`; any tag not of that shape means the default image.
 fn parse_tag(tag: &str) -> Result<(u32, u64), Error> {

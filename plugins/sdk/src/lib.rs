@@ -29,7 +29,7 @@ pub use wit_bindgen as __wit_bindgen;
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../../wit",
-        world: "kontain:generator/plugin",
+        world: "kontain:generator/tagged-plugin",
         pub_export_macro: true,
         export_macro_name: "__export_plugin",
         default_bindings_module: "::kontain_sdk::bindings",
@@ -78,6 +78,13 @@ pub trait Generator {
             "blob {} is not stored",
             request.digest
         )))
+    }
+
+    /// The tags `GET /v2/<name>/tags/list` shows for `repository`; the host
+    /// sorts, deduplicates and pages them. The default lists none.
+    fn tags(repository: String) -> Result<Vec<String>, Error> {
+        let _ = repository;
+        Ok(Vec::new())
     }
 }
 
@@ -175,6 +182,14 @@ macro_rules! export_generator {
                 request: $crate::BlobRequest,
             ) -> ::core::result::Result<$crate::Blob, $crate::Error> {
                 <$ty as $crate::Generator>::fetch_blob(request)
+            }
+        }
+
+        impl $crate::bindings::exports::kontain::generator::tags::Guest for __KontainGenerator {
+            fn list(
+                repository: ::std::string::String,
+            ) -> ::core::result::Result<::std::vec::Vec<::std::string::String>, $crate::Error> {
+                <$ty as $crate::Generator>::tags(repository)
             }
         }
 

@@ -1,0 +1,288 @@
+//! The SPDX 2.3 SBOM of a ko image, from the Go build information the
+//! linker embeds in every binary (what `go version -m` prints): the Go
+//! version, the main module, every dependency with its version and `h1:`
+//! sum, and the build settings. Read from the binary's bytes, so nothing is
+//! run, and written without timestamps, so the same binary on the same
+//! image always gives the same document.
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+
+use crate::image::sbom::{EPOCH, namespace};
+use crate::oci::Digest;
+
+/// The header the linker puts before the build information (Go ≥ 1.18
+/// writes the strings inline after a 32-byte header, flag bit 2).
+const MAGIC: &[u8] = b"\xff Go buildinf:";
+const HEADER: usize = 32;
+const INLINE: u8 = 0x2;
+
+/// One module of the build.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModuleInfo {
+    pub path: String,
+    pub version: String,
+    /// `h1:<base64 sha256>`, absent for the main module.
+    pub sum: Option<String>,
+}
+
+/// What a Go binary says about its own build.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuildInfo {
+    pub go_version: String,
+    /// The main package's import path.
+    pub path: String,
+    pub main: Option<ModuleInfo>,
+    pub deps: Vec<ModuleInfo>,
+    /// `key=value` build settings (`-trimpath=true`, `GOARCH=amd64`, …).
+    pub settings: Vec<String>,
+}
+
+/// The build information in `binary`, if it has any in a form we read.
+pub fn build_info(binary: &[u8]) -> Option<BuildInfo> {
+    let at = binary.windows(MAGIC.len()).position(|w| w == MAGIC)?;
+    let header = binary.get(at..at + HEADER)?;
+    if header[15] & INLINE == 0 {
+        return None;
+    }
+    let mut rest = &binary[at + HEADER..];
+    let go_version = String::from_utf8(read_bytes(&mut rest)?.to_vec()).ok()?;
+    let modinfo = read_bytes(&mut rest)?;
+    // The module text sits between two 16-byte sentinels (binary, not text).
+    let modinfo = match modinfo.len() {
+        n if n >= 33 && modinfo[n - 17] == b'\n' => &modinfo[16..n - 16],
+        _ => &[],
+    };
+    let modinfo = std::str::from_utf8(modinfo).ok()?;
+    let mut info = BuildInfo {
+        go_version,
+        path: String::new(),
+        main: None,
+        deps: Vec::new(),
+        settings: Vec::new(),
+    };
+    for line in modinfo.lines() {
+        let fields: Vec<&str> = line.split('\t').collect();
+        let module = |f: &[&str]| ModuleInfo {
+            path: f.get(1).copied().unwrap_or_default().to_owned(),
+            version: f.get(2).copied().unwrap_or_default().to_owned(),
+            sum: f.get(3).filter(|s| !s.is_empty()).map(|s| (*s).to_owned()),
+        };
+        match fields[0] {
+            "path" => info.path = fields.get(1).copied().unwrap_or_default().to_owned(),
+            "mod" => info.main = Some(module(&fields)),
+            "dep" => info.deps.push(module(&fields)),
+            // A replacement stands for the module before it.
+            "=>" => {
+                if let Some(last) = info.deps.last_mut() {
+                    *last = module(&fields);
+                }
+            }
+            "build" => info
+                .settings
+                .push(fields.get(1).copied().unwrap_or_default().to_owned()),
+            _ => {}
+        }
+    }
+    Some(info)
+}
+
+/// A uvarint-prefixed string of bytes.
+fn read_bytes<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let (mut len, mut shift, mut used) = (0usize, 0u32, 0usize);
+    for &b in rest.iter().take(10) {
+        used += 1;
+        len |= usize::from(b & 0x7f).checked_shl(shift)?;
+        if b & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+    }
+    let bytes = rest.get(used..used.checked_add(len)?)?;
+    *rest = &rest[used + len..];
+    Some(bytes)
+}
+
+/// `h1:<base64>` as the hex SHA-256 SPDX checksums take.
+fn h1_hex(sum: &str) -> Option<String> {
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(sum.strip_prefix("h1:")?)
+        .ok()?;
+    (raw.len() == 32).then(|| hex::encode(raw))
+}
+
+impl BuildInfo {
+    /// What every platform's build shares: settings that name a platform
+    /// (`GOOS`, `GOARCH`, `GOAMD64`, …) left out, for an index's SBOM.
+    pub fn common(&self) -> BuildInfo {
+        let mut common = self.clone();
+        common.settings.retain(|s| !s.starts_with("GO"));
+        common
+    }
+}
+
+/// The SPDX 2.3 document for the image `subject` (named `name`) whose
+/// binary was built as `info` says.
+pub fn spdx(name: &str, subject: &Digest, info: &BuildInfo) -> Value {
+    let mut packages = vec![json!({
+        "SPDXID": "SPDXRef-Image",
+        "name": name,
+        "versionInfo": subject.to_string(),
+        "downloadLocation": "NOASSERTION",
+        "filesAnalyzed": false,
+        "primaryPackagePurpose": "CONTAINER",
+        "externalRefs": [{
+            "referenceCategory": "PACKAGE-MANAGER",
+            "referenceType": "purl",
+            "referenceLocator": format!("pkg:oci/{}@{}", name.rsplit('/').next().unwrap_or(name), subject.to_string().replace(':', "%3A")),
+        }],
+    })];
+    let mut relationships = vec![json!({
+        "spdxElementId": "SPDXRef-DOCUMENT",
+        "relationshipType": "DESCRIBES",
+        "relatedSpdxElement": "SPDXRef-Image",
+    })];
+    let go_package = |id: &str, m: &ModuleInfo, purpose: &str| {
+        let mut p = json!({
+            "SPDXID": id,
+            "name": m.path,
+            "versionInfo": m.version,
+            "downloadLocation": match m.version.as_str() {
+                "" | "(devel)" => "NOASSERTION".to_owned(),
+                v => format!("https://proxy.golang.org/{}/@v/{v}.zip", m.path),
+            },
+            "filesAnalyzed": false,
+            "primaryPackagePurpose": purpose,
+            "externalRefs": [{
+                "referenceCategory": "PACKAGE-MANAGER",
+                "referenceType": "purl",
+                "referenceLocator": format!("pkg:golang/{}@{}", m.path, m.version),
+            }],
+        });
+        if let Some(sum) = &m.sum {
+            p["comment"] = json!(format!("go.sum: {sum}"));
+            if let Some(hex) = h1_hex(sum) {
+                p["checksums"] = json!([{ "algorithm": "SHA256", "checksumValue": hex }]);
+            }
+        }
+        p
+    };
+    let main = info.main.clone().unwrap_or(ModuleInfo {
+        path: info.path.clone(),
+        version: "(devel)".into(),
+        sum: None,
+    });
+    let mut main_package = go_package("SPDXRef-Package-main", &main, "APPLICATION");
+    main_package["sourceInfo"] = json!(format!(
+        "built by kontain with {}: package {}; build settings: {}",
+        info.go_version,
+        info.path,
+        info.settings.join(" ")
+    ));
+    packages.push(main_package);
+    relationships.push(json!({
+        "spdxElementId": "SPDXRef-Image",
+        "relationshipType": "CONTAINS",
+        "relatedSpdxElement": "SPDXRef-Package-main",
+    }));
+    packages.push(json!({
+        "SPDXID": "SPDXRef-Package-stdlib",
+        "name": "stdlib",
+        "versionInfo": info.go_version,
+        "downloadLocation": "https://go.dev/dl/",
+        "filesAnalyzed": false,
+        "primaryPackagePurpose": "LIBRARY",
+        "externalRefs": [{
+            "referenceCategory": "PACKAGE-MANAGER",
+            "referenceType": "purl",
+            "referenceLocator": format!("pkg:golang/stdlib@{}", info.go_version),
+        }],
+    }));
+    relationships.push(json!({
+        "spdxElementId": "SPDXRef-Package-main",
+        "relationshipType": "DEPENDS_ON",
+        "relatedSpdxElement": "SPDXRef-Package-stdlib",
+    }));
+    for (n, dep) in info.deps.iter().enumerate() {
+        let id = format!("SPDXRef-Package-dep-{n}");
+        packages.push(go_package(&id, dep, "LIBRARY"));
+        relationships.push(json!({
+            "spdxElementId": "SPDXRef-Package-main",
+            "relationshipType": "DEPENDS_ON",
+            "relatedSpdxElement": id,
+        }));
+    }
+    json!({
+        "spdxVersion": "SPDX-2.3",
+        "dataLicense": "CC0-1.0",
+        "SPDXID": "SPDXRef-DOCUMENT",
+        "name": format!("{name}@{subject}"),
+        "documentNamespace": namespace("ko", subject),
+        "creationInfo": {
+            "created": EPOCH,
+            "creators": [format!("Tool: kontain-{}", env!("CARGO_PKG_VERSION"))],
+        },
+        "packages": packages,
+        "relationships": relationships,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uvarint(n: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut n = n;
+        loop {
+            let b = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(b);
+                return out;
+            }
+            out.push(b | 0x80);
+        }
+    }
+
+    #[test]
+    fn reads_inline_build_info_and_writes_spdx() {
+        let modinfo = "path\texample.com/hello\nmod\texample.com/hello\tv1.0.0\t\ndep\texample.com/greeting\tv1.0.0\th1:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=\nbuild\t-trimpath=true\nbuild\tGOARCH=amd64\n";
+        // The sentinels are not UTF-8, as in real binaries.
+        let mut wrapped = vec![0xf9_u8; 16];
+        wrapped.extend(modinfo.as_bytes());
+        wrapped.extend([0x82_u8; 16]);
+        let mut binary = vec![0u8; 48];
+        let mut header = MAGIC.to_vec();
+        header.extend([8, INLINE]);
+        header.resize(HEADER, 0);
+        binary.extend(header);
+        for s in [b"go1.19.8".as_slice(), &wrapped] {
+            binary.extend(uvarint(s.len()));
+            binary.extend(s);
+        }
+        let info = build_info(&binary).expect("build info");
+        assert_eq!(info.go_version, "go1.19.8");
+        assert_eq!(info.path, "example.com/hello");
+        assert_eq!(info.deps.len(), 1);
+        assert_eq!(info.settings, ["-trimpath=true", "GOARCH=amd64"]);
+        let subject = Digest::sha256(b"image");
+        let doc = spdx("ko/example.com/hello", &subject, &info);
+        assert_eq!(doc["spdxVersion"], "SPDX-2.3");
+        let dep = &doc["packages"][3];
+        assert_eq!(
+            (dep["name"].as_str(), dep["versionInfo"].as_str()),
+            (Some("example.com/greeting"), Some("v1.0.0"))
+        );
+        assert_eq!(
+            dep["checksums"][0]["checksumValue"].as_str().map(str::len),
+            Some(64)
+        );
+        assert_eq!(
+            doc,
+            spdx("ko/example.com/hello", &subject, &info),
+            "deterministic"
+        );
+        assert_eq!(build_info(b"no build info here"), None);
+    }
+}
