@@ -390,8 +390,13 @@ impl Go {
         let import = ImportPath::parse(import_path).map_err(GoError::InvalidPath)?;
         for candidate in import.module_candidates() {
             let list = proxy::path_of(candidate, "@v/list");
+            // An empty list may be a proxy's answer for a path that is no
+            // module; a longer path is tried first, as `find` does.
             if let Some(body) = self.document(&list).await? {
-                return Ok(modpath::versions_of(&String::from_utf8_lossy(&body)));
+                let versions = modpath::versions_of(&String::from_utf8_lossy(&body));
+                if !versions.is_empty() {
+                    return Ok(versions);
+                }
             }
         }
         Ok(Vec::new())

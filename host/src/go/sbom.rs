@@ -39,13 +39,15 @@ pub struct BuildInfo {
 }
 
 /// The build information in `binary`, if it has any in a form we read.
+/// Only the linker's `.go.buildinfo` section is read: the same bytes in the
+/// program's own data (a module is untrusted) cannot stand in for it.
 pub fn build_info(binary: &[u8]) -> Option<BuildInfo> {
-    let at = binary.windows(MAGIC.len()).position(|w| w == MAGIC)?;
-    let header = binary.get(at..at + HEADER)?;
-    if header[15] & INLINE == 0 {
+    let section = elf_section(binary, b".go.buildinfo")?;
+    let header = section.get(..HEADER)?;
+    if !header.starts_with(MAGIC) || header[15] & INLINE == 0 {
         return None;
     }
-    let mut rest = &binary[at + HEADER..];
+    let mut rest = &section[HEADER..];
     let go_version = String::from_utf8(read_bytes(&mut rest)?.to_vec()).ok()?;
     let modinfo = read_bytes(&mut rest)?;
     // The module text sits between two 16-byte sentinels (binary, not text).
@@ -85,6 +87,59 @@ pub fn build_info(binary: &[u8]) -> Option<BuildInfo> {
         }
     }
     Some(info)
+}
+
+/// The bytes of the ELF section called `name` (32- or 64-bit, either byte
+/// order), bounds-checked throughout.
+fn elf_section<'a>(elf: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    if elf.get(..4)? != b"\x7fELF" {
+        return None;
+    }
+    let wide = match elf.get(4)? {
+        1 => false,
+        2 => true,
+        _ => return None,
+    };
+    let little = *elf.get(5)? == 1;
+    let uint = |at: usize, len: usize| -> Option<usize> {
+        let bytes = elf.get(at..at.checked_add(len)?)?;
+        let mut value: u64 = 0;
+        for i in 0..len {
+            let b = if little { bytes[len - 1 - i] } else { bytes[i] };
+            value = (value << 8) | u64::from(b);
+        }
+        usize::try_from(value).ok()
+    };
+    // e_shoff, e_shentsize, e_shnum, e_shstrndx; sh_name, sh_offset, sh_size.
+    let (shoff, entsize, num, strndx) = match wide {
+        true => (
+            uint(0x28, 8)?,
+            uint(0x3a, 2)?,
+            uint(0x3c, 2)?,
+            uint(0x3e, 2)?,
+        ),
+        false => (
+            uint(0x20, 4)?,
+            uint(0x2e, 2)?,
+            uint(0x30, 2)?,
+            uint(0x32, 2)?,
+        ),
+    };
+    let section = |i: usize| -> Option<(usize, &'a [u8])> {
+        let at = shoff.checked_add(i.checked_mul(entsize)?)?;
+        let (offset, size) = match wide {
+            true => (uint(at + 0x18, 8)?, uint(at + 0x20, 8)?),
+            false => (uint(at + 0x10, 4)?, uint(at + 0x14, 4)?),
+        };
+        Some((uint(at, 4)?, elf.get(offset..offset.checked_add(size)?)?))
+    };
+    let (_, names) = section(strndx)?;
+    (0..num).find_map(|i| {
+        let (at, data) = section(i)?;
+        let rest = names.get(at..)?;
+        let end = rest.iter().position(|&b| b == 0)?;
+        (&rest[..end] == name).then_some(data)
+    })
 }
 
 /// A uvarint-prefixed string of bytes.
@@ -252,15 +307,14 @@ mod tests {
         let mut wrapped = vec![0xf9_u8; 16];
         wrapped.extend(modinfo.as_bytes());
         wrapped.extend([0x82_u8; 16]);
-        let mut binary = vec![0u8; 48];
-        let mut header = MAGIC.to_vec();
-        header.extend([8, INLINE]);
-        header.resize(HEADER, 0);
-        binary.extend(header);
+        let mut section = MAGIC.to_vec();
+        section.extend([8, INLINE]);
+        section.resize(HEADER, 0);
         for s in [b"go1.19.8".as_slice(), &wrapped] {
-            binary.extend(uvarint(s.len()));
-            binary.extend(s);
+            section.extend(uvarint(s.len()));
+            section.extend(s);
         }
+        let binary = elf64(&[(".rodata", &section[..40]), (".go.buildinfo", &section)]);
         let info = build_info(&binary).expect("build info");
         assert_eq!(info.go_version, "go1.19.8");
         assert_eq!(info.path, "example.com/hello");
@@ -284,5 +338,51 @@ mod tests {
             "deterministic"
         );
         assert_eq!(build_info(b"no build info here"), None);
+        // The same bytes anywhere but in the section are not build info.
+        let forged = elf64(&[(".noptrdata", &section)]);
+        assert_eq!(build_info(&forged), None);
+        // Cut anywhere, or with any byte changed, it never panics.
+        for n in 0..binary.len() {
+            let _ = build_info(&binary[..n]);
+            let mut bent = binary.clone();
+            bent[n] ^= 0xff;
+            let _ = build_info(&bent);
+        }
+    }
+
+    /// A little-endian ELF64 file holding `sections` (and their names).
+    fn elf64(sections: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut names = vec![0u8];
+        let mut data = Vec::new();
+        let mut headers = vec![[0u64; 3]]; // the null section: name, offset, size
+        for (name, bytes) in sections {
+            headers.push([names.len() as u64, 0, bytes.len() as u64]);
+            names.extend(name.as_bytes());
+            names.push(0);
+            data.push(*bytes);
+        }
+        let at = names.len() as u64;
+        names.extend(b".shstrtab\0");
+        headers.push([at, 0, names.len() as u64]);
+        data.push(&names);
+        let mut out = vec![0u8; 64];
+        out[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        for (i, bytes) in data.iter().enumerate() {
+            headers[i + 1][1] = out.len() as u64;
+            out.extend(*bytes);
+        }
+        let shoff = out.len() as u64;
+        out[0x28..0x30].copy_from_slice(&shoff.to_le_bytes());
+        out[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
+        out[0x3c..0x3e].copy_from_slice(&(headers.len() as u16).to_le_bytes());
+        out[0x3e..0x40].copy_from_slice(&((headers.len() - 1) as u16).to_le_bytes());
+        for [name, offset, size] in headers {
+            let mut header = [0u8; 64];
+            header[..4].copy_from_slice(&(name as u32).to_le_bytes());
+            header[0x18..0x20].copy_from_slice(&offset.to_le_bytes());
+            header[0x20..0x28].copy_from_slice(&size.to_le_bytes());
+            out.extend(header);
+        }
+        out
     }
 }

@@ -22,7 +22,7 @@ impl Registry {
         headers: &HeaderMap,
         head: bool,
     ) -> Result<Response<Body>, ApiError> {
-        let (name, _route) = self.route(name, headers)?;
+        let (name, route) = self.route(name, headers)?;
         let digest: Digest = digest
             .parse()
             .map_err(|e: crate::oci::DigestError| ApiError::DigestInvalid(e.into()))?;
@@ -30,7 +30,12 @@ impl Registry {
         let wanted = url::form_urlencoded::parse(query.as_bytes())
             .find(|(k, _)| k == "artifactType")
             .map(|(_, v)| v.into_owned());
-        let mut manifests = self.storage.referrers(&digest).await?;
+        // As for anything answered from storage: only under a name whose
+        // generator has served a manifest.
+        let mut manifests = match self.admitted.admits(&self.storage, &route).await {
+            true => self.storage.referrers(&digest).await?,
+            false => Vec::new(),
+        };
         if let Some(wanted) = &wanted {
             manifests.retain(|d| d["artifactType"].as_str() == Some(wanted.as_str()));
         }

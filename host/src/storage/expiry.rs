@@ -142,12 +142,13 @@ impl ContentStore {
             done.bytes += m.stat.size;
         }
         self.reach(&graph, &mut live, spared).await;
-        // A pair goes with either of its manifests.
+        // A pair goes with either of its manifests; a young one may belong to
+        // an image written after the manifests were listed.
         for pair in &pairs {
             let Some((subject, referrer)) = pair_of_key(&pair.key) else {
                 continue;
             };
-            if live.contains(&subject) && live.contains(&referrer) {
+            if (live.contains(&subject) && live.contains(&referrer)) || pair.stat.used >= cutoff {
                 continue;
             }
             driver.delete(&pair.key).await?;

@@ -98,16 +98,20 @@ impl FilesystemDriver {
             true => file.persist_noclobber(path),
             false => file.persist(path),
         };
-        let persisted = match publish(file) {
-            // The first object under a new directory (a subject's referrers).
-            Err(e) if e.error.kind() == io::ErrorKind::NotFound => {
-                if let Some(parent) = path.parent() {
-                    fs::create_dir_all(parent).map_err(StorageError::io(parent))?;
+        // The first object under a new directory (a subject's referrers); a
+        // delete emptying that directory at the same moment makes it retry.
+        let mut persisted = publish(file);
+        for _ in 0..3 {
+            match persisted {
+                Err(e) if e.error.kind() == io::ErrorKind::NotFound => {
+                    if let Some(parent) = path.parent() {
+                        fs::create_dir_all(parent).map_err(StorageError::io(parent))?;
+                    }
+                    persisted = publish(e.file);
                 }
-                publish(e.file)
+                _ => break,
             }
-            other => other,
-        };
+        }
         match persisted {
             Ok(_) => Ok(()),
             // Another writer published the same key first: objects of one
@@ -274,10 +278,21 @@ impl Driver for FilesystemDriver {
     async fn delete(&self, key: &str) -> Result<(), StorageError> {
         let path = self.path(key);
         match tokio::fs::remove_file(&path).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(StorageError::io(&path)(e)),
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StorageError::io(&path)(e)),
         }
+        // Directories made for one key (a subject's referrers) go when they
+        // empty; the fixed top-level ones stay. A writer racing this retries
+        // (see `write`).
+        if key.starts_with("referrers/") {
+            for dir in path.ancestors().skip(1).take(3) {
+                if tokio::fs::remove_dir(dir).await.is_err() {
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn lease(&self, key: &str) -> Result<Box<dyn Lease>, StorageError> {

@@ -70,7 +70,8 @@ impl ContentStore {
             let Some((_, referrer)) = pair_of_key(&entry.key) else {
                 continue;
             };
-            let Some((bytes, _)) = driver.read_small(&entry.key, MAX_DESCRIPTOR).await? else {
+            // Too large (not ours) or gone: left out, not an error.
+            let Ok(Some((bytes, _))) = driver.read_small(&entry.key, MAX_DESCRIPTOR).await else {
                 continue;
             };
             let Ok(descriptor) = serde_json::from_slice::<Value>(&bytes) else {

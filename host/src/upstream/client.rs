@@ -15,7 +15,7 @@ use url::Url;
 use super::UpstreamError;
 use super::image::UpstreamImage;
 use super::policy::{CheckedResolver, Policy, Refusal, SharedPolicy};
-use crate::oci::{Digest, MAX_MANIFEST_BYTES};
+use crate::oci::{Digest, MAX_MANIFEST_BYTES, Tag};
 
 const MAX_REDIRECTS: usize = 10;
 /// Token responses are small JSON documents; anything bigger is hostile.
@@ -25,9 +25,11 @@ const MAX_ERROR_BODY: u64 = 16 * 1024;
 /// Tokens without `expires_in` last 60 s per the token spec; renew a little early.
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(50);
 
-/// The most tags read from one repository, and the largest page read.
+/// The most tags read from one repository, the largest page read, and the
+/// most pages followed.
 pub const MAX_TAGS: usize = 10_000;
 const MAX_TAGS_PAGE: u64 = 1024 * 1024;
+const MAX_TAG_PAGES: usize = 100;
 
 #[derive(Clone)]
 enum Auth {
@@ -145,9 +147,16 @@ impl Client {
             tags: Option<Vec<String>>,
         }
         let first = image.url("tags", "list").map_err(|e| invalid(image, e))?;
-        let mut next = Some(first);
+        let mut next = Some(first.clone());
         let mut tags = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         while let Some(url) = next.take() {
+            // The upstream names the next page; follow it only to the same
+            // list on the same registry (credentials go with each request),
+            // never twice, and not forever.
+            if !same_list(&first, &url) || !seen.insert(url.clone()) || seen.len() > MAX_TAG_PAGES {
+                break;
+            }
             let response = self.send(image, Method::GET, url.clone(), &[]).await?;
             let response = check_status(image, "tags/list", response).await?;
             next = next_page(&url, response.headers());
@@ -164,7 +173,12 @@ impl Client {
                     image: image.to_string(),
                     message: format!("its tag list is not the JSON the spec defines: {e}"),
                 })?;
-            tags.extend(page.tags.unwrap_or_default());
+            let page = page.tags.unwrap_or_default();
+            if page.is_empty() {
+                break;
+            }
+            // Only names a client could pull: this also bounds their size.
+            tags.extend(page.into_iter().filter(|t| t.parse::<Tag>().is_ok()));
             if tags.len() >= MAX_TAGS {
                 tags.truncate(MAX_TAGS);
                 break;
@@ -400,6 +414,17 @@ fn invalid(image: &UpstreamImage, e: url::ParseError) -> UpstreamError {
     UpstreamError::InvalidImage(format!("{image}: {e}"))
 }
 
+/// Whether `next` is a page of the same tag list as `first`: same scheme,
+/// host, port and path (only the query may differ).
+fn same_list(first: &Url, next: &Url) -> bool {
+    first.scheme() == next.scheme()
+        && first.host_str() == next.host_str()
+        && first.port_or_known_default() == next.port_or_known_default()
+        && first.path() == next.path()
+        && next.username().is_empty()
+        && next.password().is_none()
+}
+
 /// The `rel="next"` target of a `Link` header, relative to `url`, if any.
 fn next_page(url: &Url, headers: &reqwest::header::HeaderMap) -> Option<Url> {
     let link = headers.get(reqwest::header::LINK)?.to_str().ok()?;
@@ -411,6 +436,33 @@ fn next_page(url: &Url, headers: &reqwest::header::HeaderMap) -> Option<Url> {
         let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
         is_next.then(|| url.join(target).ok()).flatten()
     })
+}
+
+#[cfg(test)]
+mod tag_pages {
+    use super::*;
+
+    #[test]
+    fn next_pages_stay_on_the_same_list() {
+        let first = Url::parse("http://reg.example:5000/v2/app/tags/list").unwrap();
+        let mut headers = reqwest::header::HeaderMap::new();
+        let mut next = |link: &str| {
+            headers.insert(reqwest::header::LINK, link.parse().unwrap());
+            next_page(&first, &headers)
+        };
+        let page = next("</v2/app/tags/list?n=100&last=b>; rel=\"next\"").unwrap();
+        assert!(same_list(&first, &page));
+        for elsewhere in [
+            "<http://169.254.169.254/v2/app/tags/list>; rel=\"next\"",
+            "<https://reg.example:5000/v2/app/tags/list>; rel=\"next\"",
+            "</v2/other/tags/list>; rel=\"next\"",
+            "<http://u:p@reg.example:5000/v2/app/tags/list>; rel=\"next\"",
+        ] {
+            let page = next(elsewhere).unwrap();
+            assert!(!same_list(&first, &page), "{elsewhere}");
+        }
+        assert_eq!(next("</v2/app/tags/list?last=b>; rel=\"prev\""), None);
+    }
 }
 
 async fn check_status(
