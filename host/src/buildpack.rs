@@ -19,6 +19,7 @@ mod git;
 pub mod lifecycle;
 mod plan;
 pub mod sandbox;
+mod sbom;
 pub mod wit;
 
 use std::path::PathBuf;

@@ -66,7 +66,8 @@ impl Flatten {
         accept: &[String],
         limit: u64,
     ) -> Result<StoredManifest, FlattenError> {
-        let key = format!("flatten {}", source.digest);
+        // v2: images come with an SBOM naming their source.
+        let key = format!("flatten v2 {}", source.digest);
         self.builds
             .build(&key, || async {
                 let document = parse(&source.bytes, "the image")?;
@@ -128,8 +129,47 @@ impl Flatten {
             .builds
             .store()
             .put_manifest(&source.media_type, canonical(&index)?)
-            .await;
-        Ok(stored.map_err(ImageError::from)?)
+            .await
+            .map_err(ImageError::from)?;
+        self.attach_sbom(image, source, &stored).await?;
+        Ok(stored)
+    }
+
+    /// Attaches an SPDX document saying that `flattened` was generated from
+    /// `image` at `source`'s digest.
+    async fn attach_sbom(
+        &self,
+        image: &str,
+        source: &StoredManifest,
+        flattened: &StoredManifest,
+    ) -> Result<(), FlattenError> {
+        use crate::image::sbom;
+        let origin = sbom::package(
+            "SPDXRef-Source",
+            image,
+            &source.digest.to_string(),
+            "CONTAINER",
+            Some(sbom::oci_purl(image, &source.digest)),
+        );
+        let document = sbom::spdx(
+            "flatten",
+            image,
+            &flattened.digest,
+            vec![origin],
+            vec![sbom::relationship(
+                "SPDXRef-Image",
+                "GENERATED_FROM",
+                "SPDXRef-Source",
+            )],
+        );
+        sbom::attach(
+            self.builds.store(),
+            flattened,
+            sbom::SPDX_JSON,
+            canonical(&document)?,
+        )
+        .await?;
+        Ok(())
     }
 
     async fn manifest(
@@ -180,7 +220,7 @@ impl Flatten {
         config["history"] = json!([history]);
         // The merged layer replaces every layer of the source.
         manifest["layers"] = json!([]);
-        Ok(crate::image::assemble::extend(
+        let flattened = crate::image::assemble::extend(
             self.builds.store(),
             &source.media_type,
             manifest,
@@ -188,6 +228,8 @@ impl Flatten {
             &[&layer],
             |_| {},
         )
-        .await?)
+        .await?;
+        self.attach_sbom(image, source, &flattened).await?;
+        Ok(flattened)
     }
 }

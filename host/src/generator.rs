@@ -45,6 +45,14 @@ pub trait Generators: Send + Sync + 'static {
 
     /// The tags the generator lists for a repository, unsorted.
     async fn tags(&self, route: Route) -> Result<Vec<String>, GeneratorError>;
+
+    /// Descriptors (referrers-API JSON) of manifests whose subject is
+    /// `digest` that the generator knows beyond what storage holds.
+    async fn referrers(
+        &self,
+        route: Route,
+        digest: Digest,
+    ) -> Result<Vec<serde_json::Value>, GeneratorError>;
 }
 
 /// A plugin, named the way its errors and logs name it: the configured name

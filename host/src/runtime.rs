@@ -358,6 +358,7 @@ impl Runtime {
                 bound: bindings::Plugin::new(&mut store, &instance)?,
                 instance,
                 tags: plugin.tags,
+                referrers: plugin.referrers,
             };
             export(&exports, &mut store).await
         };
@@ -388,6 +389,7 @@ struct Exports {
     bound: bindings::Plugin,
     instance: wasmtime::component::Instance,
     tags: Option<wasmtime::component::ComponentExportIndex>,
+    referrers: Option<wasmtime::component::ComponentExportIndex>,
 }
 
 impl Exports {
@@ -409,6 +411,26 @@ impl Exports {
             .get_typed_func::<(&str,), (Result<Vec<String>, types::Error>,)>(&mut *store, index)?;
         let (tags,) = list.call_async(&mut *store, (repository,)).await?;
         Ok(tags)
+    }
+
+    /// `referrers.list(repository, digest)`; a plugin without it adds none.
+    async fn referrers(
+        &self,
+        store: &mut Store<HostState>,
+        repository: &str,
+        digest: &str,
+    ) -> wasmtime::Result<Result<Vec<types::Referrer>, types::Error>> {
+        let Some(index) = &self.referrers else {
+            return Ok(Ok(Vec::new()));
+        };
+        let list = self
+            .instance
+            .get_typed_func::<(&str, &str), (Result<Vec<types::Referrer>, types::Error>,)>(
+                &mut *store,
+                index,
+            )?;
+        let (found,) = list.call_async(&mut *store, (repository, digest)).await?;
+        Ok(found)
     }
 }
 
@@ -447,6 +469,24 @@ impl Generators for Runtime {
             plugin,
             async |exports, store| exports.tags(store, &route.repository).await,
             |_, tags| Ok(tags),
+        )
+        .await
+    }
+
+    async fn referrers(
+        &self,
+        route: Route,
+        digest: Digest,
+    ) -> Result<Vec<serde_json::Value>, GeneratorError> {
+        let plugin = self.plugin(&route.generator)?;
+        if plugin.referrers.is_none() {
+            return Ok(Vec::new());
+        }
+        let digest = digest.to_string();
+        self.call(
+            plugin,
+            async |exports, store| exports.referrers(store, &route.repository, &digest).await,
+            |_, found| Ok(found.iter().filter_map(host::descriptor_of).collect()),
         )
         .await
     }

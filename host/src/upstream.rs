@@ -312,6 +312,20 @@ impl Scoped<'_> {
         Ok(self.upstream.tag_lists.put(key, tags))
     }
 
+    /// The upstream's descriptors of the manifests of `image` whose subject
+    /// is `digest`.
+    pub async fn referrers(
+        &self,
+        image: &str,
+        digest: &str,
+    ) -> Result<Vec<serde_json::Value>, UpstreamError> {
+        let upstream = self.check(image)?;
+        let digest: Digest = digest
+            .parse()
+            .map_err(|e| UpstreamError::InvalidImage(format!("{digest:?}: {e}")))?;
+        self.upstream.client.referrers(&upstream, &digest).await
+    }
+
     /// A blob of `image`, from storage or streamed from upstream into it.
     pub async fn blob(&self, image: &str, digest: &str) -> Result<BlobInfo, UpstreamError> {
         let upstream = self.check(image)?;

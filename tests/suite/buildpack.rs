@@ -41,7 +41,69 @@ pub fn trials() -> Vec<Trial> {
             "buildpack::skopeo_inspect_lists_branches_and_tags",
             inspect_tags,
         ),
+        trial(
+            "buildpack::referrers_list_an_spdx_document_and_the_buildpacks_own_sboms",
+            sboms,
+        ),
     ]
+}
+
+fn sboms() -> anyhow::Result<()> {
+    let server = server()?;
+    let image = get_ok(server, "/v2/buildpack/acme/app/manifests/main")?;
+    let digest = image.header("docker-content-digest").to_owned();
+    let index = get_ok(
+        server,
+        &format!("/v2/buildpack/acme/app/referrers/{digest}"),
+    )?
+    .json()?;
+    let mut found: Vec<(String, String)> = index["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            let s = |k: &str| m[k].as_str().unwrap_or_default().to_owned();
+            (s("artifactType"), s("digest"))
+        })
+        .collect();
+    found.sort();
+    let kinds: Vec<&str> = found.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["application/spdx+json", "application/vnd.cyclonedx+json"]
+    );
+    let document = |artifact: &str| -> anyhow::Result<bytes::Bytes> {
+        let path = format!("/v2/buildpack/acme/app/manifests/{artifact}");
+        let manifest = get_ok(server, &path)?.json()?;
+        assert_eq!(manifest["subject"]["digest"], digest.as_str());
+        Ok(get_blob(server, "buildpack/acme/app", &manifest["layers"][0])?.body)
+    };
+    // The buildpack's own file, as it wrote it.
+    let cdx: serde_json::Value = serde_json::from_slice(&document(&found[1].1)?)?;
+    assert_eq!(cdx["components"][0]["name"], "shouted-message");
+    // kontain's: the commit, every buildpack with its version, the run image.
+    let spdx = document(&found[0].1)?;
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("bp.spdx.json"), &spdx)?;
+    crate::support::validate_spdx(&dir.path().join("bp.spdx.json"))?;
+    let spdx: serde_json::Value = serde_json::from_slice(&spdx)?;
+    let packages = spdx["packages"].as_array().cloned().unwrap_or_default();
+    let named = |name: &str| packages.iter().find(|p| p["name"] == name).cloned();
+    let commit = git(
+        &repos()?.root.path().join("acme/app"),
+        &["rev-parse", "main"],
+    )?;
+    let app = packages
+        .iter()
+        .find(|p| p["SPDXID"] == "SPDXRef-App")
+        .expect("the app");
+    assert_eq!(app["name"], "acme/app", "no server path: {app}");
+    assert_eq!(app["versionInfo"], commit.as_str());
+    for id in ["kontain-test/tool", "kontain-test/app"] {
+        let bp = named(id).unwrap_or_else(|| panic!("{id} in {spdx}"));
+        assert_eq!(bp["versionInfo"], "0.1.0", "{id}");
+    }
+    Ok(())
 }
 
 fn inspect_tags() -> anyhow::Result<()> {

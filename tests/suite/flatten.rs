@@ -207,8 +207,46 @@ fn index() -> anyhow::Result<()> {
         assert_eq!(sha256(&manifest.body), digest);
         assert_eq!(child["size"], manifest.body.len(), "the child's new size");
         assert_eq!(manifest.json()?["layers"].as_array().map(Vec::len), Some(1));
+        sbom(&server, "flatten/local/multi", digest)?;
     }
+    // The index's SBOM names the upstream index it was made from.
+    let digest = index_digest(&server)?;
+    let (_, document) = sbom(&server, "flatten/local/multi", &digest)?;
+    let upstream = crate::mirror::upstream_digest(world()?.registry.addr, "multi", "latest")?;
+    let source = document["packages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["SPDXID"] == "SPDXRef-Source")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(source["versionInfo"], upstream.as_str(), "{document}");
     Ok(())
+}
+
+fn index_digest(server: &Server) -> anyhow::Result<String> {
+    Ok(get_ok(server, "/v2/flatten/local/multi/manifests/latest")?
+        .header("docker-content-digest")
+        .to_owned())
+}
+
+/// The one SPDX SBOM the referrers API lists for `digest` under `name`:
+/// its artifact digest and its document, checked by SPDX's validator.
+fn sbom(server: &Server, name: &str, digest: &str) -> anyhow::Result<(String, serde_json::Value)> {
+    let listed = get_ok(server, &format!("/v2/{name}/referrers/{digest}"))?.json()?;
+    let manifests = listed["manifests"].as_array().cloned().unwrap_or_default();
+    anyhow::ensure!(manifests.len() == 1, "one SBOM for {digest}: {listed}");
+    let artifact = manifests[0]["digest"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let manifest = get_ok(server, &format!("/v2/{name}/manifests/{artifact}"))?.json()?;
+    assert_eq!(manifest["subject"]["digest"], digest);
+    let body = get_blob(server, name, &manifest["layers"][0])?.body;
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("flatten.spdx.json"), &body)?;
+    crate::support::validate_spdx(&dir.path().join("flatten.spdx.json"))?;
+    Ok((artifact, serde_json::from_slice(&body)?))
 }
 
 fn deterministic() -> anyhow::Result<()> {
@@ -222,6 +260,9 @@ fn deterministic() -> anyhow::Result<()> {
     assert_eq!(digest(&first)?, a, "a repeated pull");
     let second = mirror_server(&proxy)?;
     assert_eq!(digest(&second)?, a, "another server with empty storage");
+    // And so is its SBOM.
+    let name = "flatten/local/layered";
+    assert_eq!(sbom(&first, name, &a)?.0, sbom(&second, name, &a)?.0);
     Ok(())
 }
 

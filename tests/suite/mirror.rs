@@ -52,6 +52,10 @@ pub fn trials() -> Vec<Trial> {
             "mirror::skopeo_lists_the_upstreams_250_tags_page_by_page_and_inspects_mirror_and_flatten",
             tag_list,
         ),
+        trial(
+            "mirror::the_upstreams_referrers_pass_through_from_its_fallback_tag",
+            referrers,
+        ),
     ]
 }
 
@@ -177,6 +181,13 @@ fn tag_list() -> anyhow::Result<()> {
     let mut want: Vec<String> = (0..250).map(|i| format!("t{i:03}")).collect();
     want.push("v1".into());
     assert_eq!(tags, want);
+    // skopeo sends no `n`: it got pages of 100 and followed their Links.
+    let pages = server
+        .log()
+        .lines()
+        .filter(|l| l.contains("/v2/mirror/local/many/tags/list") && l.contains("served"))
+        .count();
+    assert!(pages >= 3, "{pages} pages:\n{}", server.log());
     // Pages of the spec: `n`, `last`, and a Link while there is more.
     let mut path = "/v2/mirror/local/many/tags/list?n=100".to_owned();
     let mut pages = Vec::new();
@@ -206,6 +217,77 @@ fn tag_list() -> anyhow::Result<()> {
             "{name}"
         );
     }
+    Ok(())
+}
+
+fn referrers() -> anyhow::Result<()> {
+    let registry = &world()?.registry;
+    // An SBOM of oci-image:v1 in the upstream, which (distribution 2.8) has
+    // no referrers API: clients push the spec's fallback tag, an index.
+    let subject = upstream_digest(registry.addr, "oci-image", "v1")?;
+    let subject_size = http(
+        registry.addr,
+        Method::GET,
+        "/v2/oci-image/manifests/v1",
+        &[("accept", ACCEPT_ALL)],
+    )?
+    .body
+    .len();
+    let empty = registry.push_blob("oci-image", b"{}")?;
+    let document = br#"{"spdxVersion":"SPDX-2.3","name":"upstream sbom"}"#;
+    let layer = registry.push_blob("oci-image", document)?;
+    let kind = "application/spdx+json";
+    let artifact = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": kind,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+        "layers": [{"mediaType": kind, "digest": layer, "size": document.len()}],
+        "subject": {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": subject, "size": subject_size},
+    });
+    let oci_manifest = "application/vnd.oci.image.manifest.v1+json";
+    let artifact_size = serde_json::to_vec(&artifact)?.len();
+    let artifact = registry.push_manifest("oci-image", "", oci_manifest, &artifact)?;
+    let fallback = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": oci_manifest, "digest": artifact, "size": artifact_size, "artifactType": kind}],
+    });
+    let tag = subject.replace(':', "-");
+    registry.push_manifest(
+        "oci-image",
+        &tag,
+        "application/vnd.oci.image.index.v1+json",
+        &fallback,
+    )?;
+
+    let (_proxy, server) = proxied_mirror()?;
+    let path = format!(
+        "/v2/mirror/local/oci-image/referrers/{subject}?artifactType={}",
+        kind.replace('+', "%2B")
+    );
+    let listed = get(server.addr, &path)?;
+    assert_eq!(listed.status, StatusCode::OK, "{:?}", listed.body);
+    let listed = listed.json()?;
+    assert_eq!(
+        listed["manifests"][0]["digest"],
+        artifact.as_str(),
+        "{listed}"
+    );
+    assert_eq!(listed["manifests"][0]["artifactType"], kind);
+    // And the artifact pulls through the mirror by digest.
+    let pulled = get(
+        server.addr,
+        &format!("/v2/mirror/local/oci-image/manifests/{artifact}"),
+    )?;
+    assert_eq!(pulled.status, StatusCode::OK, "{:?}", pulled.body);
+    // A digest nothing refers to: an empty index, not an error.
+    let none = format!("sha256:{}", "0".repeat(64));
+    let empty = get(
+        server.addr,
+        &format!("/v2/mirror/local/oci-image/referrers/{none}"),
+    )?;
+    assert_eq!(empty.json()?["manifests"], serde_json::json!([]));
     Ok(())
 }
 

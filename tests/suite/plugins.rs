@@ -45,7 +45,12 @@ pub fn trials() -> Vec<Trial> {
 /// The WIT is a public contract: a plugin built against its first release
 /// (`plugins/fixtures/wit-0.1.0`, with its own frozen copy) keeps working.
 fn older_wit() -> anyhow::Result<()> {
-    let r = InProcess::new(&with_fixture("fixture-wit-0-1-0", "timeout = \"5s\""))?;
+    // It imports `upstream` (which 0.1.1 grew), so it is granted that.
+    let config = with_fixture("fixture-wit-0-1-0", "timeout = \"5s\"").replace(
+        "[generators.bad.limits]",
+        "grants = [\"upstream\"]\n[generators.bad.limits]",
+    );
+    let r = InProcess::new(&config)?;
     let manifest = r.get("/v2/bad/manifests/v1")?;
     assert_eq!(manifest.status, StatusCode::OK, "{:?}", manifest.body);
     let message = r.refused(

@@ -616,6 +616,15 @@ pub fn skopeo_repo_tags(image: &str) -> anyhow::Result<serde_json::Value> {
     Ok(out["RepoTags"].clone())
 }
 
+/// Checks an SPDX document with SPDX's own validator (spdx-tools, which
+/// tests/run.sh installs).
+pub fn validate_spdx(file: &Path) -> anyhow::Result<()> {
+    run(Command::new("python3")
+        .args(["-m", "spdx_tools.spdx.clitools.pyspdxtools", "--infile"])
+        .arg(file))
+    .map(drop)
+}
+
 /// Runs a command; its stdout, or an error with its stderr.
 pub fn run(command: &mut Command) -> anyhow::Result<String> {
     let out = command

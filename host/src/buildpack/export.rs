@@ -10,6 +10,7 @@
 //!   environment precomputed from the layers (`bin`, `lib`, `env/`,
 //!   `env.launch/`) since there is no launcher, and the
 //!   `io.buildpacks.{lifecycle,build,project}.metadata` labels;
+//! - SBOMs attached as artifacts about the image (`sbom`);
 //! - cached by commit, app path, builder digest and run image digest.
 
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ use super::builder::{host_platform, run_image_of};
 use super::env::Env;
 use super::lifecycle::{self, BuildOutput, Builder, Lifecycle, Work};
 use super::sandbox::{self, Sandbox};
+use super::sbom;
 use super::{BuildpackError, Buildpacks, Source};
 use crate::files::{Scratch, copy_tree, tree_size};
 use crate::image::assemble::{add_layers, extend};
@@ -36,7 +38,8 @@ use crate::upstream::Scoped;
 /// 1980-01-01T00:00:01Z: what the CNB lifecycle writes, for reproducibility.
 const FIXED_TIME: u64 = 315_532_801;
 const FIXED_RFC3339: &str = "1980-01-01T00:00:01Z";
-const LAYOUT_VERSION: u32 = 1;
+/// 2: images come with their SBOMs.
+const LAYOUT_VERSION: u32 = 2;
 
 pub struct BuildpackBuild<'a> {
     pub source: &'a Source,
@@ -270,7 +273,7 @@ impl Buildpacks {
             }
         }
         let blobs: Vec<&LayerBlob> = new_layers.iter().map(|(b, _)| b).collect();
-        Ok(extend(
+        let image = extend(
             self.builds.store(),
             &run_manifest.media_type,
             run_document,
@@ -278,7 +281,24 @@ impl Buildpacks {
             &blobs,
             |_| {},
         )
-        .await?)
+        .await?;
+        let files = {
+            let (layers, places) = (work.layers.clone(), sbom::places(output));
+            blocking(move || Ok::<_, BuildpackError>(sbom::files(&layers, &places))).await?
+        };
+        let name = match build.app_path {
+            "" => sbom::repository_name(&build.source.url),
+            path => format!("{}/{path}", sbom::repository_name(&build.source.url)),
+        };
+        let document = sbom::document(
+            &name,
+            &image.digest,
+            &build.source.commit,
+            (exported.run_reference, &run_manifest.digest),
+            output,
+        );
+        sbom::attach(self.builds.store(), &image, &document, files).await?;
+        Ok(image)
     }
 }
 

@@ -8,7 +8,7 @@
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use crate::image::sbom::{EPOCH, namespace};
+use crate::image::sbom::{package, relationship};
 use crate::oci::Digest;
 
 /// The header the linker puts before the build information (Go ≥ 1.18
@@ -179,41 +179,15 @@ impl BuildInfo {
 /// The SPDX 2.3 document for the image `subject` (named `name`) whose
 /// binary was built as `info` says.
 pub fn spdx(name: &str, subject: &Digest, info: &BuildInfo) -> Value {
-    let mut packages = vec![json!({
-        "SPDXID": "SPDXRef-Image",
-        "name": name,
-        "versionInfo": subject.to_string(),
-        "downloadLocation": "NOASSERTION",
-        "filesAnalyzed": false,
-        "primaryPackagePurpose": "CONTAINER",
-        "externalRefs": [{
-            "referenceCategory": "PACKAGE-MANAGER",
-            "referenceType": "purl",
-            "referenceLocator": format!("pkg:oci/{}@{}", name.rsplit('/').next().unwrap_or(name), subject.to_string().replace(':', "%3A")),
-        }],
-    })];
-    let mut relationships = vec![json!({
-        "spdxElementId": "SPDXRef-DOCUMENT",
-        "relationshipType": "DESCRIBES",
-        "relatedSpdxElement": "SPDXRef-Image",
-    })];
     let go_package = |id: &str, m: &ModuleInfo, purpose: &str| {
-        let mut p = json!({
-            "SPDXID": id,
-            "name": m.path,
-            "versionInfo": m.version,
-            "downloadLocation": match m.version.as_str() {
-                "" | "(devel)" => "NOASSERTION".to_owned(),
-                v => format!("https://proxy.golang.org/{}/@v/{v}.zip", m.path),
-            },
-            "filesAnalyzed": false,
-            "primaryPackagePurpose": purpose,
-            "externalRefs": [{
-                "referenceCategory": "PACKAGE-MANAGER",
-                "referenceType": "purl",
-                "referenceLocator": format!("pkg:golang/{}@{}", m.path, m.version),
-            }],
-        });
+        let purl = format!("pkg:golang/{}@{}", m.path, m.version);
+        let mut p = package(id, &m.path, &m.version, purpose, Some(purl));
+        if !matches!(m.version.as_str(), "" | "(devel)") {
+            p["downloadLocation"] = json!(format!(
+                "https://proxy.golang.org/{}/@v/{}.zip",
+                m.path, m.version
+            ));
+        }
         if let Some(sum) = &m.sum {
             p["comment"] = json!(format!("go.sum: {sum}"));
             if let Some(hex) = h1_hex(sum) {
@@ -234,52 +208,29 @@ pub fn spdx(name: &str, subject: &Digest, info: &BuildInfo) -> Value {
         info.path,
         info.settings.join(" ")
     ));
-    packages.push(main_package);
-    relationships.push(json!({
-        "spdxElementId": "SPDXRef-Image",
-        "relationshipType": "CONTAINS",
-        "relatedSpdxElement": "SPDXRef-Package-main",
-    }));
-    packages.push(json!({
-        "SPDXID": "SPDXRef-Package-stdlib",
-        "name": "stdlib",
-        "versionInfo": info.go_version,
-        "downloadLocation": "https://go.dev/dl/",
-        "filesAnalyzed": false,
-        "primaryPackagePurpose": "LIBRARY",
-        "externalRefs": [{
-            "referenceCategory": "PACKAGE-MANAGER",
-            "referenceType": "purl",
-            "referenceLocator": format!("pkg:golang/stdlib@{}", info.go_version),
-        }],
-    }));
-    relationships.push(json!({
-        "spdxElementId": "SPDXRef-Package-main",
-        "relationshipType": "DEPENDS_ON",
-        "relatedSpdxElement": "SPDXRef-Package-stdlib",
-    }));
+    let mut stdlib = package(
+        "SPDXRef-Package-stdlib",
+        "stdlib",
+        &info.go_version,
+        "LIBRARY",
+        Some(format!("pkg:golang/stdlib@{}", info.go_version)),
+    );
+    stdlib["downloadLocation"] = json!("https://go.dev/dl/");
+    let mut packages = vec![main_package, stdlib];
+    let mut relationships = vec![
+        relationship("SPDXRef-Image", "CONTAINS", "SPDXRef-Package-main"),
+        relationship(
+            "SPDXRef-Package-main",
+            "DEPENDS_ON",
+            "SPDXRef-Package-stdlib",
+        ),
+    ];
     for (n, dep) in info.deps.iter().enumerate() {
         let id = format!("SPDXRef-Package-dep-{n}");
         packages.push(go_package(&id, dep, "LIBRARY"));
-        relationships.push(json!({
-            "spdxElementId": "SPDXRef-Package-main",
-            "relationshipType": "DEPENDS_ON",
-            "relatedSpdxElement": id,
-        }));
+        relationships.push(relationship("SPDXRef-Package-main", "DEPENDS_ON", &id));
     }
-    json!({
-        "spdxVersion": "SPDX-2.3",
-        "dataLicense": "CC0-1.0",
-        "SPDXID": "SPDXRef-DOCUMENT",
-        "name": format!("{name}@{subject}"),
-        "documentNamespace": namespace("ko", subject),
-        "creationInfo": {
-            "created": EPOCH,
-            "creators": [format!("Tool: kontain-{}", env!("CARGO_PKG_VERSION"))],
-        },
-        "packages": packages,
-        "relationships": relationships,
-    })
+    crate::image::sbom::spdx("ko", name, subject, packages, relationships)
 }
 
 #[cfg(test)]
@@ -324,6 +275,7 @@ mod tests {
         let doc = spdx("ko/example.com/hello", &subject, &info);
         assert_eq!(doc["spdxVersion"], "SPDX-2.3");
         let dep = &doc["packages"][3];
+        assert_eq!(doc["packages"][0]["SPDXID"], "SPDXRef-Image");
         assert_eq!(
             (dep["name"].as_str(), dep["versionInfo"].as_str()),
             (Some("example.com/greeting"), Some("v1.0.0"))

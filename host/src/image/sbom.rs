@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::ImageError;
 use super::json::canonical;
@@ -61,7 +61,7 @@ pub async fn attach(
 }
 
 /// The referrers API's descriptor of an artifact manifest.
-fn descriptor(artifact: &StoredManifest, kind: &str) -> serde_json::Value {
+fn descriptor(artifact: &StoredManifest, kind: &str) -> Value {
     json!({
         "mediaType": artifact.media_type.as_str(),
         "digest": artifact.digest.to_string(),
@@ -74,4 +74,70 @@ fn descriptor(artifact: &StoredManifest, kind: &str) -> serde_json::Value {
 /// reproducible.
 pub fn namespace(kind: &str, subject: &Digest) -> String {
     format!("https://kontain.dev/spdx/{kind}/{}", subject.hex())
+}
+
+/// An SPDX package: `id` (`SPDXRef-…`), name, version and purpose (one of
+/// SPDX 2.3's, e.g. `CONTAINER`, `APPLICATION`, `LIBRARY`), with a purl
+/// when there is one. Nothing is analysed file by file.
+pub fn package(id: &str, name: &str, version: &str, purpose: &str, purl: Option<String>) -> Value {
+    let mut p = json!({
+        "SPDXID": id,
+        "name": name,
+        "versionInfo": version,
+        "downloadLocation": "NOASSERTION",
+        "filesAnalyzed": false,
+        "primaryPackagePurpose": purpose,
+    });
+    if let Some(purl) = purl {
+        p["externalRefs"] = json!([{
+            "referenceCategory": "PACKAGE-MANAGER",
+            "referenceType": "purl",
+            "referenceLocator": purl,
+        }]);
+    }
+    p
+}
+
+/// An SPDX relationship: `from` `kind` `to`.
+pub fn relationship(from: &str, kind: &str, to: &str) -> Value {
+    json!({ "spdxElementId": from, "relationshipType": kind, "relatedSpdxElement": to })
+}
+
+/// The purl of an OCI image by digest (`pkg:oci/<last name part>@sha256%3A…`).
+pub fn oci_purl(name: &str, digest: &Digest) -> String {
+    let last = name.rsplit('/').next().unwrap_or(name);
+    format!("pkg:oci/{last}@{}", digest.to_string().replace(':', "%3A"))
+}
+
+/// An SPDX 2.3 document about the image `subject` (named `name`), made by
+/// kontain's `kind` generator: the image as package `SPDXRef-Image`, which
+/// the document describes, then `packages` and `relationships`.
+pub fn spdx(
+    kind: &str,
+    name: &str,
+    subject: &Digest,
+    packages: Vec<Value>,
+    relationships: Vec<Value>,
+) -> Value {
+    let image = package(
+        "SPDXRef-Image",
+        name,
+        &subject.to_string(),
+        "CONTAINER",
+        Some(oci_purl(name, subject)),
+    );
+    let describes = relationship("SPDXRef-DOCUMENT", "DESCRIBES", "SPDXRef-Image");
+    json!({
+        "spdxVersion": "SPDX-2.3",
+        "dataLicense": "CC0-1.0",
+        "SPDXID": "SPDXRef-DOCUMENT",
+        "name": format!("{name}@{subject}"),
+        "documentNamespace": namespace(kind, subject),
+        "creationInfo": {
+            "created": EPOCH,
+            "creators": [format!("Tool: kontain-{}", env!("CARGO_PKG_VERSION"))],
+        },
+        "packages": std::iter::once(image).chain(packages).collect::<Vec<_>>(),
+        "relationships": std::iter::once(describes).chain(relationships).collect::<Vec<_>>(),
+    })
 }

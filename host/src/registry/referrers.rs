@@ -36,6 +36,12 @@ impl Registry {
             true => self.storage.referrers(&digest).await?,
             false => Vec::new(),
         };
+        // Those the generator knows too (a mirror's upstream), once each.
+        for found in self.generators.referrers(route, digest.clone()).await? {
+            if !manifests.iter().any(|m| m["digest"] == found["digest"]) {
+                manifests.push(found);
+            }
+        }
         if let Some(wanted) = &wanted {
             manifests.retain(|d| d["artifactType"].as_str() == Some(wanted.as_str()));
         }

@@ -109,3 +109,44 @@ pub struct Has<S>(PhantomData<S>);
 impl<S: 'static> HasData for Has<S> {
     type Data<'a> = Ctx<'a, S>;
 }
+
+/// A referrers-API descriptor (JSON, as storage and registries hold them)
+/// as the WIT's `referrer`.
+pub fn referrer_of(d: &serde_json::Value) -> wit::types::Referrer {
+    let s = |k: &str| d[k].as_str().unwrap_or_default().to_owned();
+    wit::types::Referrer {
+        media_type: s("mediaType"),
+        digest: s("digest"),
+        size: d["size"].as_u64().unwrap_or_default(),
+        artifact_type: s("artifactType"),
+        annotations: d["annotations"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+            .collect(),
+    }
+}
+
+/// A plugin's `referrer` as a referrers-API descriptor; `None` unless its
+/// digest is one.
+pub fn descriptor_of(r: &wit::types::Referrer) -> Option<serde_json::Value> {
+    let digest: crate::oci::Digest = r.digest.parse().ok()?;
+    let mut d = serde_json::json!({
+        "mediaType": r.media_type,
+        "digest": digest.to_string(),
+        "size": r.size,
+    });
+    if !r.artifact_type.is_empty() {
+        d["artifactType"] = r.artifact_type.clone().into();
+    }
+    if !r.annotations.is_empty() {
+        d["annotations"] = r
+            .annotations
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::from(v.clone())))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+    }
+    Some(d)
+}

@@ -23,6 +23,8 @@ pub const WIT_VERSION: (u64, u64, u64) = (0, 1, 1);
 /// The optional `tags` export (since 0.1.1), looked up semver-compatibly:
 /// a plugin of a later 0.1.x exports it under its own version.
 const TAGS_EXPORT: (&str, &str) = ("kontain:generator/tags@0.1.1", "list");
+/// The optional `referrers` export (since 0.1.1).
+const REFERRERS_EXPORT: (&str, &str) = ("kontain:generator/referrers@0.1.1", "list");
 
 /// Built-in generators, embedded at build time (see `build.rs`).
 const BUILT_IN: &[(&str, &[u8])] = &[
@@ -62,6 +64,8 @@ pub struct Plugin {
     /// `tags.list`, if the plugin exports it (plugins built against 0.1.0
     /// cannot).
     pub tags: Option<ComponentExportIndex>,
+    /// `referrers.list`, likewise.
+    pub referrers: Option<ComponentExportIndex>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -171,9 +175,12 @@ pub fn load(
         name: name.to_owned(),
         message: format!("{e:#}"),
     })?;
-    let tags = component
-        .get_export_index(None, TAGS_EXPORT.0)
-        .and_then(|interface| component.get_export_index(Some(&interface), TAGS_EXPORT.1));
+    let optional = |(interface, function): (&str, &str)| {
+        component
+            .get_export_index(None, interface)
+            .and_then(|interface| component.get_export_index(Some(&interface), function))
+    };
+    let (tags, referrers) = (optional(TAGS_EXPORT), optional(REFERRERS_EXPORT));
     Ok(Plugin {
         id,
         digest,
@@ -183,6 +190,7 @@ pub fn load(
         settings: config.settings.clone(),
         pre,
         tags,
+        referrers,
     })
 }
 

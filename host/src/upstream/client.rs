@@ -187,6 +187,55 @@ impl Client {
         Ok(tags)
     }
 
+    /// The descriptors of the manifests of `image` whose subject is
+    /// `digest`: the referrers API, else the spec's fallback tag
+    /// (`<algorithm>-<hex>`, an index), else none. At most [`MAX_REFERRERS`].
+    pub async fn referrers(
+        &self,
+        image: &UpstreamImage,
+        digest: &Digest,
+    ) -> Result<Vec<serde_json::Value>, UpstreamError> {
+        let accept = [crate::oci::MediaType::OCI_INDEX.to_owned()];
+        let url = image
+            .url("referrers", &digest.to_string())
+            .map_err(|e| invalid(image, e))?;
+        let response = self.send(image, Method::GET, url, &accept).await?;
+        let index = match response.status() {
+            // A registry without the API: the tag schema, as clients do.
+            StatusCode::NOT_FOUND => {
+                let tag = format!("{}-{}", digest.algorithm_name(), digest.hex());
+                match self.get_manifest(image, &tag, &accept).await {
+                    Ok((bytes, _)) => bytes,
+                    Err(UpstreamError::NotFound { .. }) => return Ok(Vec::new()),
+                    Err(e) => return Err(e),
+                }
+            }
+            _ => {
+                let response = check_status(image, "referrers", response).await?;
+                read_capped(response, MAX_MANIFEST_BYTES)
+                    .await
+                    .map_err(|e| self.transport(image, e))?
+                    .ok_or_else(|| UpstreamError::TooLarge {
+                        image: image.to_string(),
+                        what: "the referrers index",
+                        limit: MAX_MANIFEST_BYTES,
+                    })?
+            }
+        };
+        let index: serde_json::Value =
+            serde_json::from_slice(&index).map_err(|e| UpstreamError::Unreachable {
+                image: image.to_string(),
+                message: format!("its referrers index is not JSON: {e}"),
+            })?;
+        Ok(index["manifests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(referrer)
+            .take(MAX_REFERRERS)
+            .collect())
+    }
+
     /// `GET` a blob; the body is left to stream.
     pub async fn get_blob(
         &self,
@@ -412,6 +461,32 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 
 fn invalid(image: &UpstreamImage, e: url::ParseError) -> UpstreamError {
     UpstreamError::InvalidImage(format!("{image}: {e}"))
+}
+
+/// The most referrers taken from an upstream for one digest.
+pub const MAX_REFERRERS: usize = 1000;
+
+/// An upstream's descriptor of a referrer, rebuilt from the fields the
+/// referrers API defines (anything else, or anything malformed, dropped).
+fn referrer(d: &serde_json::Value) -> Option<serde_json::Value> {
+    let digest: Digest = d["digest"].as_str()?.parse().ok()?;
+    let mut out = serde_json::json!({
+        "mediaType": d["mediaType"].as_str()?,
+        "digest": digest.to_string(),
+        "size": d["size"].as_u64()?,
+    });
+    if let Some(kind) = d["artifactType"].as_str() {
+        out["artifactType"] = kind.into();
+    }
+    if let Some(annotations) = d["annotations"].as_object() {
+        let strings: serde_json::Map<_, _> = annotations
+            .iter()
+            .filter(|(_, v)| v.is_string())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        out["annotations"] = strings.into();
+    }
+    Some(out)
 }
 
 /// Whether `next` is a page of the same tag list as `first`: same scheme,

@@ -34,6 +34,21 @@ impl upstream::Host for Ctx<'_, Upstream> {
         Ok(scoped.tags(&image).await?.to_vec())
     }
 
+    async fn referrers(
+        &mut self,
+        image: String,
+        digest: String,
+    ) -> HostResult<Vec<upstream::Referrer>> {
+        let scoped = self
+            .service
+            .scoped(self.call.generator(), self.call.upstreams());
+        let found = scoped.referrers(&image, &digest).await?;
+        Ok(found
+            .iter()
+            .map(crate::runtime::host::referrer_of)
+            .collect())
+    }
+
     async fn fetch_blob(
         &mut self,
         image: String,

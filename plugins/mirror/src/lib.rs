@@ -5,7 +5,7 @@
 //! verification, serving stale tags when the upstream is down); this recipe
 //! only says which image is wanted.
 
-use kontain_sdk::{Blob, BlobRequest, Error, Generator, Manifest, Request, upstream};
+use kontain_sdk::{Blob, BlobRequest, Error, Generator, Manifest, Referrer, Request, upstream};
 
 struct Mirror;
 
@@ -21,6 +21,14 @@ impl Generator for Mirror {
 
     fn fetch_blob(request: BlobRequest) -> Result<Blob, Error> {
         upstream::fetch_blob(&request.repository, &request.digest)
+    }
+
+    /// The upstream's referrers (SBOMs, signatures) of one of its manifests.
+    fn referrers(repository: String, digest: String) -> Result<Vec<Referrer>, Error> {
+        if repository.is_empty() {
+            return Ok(Vec::new());
+        }
+        upstream::referrers(&repository, &digest)
     }
 
     /// The upstream's own tags.

@@ -41,7 +41,7 @@ pub use bindings::exports::kontain::generator::generator::{BlobRequest, Request}
 pub use bindings::kontain::generator::images::{
     self, Blob, Config, History, Layer, Manifest, ManifestFormat, Platform,
 };
-pub use bindings::kontain::generator::types::Error;
+pub use bindings::kontain::generator::types::{Error, Referrer};
 // Every interface of the world, by name: a capability added to the WIT is
 // reachable as `kontain_sdk::<interface>` without an edit here.
 pub use bindings::kontain::generator::*;
@@ -84,6 +84,13 @@ pub trait Generator {
     /// sorts, deduplicates and pages them. The default lists none.
     fn tags(repository: String) -> Result<Vec<String>, Error> {
         let _ = repository;
+        Ok(Vec::new())
+    }
+
+    /// Manifests whose subject is `digest` that the generator knows beyond
+    /// those the host stored (a mirror's upstream); the default adds none.
+    fn referrers(repository: String, digest: String) -> Result<Vec<Referrer>, Error> {
+        let _ = (repository, digest);
         Ok(Vec::new())
     }
 }
@@ -190,6 +197,15 @@ macro_rules! export_generator {
                 repository: ::std::string::String,
             ) -> ::core::result::Result<::std::vec::Vec<::std::string::String>, $crate::Error> {
                 <$ty as $crate::Generator>::tags(repository)
+            }
+        }
+
+        impl $crate::bindings::exports::kontain::generator::referrers::Guest for __KontainGenerator {
+            fn list(
+                repository: ::std::string::String,
+                digest: ::std::string::String,
+            ) -> ::core::result::Result<::std::vec::Vec<$crate::Referrer>, $crate::Error> {
+                <$ty as $crate::Generator>::referrers(repository, digest)
             }
         }
 

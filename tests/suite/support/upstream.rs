@@ -77,6 +77,75 @@ impl UpstreamRegistry {
 }
 
 impl UpstreamRegistry {
+    /// Uploads `bytes` as a blob of `repo` (the push API, monolithic); its
+    /// digest.
+    pub fn push_blob(&self, repo: &str, bytes: &[u8]) -> anyhow::Result<String> {
+        let digest = crate::support::sha256(bytes);
+        let start = crate::support::http_with_body(
+            self.addr,
+            http::Method::POST,
+            &format!("/v2/{repo}/blobs/uploads/"),
+            &[],
+            Bytes::new(),
+        )?;
+        anyhow::ensure!(
+            start.status == StatusCode::ACCEPTED,
+            "upload: {}",
+            start.status
+        );
+        let location = start.header("location");
+        let path = match location.find("/v2/") {
+            Some(at) => &location[at..],
+            None => location,
+        };
+        let separator = if path.contains('?') { '&' } else { '?' };
+        let put = crate::support::http_with_body(
+            self.addr,
+            http::Method::PUT,
+            &format!("{path}{separator}digest={digest}"),
+            &[("content-type", "application/octet-stream")],
+            Bytes::copy_from_slice(bytes),
+        )?;
+        anyhow::ensure!(
+            put.status == StatusCode::CREATED,
+            "upload: {} {:?}",
+            put.status,
+            put.body
+        );
+        Ok(digest)
+    }
+
+    /// Puts `manifest` (of `media_type`) as `repo:reference`; its digest.
+    pub fn push_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        manifest: &serde_json::Value,
+    ) -> anyhow::Result<String> {
+        let bytes = Bytes::from(serde_json::to_vec(manifest)?);
+        let digest = crate::support::sha256(&bytes);
+        let reference = if reference.is_empty() {
+            digest.as_str()
+        } else {
+            reference
+        };
+        let put = crate::support::http_with_body(
+            self.addr,
+            http::Method::PUT,
+            &format!("/v2/{repo}/manifests/{reference}"),
+            &[("content-type", media_type)],
+            bytes,
+        )?;
+        anyhow::ensure!(
+            put.status == StatusCode::CREATED,
+            "PUT {repo}:{reference}: {} {:?}",
+            put.status,
+            put.body
+        );
+        Ok(digest)
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
