@@ -47,6 +47,9 @@ pub use plugin::LoadError;
 use plugin::Plugin;
 use state::HostState;
 
+/// The most referrers a plugin may add for one digest.
+const MAX_REFERRERS: usize = 1000;
+
 /// How often running wasm is interrupted to yield back to the executor.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
@@ -483,12 +486,32 @@ impl Generators for Runtime {
             return Ok(Vec::new());
         }
         let digest = digest.to_string();
-        self.call(
-            plugin,
-            async |exports, store| exports.referrers(store, &route.repository, &digest).await,
-            |_, found| Ok(found.iter().filter_map(host::descriptor_of).collect()),
-        )
-        .await
+        let found = self
+            .call(
+                plugin,
+                async |exports, store| exports.referrers(store, &route.repository, &digest).await,
+                |_, found| {
+                    Ok(found
+                        .iter()
+                        .filter_map(host::descriptor_of)
+                        .take(MAX_REFERRERS)
+                        .collect())
+                },
+            )
+            .await;
+        match found {
+            // The spec answers a digest nothing refers to with an empty
+            // index, never 404: a client would take that for "no API".
+            Err(e)
+                if matches!(
+                    e.kind,
+                    ErrorKind::NotFound | ErrorKind::InvalidReference | ErrorKind::InvalidName
+                ) =>
+            {
+                Ok(Vec::new())
+            }
+            other => other,
+        }
     }
 
     async fn fetch_blob(&self, route: Route, digest: Digest) -> Result<BlobInfo, GeneratorError> {

@@ -144,10 +144,14 @@ pub struct Upstream {
     declared: std::sync::Mutex<HashMap<Digest, u64>>,
     /// Tag lists read lately, by registry and repository.
     tag_lists: Recent<Vec<String>>,
+    /// Referrers read lately, by registry, repository and digest: a client
+    /// asking again (every HEAD) does not cost the upstream a request.
+    referrers: Recent<Vec<serde_json::Value>>,
 }
 
-/// How long a tag list is answered from memory: tag lists change, but a
-/// client paging through one must see the same list on every page.
+/// How long a tag list (or a referrers list) is answered from memory: they
+/// change, but a client paging through one must see the same list on every
+/// page.
 const TAG_LIST_TTL: Duration = Duration::from_secs(60);
 
 /// The policy and settings `config` describes; `extra` are hosts other
@@ -216,6 +220,7 @@ impl Upstream {
             store,
             declared: Default::default(),
             tag_lists: Recent::new(TAG_LIST_TTL),
+            referrers: Recent::new(TAG_LIST_TTL),
         })
     }
 
@@ -323,7 +328,12 @@ impl Scoped<'_> {
         let digest: Digest = digest
             .parse()
             .map_err(|e| UpstreamError::InvalidImage(format!("{digest:?}: {e}")))?;
-        self.upstream.client.referrers(&upstream, &digest).await
+        let key = format!("{} {digest}", upstream.cache_key());
+        if let Some(found) = self.upstream.referrers.get(&key) {
+            return Ok(found.to_vec());
+        }
+        let found = self.upstream.client.referrers(&upstream, &digest).await?;
+        Ok(self.upstream.referrers.put(key, found).to_vec())
     }
 
     /// A blob of `image`, from storage or streamed from upstream into it.

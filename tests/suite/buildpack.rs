@@ -272,6 +272,8 @@ fn seed_images() -> anyhow::Result<()> {
                      ln -s {dir} \"$CNB_LAYERS_DIR/evil/env.launch\"\n\
                      printf '[types]\\nlaunch = true\\n' > \"$CNB_LAYERS_DIR/evil.toml\"\n\
                      ln -sf {dir}/written-through-plan.txt \"$CNB_BP_PLAN_PATH\"\n\
+                     ln -s {dir}/TOKEN \"$CNB_LAYERS_DIR/launch.sbom.spdx.json\"\n\
+                     mkfifo \"$CNB_LAYERS_DIR/evil.sbom.cdx.json\"\n\
                      printf '[[processes]]\\ntype = \"web\"\\ncommand = [\"/bin/sh\", \"-c\", \"env\"]\\ndefault = true\\n' > \"$CNB_LAYERS_DIR/launch.toml\"\n",
                     dir = secret.display()
                 )
@@ -539,5 +541,23 @@ fn symlinks() -> anyhow::Result<()> {
         !secret_dir().join("written-through-plan.txt").exists(),
         "the host wrote through a buildpack's symlink"
     );
+    // SBOM "files" that are a symlink to a host file and a FIFO: neither is
+    // read (nor waited on); only kontain's own document is attached.
+    let image = get_ok(server, "/v2/linker/acme/app/manifests/main")?;
+    let digest = image.header("docker-content-digest");
+    let listed = get_ok(server, &format!("/v2/linker/acme/app/referrers/{digest}"))?.json()?;
+    let kinds: Vec<&str> = listed["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["artifactType"].as_str())
+        .collect();
+    assert_eq!(kinds, ["application/spdx+json"], "{listed}");
+    let artifact = listed["manifests"][0]["digest"]
+        .as_str()
+        .unwrap_or_default();
+    let artifact = get_ok(server, &format!("/v2/linker/acme/app/manifests/{artifact}"))?.json()?;
+    let document = get_blob(server, "linker/acme/app", &artifact["layers"][0])?;
+    assert!(!String::from_utf8_lossy(&document.body).contains("hunter2"));
     Ok(())
 }

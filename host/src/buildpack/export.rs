@@ -282,9 +282,9 @@ impl Buildpacks {
             |_| {},
         )
         .await?;
-        let files = {
+        let candidates = {
             let (layers, places) = (work.layers.clone(), sbom::places(output));
-            blocking(move || Ok::<_, BuildpackError>(sbom::files(&layers, &places))).await?
+            blocking(move || Ok::<_, BuildpackError>(sbom::candidates(&layers, &places))).await?
         };
         let name = match build.app_path {
             "" => sbom::repository_name(&build.source.url),
@@ -297,7 +297,7 @@ impl Buildpacks {
             (exported.run_reference, &run_manifest.digest),
             output,
         );
-        sbom::attach(self.builds.store(), &image, &document, files).await?;
+        sbom::attach(self.builds.store(), &image, &document, candidates).await?;
         Ok(image)
     }
 }

@@ -6,12 +6,15 @@
 //! knows: the app's commit, each buildpack with its version, and the run
 //! image.
 //!
-//! Buildpacks are untrusted and wrote these files: a file is read only if it
-//! and its buildpack's layers directory are what they seem (a directory and
-//! a regular file, not symlinks; no buildpack process is alive by then, so
-//! nothing can swap them), and at most [`MAX_FILE`] bytes each.
+//! Buildpacks are untrusted and wrote these files: a file is read only if its
+//! buildpack's layers directory is a directory (not a symlink) and the file,
+//! opened without following a symlink, is a regular file of at most
+//! [`MAX_FILE`] bytes; at most [`MAX_FILES`] files and [`MAX_TOTAL`] bytes
+//! per build. In the sandbox no buildpack process outlives its step, so
+//! nothing swaps a directory between the check and the open; with
+//! `allow_unsandboxed` buildpacks already run as the server's user.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use serde_json::Value;
@@ -20,11 +23,15 @@ use super::BuildpackError;
 use super::lifecycle::{self, BuildOutput};
 use crate::image::json::canonical;
 use crate::image::sbom::{self, oci_purl, package, relationship};
+use crate::image::work::blocking;
 use crate::oci::Digest;
 use crate::storage::{ContentStore, StoredManifest};
 
-/// The largest SBOM file a buildpack may contribute.
+/// The largest SBOM file a buildpack may contribute, how many files a build
+/// may attach, and how many bytes in all.
 const MAX_FILE: u64 = 8 * 1024 * 1024;
+const MAX_FILES: usize = 64;
+const MAX_TOTAL: u64 = 32 * 1024 * 1024;
 
 /// The extensions the buildpack API defines, with their media types.
 const FORMATS: [(&str, &str); 3] = [
@@ -32,12 +39,6 @@ const FORMATS: [(&str, &str); 3] = [
     ("spdx.json", sbom::SPDX_JSON),
     ("syft.json", "application/vnd.syft+json"),
 ];
-
-/// One SBOM file a buildpack wrote: its media type and bytes.
-pub struct File {
-    pub media_type: &'static str,
-    pub bytes: Bytes,
-}
 
 /// Where each buildpack may have left SBOM files: its layers directory's
 /// name and the file stems (`launch`, then its launch layers by name).
@@ -57,9 +58,11 @@ pub fn places(output: &BuildOutput) -> Vec<(String, Vec<String>)> {
         .collect()
 }
 
-/// The SBOM files found at `places` under `layers`, in that order, each
-/// stem's by format.
-pub fn files(layers: &Path, places: &[(String, Vec<String>)]) -> Vec<File> {
+/// The SBOM files that may exist at `places` under `layers`, in that order,
+/// each stem's by format: at most [`MAX_FILES`] of them, with their media
+/// types. Only a buildpack directory that is a directory (not a symlink) is
+/// looked in.
+pub fn candidates(layers: &Path, places: &[(String, Vec<String>)]) -> Vec<(&'static str, PathBuf)> {
     let mut found = Vec::new();
     for (bp, stems) in places {
         let dir = layers.join(bp);
@@ -69,33 +72,58 @@ pub fn files(layers: &Path, places: &[(String, Vec<String>)]) -> Vec<File> {
         for stem in stems {
             for (ext, media_type) in FORMATS {
                 let path = dir.join(format!("{stem}.sbom.{ext}"));
-                let Ok(meta) = std::fs::symlink_metadata(&path) else {
-                    continue;
-                };
-                if !meta.is_file() || meta.len() > MAX_FILE {
-                    tracing::warn!(buildpack = %bp, file = %format!("{stem}.sbom.{ext}"), "SBOM file left out: not a regular file, or too large");
-                    continue;
-                }
-                if let Ok(bytes) = std::fs::read(&path) {
-                    found.push(File {
-                        media_type,
-                        bytes: Bytes::from(bytes),
-                    });
+                if std::fs::symlink_metadata(&path).is_ok() {
+                    found.push((media_type, path));
                 }
             }
         }
     }
+    if found.len() > MAX_FILES {
+        tracing::warn!(
+            found = found.len(),
+            kept = MAX_FILES,
+            "buildpacks left more SBOM files than are attached"
+        );
+        found.truncate(MAX_FILES);
+    }
     found
 }
 
-/// How an SBOM names the repository of `url`: its last two path parts
-/// (`owner/repo`), never the server's own path or credentials.
+/// A buildpack's SBOM file, if it is a regular file of at most [`MAX_FILE`]
+/// bytes: opened without following a symlink or blocking on a FIFO, and
+/// checked on the open file, so that what is read is what was checked.
+pub fn read(path: &Path) -> Option<Bytes> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags.bits() as i32)
+        .open(path)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() || meta.len() > MAX_FILE {
+        tracing::warn!(file = %path.display(), "SBOM file left out: not a regular file, or too large");
+        return None;
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE + 1).read_to_end(&mut bytes).ok()?;
+    (bytes.len() as u64 <= MAX_FILE).then(|| Bytes::from(bytes))
+}
+
+/// How an SBOM names the repository of `url`: its last two path segments
+/// (`owner/repo`), never the server's own path, host or credentials.
 pub fn repository_name(url: &str) -> String {
-    let path = url.split(['?', '#']).next().unwrap_or_default();
-    let mut parts = path.trim_end_matches('/').rsplit('/');
-    let repo = parts.next().unwrap_or_default().trim_end_matches(".git");
-    let owner = parts.next().unwrap_or_default();
-    format!("{owner}/{repo}")
+    let Ok(url) = url::Url::parse(url) else {
+        return "repository".to_owned();
+    };
+    let segments: Vec<&str> = url
+        .path_segments()
+        .map(|s| s.filter(|s| !s.is_empty()).collect())
+        .unwrap_or_default();
+    let tail = &segments[segments.len().saturating_sub(2)..];
+    let name = tail.join("/");
+    name.trim_end_matches(".git").to_owned()
 }
 
 /// What the build was made of, as the image's SPDX document.
@@ -128,17 +156,30 @@ pub fn document(
     sbom::spdx("buildpack", name, subject, packages, relationships)
 }
 
-/// Attaches kontain's document and every buildpack SBOM file to `image`.
+/// Attaches kontain's document, then the buildpacks' SBOM files (read one
+/// at a time, at most [`MAX_TOTAL`] bytes in all), to `image`.
 pub async fn attach(
     store: &std::sync::Arc<ContentStore>,
     image: &StoredManifest,
     document: &Value,
-    files: Vec<File>,
+    candidates: Vec<(&'static str, PathBuf)>,
 ) -> Result<(), BuildpackError> {
     let bytes = canonical(document)?;
     sbom::attach(store, image, sbom::SPDX_JSON, bytes).await?;
-    for file in files {
-        sbom::attach(store, image, file.media_type, file.bytes).await?;
+    let mut total = 0u64;
+    for (media_type, path) in candidates {
+        let Some(bytes) = blocking(move || Ok::<_, BuildpackError>(read(&path))).await? else {
+            continue;
+        };
+        total += bytes.len() as u64;
+        if total > MAX_TOTAL {
+            tracing::warn!(
+                limit = MAX_TOTAL,
+                "the buildpacks' SBOM files pass the limit: the rest are left out"
+            );
+            break;
+        }
+        sbom::attach(store, image, media_type, bytes).await?;
     }
     Ok(())
 }
@@ -154,6 +195,7 @@ mod tests {
             ("https://github.com/acme/app.git", "acme/app"),
             ("file:///srv/git/acme/app/", "acme/app"),
             ("https://user:secret@git.example/acme/app?x=1", "acme/app"),
+            ("https://u:pw@git.example/acme-app.git", "acme-app"),
         ] {
             assert_eq!(repository_name(url), want, "{url}");
         }

@@ -203,7 +203,9 @@ impl Client {
         let index = match response.status() {
             // A registry without the API: the tag schema, as clients do.
             StatusCode::NOT_FOUND => {
-                let tag = format!("{}-{}", digest.algorithm_name(), digest.hex());
+                // `<alg>-<ref>`, the reference cut to 64 characters (the spec).
+                let hex = digest.hex();
+                let tag = format!("{}-{}", digest.algorithm_name(), &hex[..hex.len().min(64)]);
                 match self.get_manifest(image, &tag, &accept).await {
                     Ok((bytes, _)) => bytes,
                     Err(UpstreamError::NotFound { .. }) => return Ok(Vec::new()),
