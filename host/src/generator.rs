@@ -37,6 +37,9 @@ pub trait Generators: Send + Sync + 'static {
     /// The generator for a request with this `Host` header and name, if any.
     fn route(&self, host: Option<&str>, name: &RepositoryName) -> Option<Route>;
 
+    /// How many generators are loaded.
+    fn loaded(&self) -> usize;
+
     /// The manifest for a tag, or for a digest storage did not have.
     async fn resolve(&self, request: ResolveRequest) -> Result<StoredManifest, GeneratorError>;
 

@@ -15,6 +15,7 @@ pub mod flatten;
 pub mod generator;
 pub mod go;
 pub mod image;
+pub mod logs;
 pub mod oci;
 pub mod process;
 pub mod random;

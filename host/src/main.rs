@@ -15,16 +15,17 @@ fn main() -> anyhow::Result<()> {
             println!("kontain {}", env!("CARGO_PKG_VERSION"));
             return Ok(());
         }
-        Command::Serve { config } => config,
+        Command::Serve { config, log_format } => {
+            let from_env = std::env::var("KONTAIN_LOG_FORMAT").ok();
+            let log_format = match (log_format, from_env) {
+                (Some(f), _) => f,
+                (None, Some(f)) => f.parse()?,
+                (None, None) => Default::default(),
+            };
+            kontain::logs::init(log_format);
+            config
+        }
     };
-    tracing_subscriber::fmt()
-        // Colours only for people: log files and collectors get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,wasmtime=warn,cranelift=warn".into()),
-        )
-        .init();
     let mut config = Config::load(config.as_deref())?;
     config.apply_env(|k| std::env::var(k).ok())?;
     tokio::runtime::Runtime::new()

@@ -39,6 +39,29 @@ use response::{empty, full, stream};
 
 const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/2.0");
 
+/// The header naming a request in the logs: the client's (or its load
+/// balancer's) if it sent a sensible one, else one of ours.
+const REQUEST_ID: &str = "x-request-id";
+
+/// The address a request came from, put in its extensions by `serve`.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub std::net::SocketAddr);
+
+/// The request's id: the client's `X-Request-Id` when it is short and plain,
+/// else 16 random hex digits.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            (1..=64).contains(&v.len())
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()))
+}
+
 const LANDING: &str = "kontain: a registry that generates images when you pull them.\n\n\
     docker pull <this host>/random:4x100   # 4 layers of 100 random bytes\n";
 
@@ -62,10 +85,13 @@ impl Registry {
         let started = Instant::now();
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
+        let request_id = request_id(request.headers());
         let span = tracing::info_span!(
             "request",
+            %request_id,
             %method,
             %path,
+            generator = tracing::field::Empty,
             repository = tracing::field::Empty,
             reference = tracing::field::Empty
         );
@@ -97,7 +123,32 @@ impl Registry {
             response
                 .headers_mut()
                 .insert(API_VERSION.0, http::HeaderValue::from_static(API_VERSION.1));
-            tracing::info!(status = response.status().as_u16(), elapsed = ?started.elapsed(), "served");
+            if let Ok(id) = http::HeaderValue::from_str(&request_id) {
+                response.headers_mut().insert(REQUEST_ID, id);
+            }
+            // The access line: one per request.
+            let bytes = match head {
+                true => 0,
+                false => http_body::Body::size_hint(response.body())
+                    .exact()
+                    .unwrap_or_default(),
+            };
+            tracing::info!(
+                access = true,
+                status = response.status().as_u16(),
+                bytes,
+                latency_seconds = started.elapsed().as_secs_f64(),
+                user_agent = headers
+                    .get(header::USER_AGENT)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default(),
+                remote_ip = request
+                    .extensions()
+                    .get::<Peer>()
+                    .map(|p| p.0.ip().to_string())
+                    .unwrap_or_default(),
+                "served"
+            );
             response
         }
         .instrument(span)
@@ -117,6 +168,17 @@ impl Registry {
                 .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
                 .body(full(LANDING))
                 .unwrap_or_else(|_| Response::new(empty()))),
+            // Health, outside the API: alive, and able to serve.
+            Endpoint::Outside if readable && path == "/healthz" => {
+                Ok(plain(StatusCode::OK, "ok\n"))
+            }
+            Endpoint::Outside if readable && path == "/readyz" => Ok(match self.ready().await {
+                Ok(()) => plain(StatusCode::OK, "ready\n"),
+                Err(why) => plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {why}\n"),
+                ),
+            }),
             Endpoint::Outside => Err(ApiError::NotFound(format!(
                 "{path} is not part of the registry API"
             ))),
@@ -183,6 +245,20 @@ impl Registry {
             .unwrap_or_else(|_| Response::new(empty())))
     }
 
+    /// Whether the server can serve: storage takes a write and gives it
+    /// back, and generators are loaded. The reason when not (the details,
+    /// which may name paths, go to the log only).
+    async fn ready(&self) -> Result<(), &'static str> {
+        if let Err(e) = self.storage.probe().await {
+            tracing::warn!(error = %e, "not ready: storage failed a probe");
+            return Err("storage is not writable or not reachable");
+        }
+        if self.generators.loaded() == 0 {
+            return Err("no generator is loaded");
+        }
+        Ok(())
+    }
+
     /// Parses and routes a repository name.
     fn route(
         &self,
@@ -195,6 +271,7 @@ impl Registry {
             .generators
             .route(host, &name)
             .ok_or_else(|| ApiError::NameUnknown(name.clone()))?;
+        tracing::Span::current().record("generator", route.generator.as_str());
         Ok((name, route))
     }
 
@@ -357,6 +434,17 @@ fn record(name: &RepositoryName, reference: &dyn std::fmt::Display) {
     span.record("reference", tracing::field::display(reference));
 }
 
+fn plain(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let body = body.into();
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header(header::CONTENT_LENGTH, body.len())
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(full(body))
+        .unwrap_or_else(|_| Response::new(empty()))
+}
+
 fn json_ok(body: &'static [u8]) -> Response<Body> {
     Response::builder()
         .header(header::CONTENT_TYPE, "application/json")
@@ -470,7 +558,8 @@ pub async fn serve(
                 // Small answers go out at once, not after the peer's delayed ACK.
                 let _ = stream.set_nodelay(true);
                 let (registry, tracker, on_request) = (registry.clone(), connections.clone(), slot.clone());
-                let service = service_fn(move |request| {
+                let service = service_fn(move |mut request: Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(Peer(peer));
                     let busy = tracker.request_started(&on_request);
                     let registry = registry.clone();
                     async move {

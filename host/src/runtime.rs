@@ -443,6 +443,10 @@ impl Generators for Runtime {
         self.current().routes.route(host, name)
     }
 
+    fn loaded(&self) -> usize {
+        self.current().plugins.len()
+    }
+
     async fn resolve(&self, request: ResolveRequest) -> Result<StoredManifest, GeneratorError> {
         let plugin = self.plugin(&request.route.generator)?;
         let guest_request = guest::Request {

@@ -386,29 +386,8 @@ fn crash_debris() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A 30 MB tmpfs, unmounted when dropped.
-struct Tmpfs(tempfile::TempDir);
-
-impl Tmpfs {
-    fn mount() -> anyhow::Result<Tmpfs> {
-        let dir = tempfile::tempdir()?;
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=30m", "kontain-test"])
-            .arg(dir.path())
-            .status()?;
-        anyhow::ensure!(status.success(), "mounting a tmpfs (needs root)");
-        Ok(Tmpfs(dir))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.0.path()).status();
-    }
-}
-
 fn full_disk() -> anyhow::Result<()> {
-    let disk = Tmpfs::mount()?;
+    let disk = crate::support::Tmpfs::mount()?;
     let data = disk.0.path().join("data");
     let server = Server::start(Some(&RANDOM.replace(
         "path = \"data\"",

@@ -14,6 +14,7 @@ mod hostile;
 mod http;
 mod ko;
 mod mirror;
+mod ops;
 mod plugins;
 mod pull;
 mod reload;
@@ -39,6 +40,7 @@ fn main() -> ExitCode {
         storage::trials(),
         reload::trials(),
         hostile::trials(),
+        ops::trials(),
     ]
     .into_iter()
     .flatten()

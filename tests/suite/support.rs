@@ -625,6 +625,28 @@ pub fn validate_spdx(file: &Path) -> anyhow::Result<()> {
     .map(drop)
 }
 
+/// A 30 MB tmpfs mounted on a temporary directory (needs root); unmounted
+/// when dropped.
+pub struct Tmpfs(pub tempfile::TempDir);
+
+impl Tmpfs {
+    pub fn mount() -> anyhow::Result<Tmpfs> {
+        let dir = tempfile::tempdir()?;
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=30m", "kontain-test"])
+            .arg(dir.path())
+            .status()?;
+        ensure!(status.success(), "mounting a tmpfs (needs root)");
+        Ok(Tmpfs(dir))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
 /// Runs a command; its stdout, or an error with its stderr.
 pub fn run(command: &mut Command) -> anyhow::Result<String> {
     let out = command

@@ -32,6 +32,9 @@ pub(crate) fn manifest_key(digest: &Digest) -> String {
     format!("manifests/{}/{}", digest.algorithm_name(), digest.hex())
 }
 
+/// The value the readiness probe writes and reads back.
+const PROBE: &str = "kontain readiness probe";
+
 pub(crate) fn value_key(key: &str) -> String {
     // Keys are arbitrary text; hashing makes them safe names.
     format!("values/{}", Digest::sha256(key.as_bytes()).hex())
@@ -245,6 +248,25 @@ impl ContentStore {
         self.driver
             .put(&value_key(key), Bytes::copy_from_slice(value.as_bytes()))
             .await
+    }
+
+    /// Writes a small value, reads it back and removes it: whether storage
+    /// works now. Each probe has its own key, so probes at once (replicas
+    /// sharing a bucket) never see each other's.
+    pub async fn probe(&self) -> Result<(), StorageError> {
+        let stamp = format!("{:032x}", rand::random::<u128>());
+        let key = value_key(&format!("{PROBE} {stamp}"));
+        self.driver
+            .put(&key, Bytes::copy_from_slice(stamp.as_bytes()))
+            .await?;
+        let read = self.driver.read_small(&key, MAX_VALUE_BYTES).await;
+        self.driver.delete(&key).await?;
+        match read? {
+            Some((bytes, _)) if bytes == stamp.as_bytes() => Ok(()),
+            _ => Err(StorageError::CorruptMetadata {
+                digest: Digest::sha256(PROBE.as_bytes()),
+            }),
+        }
     }
 
     /// The value last set for `key`. Reading it marks it used.
