@@ -12,6 +12,7 @@ use http::{Method, StatusCode};
 use libtest_mimic::Trial;
 
 use crate::mirror::proxied_mirror;
+use crate::support::RANDOM;
 use crate::support::{
     ACCEPT_ALL, Server, docker, free_port, get, get_ok, http, trial, wait_for_port,
 };
@@ -56,9 +57,6 @@ pub fn trials() -> Vec<Trial> {
         ),
     ]
 }
-
-const RANDOM: &str = "[storage]\nbackend = \"filesystem\"\npath = \"data\"\n\
-    [generators.random]\nsource = \"builtin:random\"\ngrants = [\"random\"]\n";
 
 /// Polls `check` for up to `limit`.
 fn within(limit: Duration, mut check: impl FnMut() -> bool) -> bool {

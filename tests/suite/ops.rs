@@ -4,7 +4,7 @@
 use http::{Method, StatusCode};
 use libtest_mimic::Trial;
 
-use crate::support::{Server, Tmpfs, get, http, trial};
+use crate::support::{RANDOM, Server, Tmpfs, get, http, trial};
 
 pub fn trials() -> Vec<Trial> {
     vec![
@@ -18,9 +18,6 @@ pub fn trials() -> Vec<Trial> {
         ),
     ]
 }
-
-const RANDOM: &str = "[storage]\nbackend = \"filesystem\"\npath = \"data\"\n\
-    [generators.random]\nsource = \"builtin:random\"\ngrants = [\"random\"]\n";
 
 fn json_logs() -> anyhow::Result<()> {
     let server = Server::start_with_env(Some(RANDOM), &[("KONTAIN_LOG_FORMAT", "json")])?;

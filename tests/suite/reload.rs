@@ -35,8 +35,7 @@ pub fn trials() -> Vec<Trial> {
     ]
 }
 
-const BASE: &str = "[storage]\nbackend = \"filesystem\"\npath = \"data\"\n\
-    [generators.random]\nsource = \"builtin:random\"\ngrants = [\"random\"]\n";
+const BASE: &str = crate::support::RANDOM;
 
 /// Replaces `path` the way deploy tools do: write aside, rename over.
 fn replace(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {

@@ -51,6 +51,10 @@ pub fn plugin_path(crate_name: &str) -> PathBuf {
 /// Every manifest type the suite's clients accept, as docker sends them.
 pub const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
 
+/// A config with filesystem storage in `data` and only `random`.
+pub const RANDOM: &str = "[storage]\nbackend = \"filesystem\"\npath = \"data\"\n\
+    [generators.random]\nsource = \"builtin:random\"\ngrants = [\"random\"]\n";
+
 /// The error codes of the distribution spec v1.1; no answer has another.
 pub const SPEC_CODES: [&str; 14] = [
     "BLOB_UNKNOWN",
