@@ -55,12 +55,24 @@ pub enum Command {
     Version,
 }
 
+/// The log format: the option's, else `KONTAIN_LOG_FORMAT`'s (unset or
+/// empty: text).
+pub fn log_format(option: Option<LogFormat>, env: Option<&str>) -> Result<LogFormat, ArgsError> {
+    match (option, env.map(str::trim).filter(|v| !v.is_empty())) {
+        (Some(f), _) => Ok(f),
+        (None, Some(v)) => v.parse().map_err(|_| ArgsError::LogFormatEnv(v.to_owned())),
+        (None, None) => Ok(LogFormat::Text),
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ArgsError {
     #[error("{0} needs a value")]
     MissingValue(&'static str),
     #[error("unknown log format {0:?}: use text or json")]
     LogFormat(String),
+    #[error("KONTAIN_LOG_FORMAT={0:?} is not a log format: use text or json")]
+    LogFormatEnv(String),
     #[error("unexpected argument {0:?}; see kontain --help")]
     Unexpected(String),
 }
@@ -130,5 +142,19 @@ mod tests {
         assert_eq!(p(&["-h"]), Ok(Command::Help));
         assert_eq!(p(&["--config"]), Err(ArgsError::MissingValue("--config")));
         assert!(matches!(p(&["serve"]), Err(ArgsError::Unexpected(_))));
+    }
+
+    #[test]
+    fn the_option_wins_over_the_environment() {
+        let (json, text) = (Some(LogFormat::Json), Some(LogFormat::Text));
+        assert_eq!(log_format(json, Some("text")), Ok(LogFormat::Json));
+        assert_eq!(log_format(text, Some("json")), Ok(LogFormat::Text));
+        assert_eq!(log_format(None, Some("json")), Ok(LogFormat::Json));
+        assert_eq!(log_format(None, Some(" ")), Ok(LogFormat::Text));
+        assert_eq!(log_format(None, None), Ok(LogFormat::Text));
+        assert_eq!(
+            log_format(None, Some("yaml")),
+            Err(ArgsError::LogFormatEnv("yaml".into()))
+        );
     }
 }

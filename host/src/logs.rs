@@ -20,7 +20,7 @@ use crate::cli::LogFormat;
 /// The filter when `RUST_LOG` is not set.
 const DEFAULT_FILTER: &str = "info,wasmtime=warn,cranelift=warn";
 
-/// Starts logging to stderr in `format`.
+/// Starts logging in `format`.
 pub fn init(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| DEFAULT_FILTER.into());
@@ -77,10 +77,13 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for JsonLines {
     }
 
     fn on_record(&self, id: &span::Id, values: &span::Record<'_>, ctx: Context<'_, S>) {
+        // Formatting a value may log; the span's lock is not held meanwhile.
+        let mut recorded = Map::new();
+        values.record(&mut Visitor(&mut recorded));
         if let Some(span) = ctx.span(id)
             && let Some(Fields(fields)) = span.extensions_mut().get_mut::<Fields>()
         {
-            values.record(&mut Visitor(fields));
+            fields.extend(recorded);
         }
     }
 
@@ -131,9 +134,13 @@ fn severity(level: &Level) -> &'static str {
 fn http_request(line: &mut Map<String, Value>) -> Value {
     let mut take = |k: &str| line.remove(k).unwrap_or(Value::Null);
     let latency = take("latency_seconds").as_f64().unwrap_or_default();
+    let mut url = take("path").as_str().unwrap_or_default().to_owned();
+    if let Some(query) = take("query").as_str().filter(|q| !q.is_empty()) {
+        url = format!("{url}?{query}");
+    }
     json!({
         "requestMethod": take("method"),
-        "requestUrl": take("path"),
+        "requestUrl": url,
         "status": take("status"),
         "responseSize": take("bytes").as_u64().map(|b| b.to_string()),
         "latency": format!("{latency:.6}s"),

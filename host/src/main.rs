@@ -16,13 +16,8 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Serve { config, log_format } => {
-            let from_env = std::env::var("KONTAIN_LOG_FORMAT").ok();
-            let log_format = match (log_format, from_env) {
-                (Some(f), _) => f,
-                (None, Some(f)) => f.parse()?,
-                (None, None) => Default::default(),
-            };
-            kontain::logs::init(log_format);
+            let env = std::env::var("KONTAIN_LOG_FORMAT").ok();
+            kontain::logs::init(cli::log_format(log_format, env.as_deref())?);
             config
         }
     };

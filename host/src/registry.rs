@@ -69,7 +69,14 @@ pub struct Registry {
     storage: Arc<ContentStore>,
     generators: Arc<dyn Generators>,
     admitted: admitted::Admitted,
+    /// The last readiness answer and when it was found.
+    readiness: tokio::sync::Mutex<Option<(Instant, Result<(), &'static str>)>>,
 }
+
+/// How long a readiness answer is given again, and how long a storage probe
+/// may take.
+const READY_FOR: Duration = Duration::from_secs(2);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Registry {
     pub fn new(storage: Arc<ContentStore>, generators: Arc<dyn Generators>) -> Self {
@@ -77,6 +84,7 @@ impl Registry {
             storage,
             generators,
             admitted: Default::default(),
+            readiness: Default::default(),
         }
     }
 
@@ -86,11 +94,15 @@ impl Registry {
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
         let request_id = request_id(request.headers());
-        let span = tracing::info_span!(
+        let query = request.uri().query().unwrap_or_default().to_owned();
+        // At error level, so that a filter that keeps only warnings still
+        // keeps the request's fields on them.
+        let span = tracing::error_span!(
             "request",
             %request_id,
             %method,
             %path,
+            %query,
             generator = tracing::field::Empty,
             repository = tracing::field::Empty,
             reference = tracing::field::Empty
@@ -126,29 +138,53 @@ impl Registry {
             if let Ok(id) = http::HeaderValue::from_str(&request_id) {
                 response.headers_mut().insert(REQUEST_ID, id);
             }
-            // The access line: one per request.
+            // The access line: one per request, when its headers go out (a
+            // streamed body's size is the one it declares).
             let bytes = match head {
                 true => 0,
                 false => http_body::Body::size_hint(response.body())
                     .exact()
+                    .or_else(|| {
+                        response
+                            .headers()
+                            .get(header::CONTENT_LENGTH)
+                            .and_then(|v| v.to_str().ok()?.parse().ok())
+                    })
                     .unwrap_or_default(),
             };
-            tracing::info!(
-                access = true,
-                status = response.status().as_u16(),
-                bytes,
-                latency_seconds = started.elapsed().as_secs_f64(),
-                user_agent = headers
-                    .get(header::USER_AGENT)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default(),
-                remote_ip = request
-                    .extensions()
-                    .get::<Peer>()
-                    .map(|p| p.0.ip().to_string())
-                    .unwrap_or_default(),
-                "served"
-            );
+            let status = response.status().as_u16();
+            let latency_seconds = started.elapsed().as_secs_f64();
+            let user_agent = headers
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            let remote_ip = request
+                .extensions()
+                .get::<Peer>()
+                .map(|p| p.0.ip().to_string())
+                .unwrap_or_default();
+            // Probes come every few seconds: kept out of the default log.
+            if path == "/healthz" || path == "/readyz" {
+                tracing::debug!(
+                    access = true,
+                    status,
+                    bytes,
+                    latency_seconds,
+                    user_agent,
+                    remote_ip,
+                    "served"
+                );
+            } else {
+                tracing::info!(
+                    access = true,
+                    status,
+                    bytes,
+                    latency_seconds,
+                    user_agent,
+                    remote_ip,
+                    "served"
+                );
+            }
             response
         }
         .instrument(span)
@@ -249,14 +285,30 @@ impl Registry {
     /// back, and generators are loaded. The reason when not (the details,
     /// which may name paths, go to the log only).
     async fn ready(&self) -> Result<(), &'static str> {
-        if let Err(e) = self.storage.probe().await {
-            tracing::warn!(error = %e, "not ready: storage failed a probe");
-            return Err("storage is not writable or not reachable");
-        }
         if self.generators.loaded() == 0 {
             return Err("no generator is loaded");
         }
-        Ok(())
+        // Anyone may ask, and each probe writes to storage: callers within
+        // a moment share one answer, and a probe that hangs is a failure.
+        let mut last = self.readiness.lock().await;
+        if let Some((at, answer)) = *last
+            && at.elapsed() < READY_FOR
+        {
+            return answer;
+        }
+        let answer = match tokio::time::timeout(PROBE_TIMEOUT, self.storage.probe()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "not ready: storage failed a probe");
+                Err("storage is not writable or not reachable")
+            }
+            Err(_) => {
+                tracing::warn!(timeout = ?PROBE_TIMEOUT, "not ready: a storage probe did not finish");
+                Err("storage did not answer in time")
+            }
+        };
+        *last = Some((Instant::now(), answer));
+        answer
     }
 
     /// Parses and routes a repository name.

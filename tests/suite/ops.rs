@@ -13,7 +13,7 @@ pub fn trials() -> Vec<Trial> {
             json_logs,
         ),
         trial(
-            "ops::readyz_fails_while_storage_is_read_only_and_recovers_healthz_stays_up",
+            "ops::readyz_fails_while_storage_is_full_and_recovers_healthz_stays_up",
             readiness,
         ),
     ]
@@ -33,15 +33,27 @@ fn json_logs() -> anyhow::Result<()> {
     assert_eq!(ours.status, StatusCode::OK);
     assert_eq!(ours.header("x-request-id"), "test-123");
     // No id, or one that is not plain: the server makes one.
+    let mut made = Vec::new();
     for sent in [None, Some("bad id\twith tabs")] {
         let headers: Vec<(&str, &str)> = sent.map(|s| ("x-request-id", s)).into_iter().collect();
         let reply = http(server.addr, Method::GET, "/v2/", &headers)?;
-        let id = reply.header("x-request-id");
+        let id = reply.header("x-request-id").to_owned();
         assert!(
             id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
             "{id:?}"
         );
+        made.push(id);
     }
+    // A streamed blob (over 64 KiB): its size is the one it declared.
+    let big = http(
+        server.addr,
+        Method::GET,
+        "/v2/random/manifests/1x1000000",
+        &[("accept", crate::support::ACCEPT_ALL)],
+    )?
+    .json()?;
+    let blob = crate::support::get_blob(&server, "random", &big["layers"][0])?;
+    assert!(blob.body.len() > 64 * 1024);
     let log = server.log();
     let lines: Vec<serde_json::Value> = log
         .lines()
@@ -72,6 +84,29 @@ fn json_logs() -> anyhow::Result<()> {
     assert_eq!(access["generator"], "random");
     assert_eq!(access["severity"], "INFO");
     assert!(access["timestamp"]["seconds"].is_u64());
+    // One access line per request, the made-up ids included.
+    let access_lines = |id: &str| {
+        lines
+            .iter()
+            .filter(|l| l["request_id"] == id && l["httpRequest"].is_object())
+            .count()
+    };
+    assert_eq!(access_lines("test-123"), 1);
+    for id in &made {
+        assert_eq!(access_lines(id), 1, "{id}");
+    }
+    let streamed = lines
+        .iter()
+        .rfind(|l| {
+            l["httpRequest"]["requestUrl"]
+                .as_str()
+                .is_some_and(|u| u.contains("/blobs/"))
+        })
+        .unwrap_or_else(|| panic!("no blob access line:\n{log}"));
+    assert_eq!(
+        streamed["httpRequest"]["responseSize"],
+        blob.body.len().to_string()
+    );
     Ok(())
 }
 
@@ -99,13 +134,24 @@ fn readiness() -> anyhow::Result<()> {
         .arg(format!("of={}", filler.display()))
         .stderr(std::process::Stdio::null())
         .status()?;
-    let (status, body) = answer("/readyz")?;
+    // An answer is reused for 2 s: wait for the next one.
+    let until = |want: StatusCode| -> anyhow::Result<String> {
+        let started = std::time::Instant::now();
+        loop {
+            let (status, body) = answer("/readyz")?;
+            if status == want || started.elapsed() > std::time::Duration::from_secs(10) {
+                anyhow::ensure!(status == want, "/readyz stayed {status}: {body}");
+                return Ok(body);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    };
+    let full = until(StatusCode::SERVICE_UNAVAILABLE);
     std::fs::remove_file(&filler)?;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let body = full?;
     assert!(body.contains("storage"), "{body}");
     assert!(!body.contains('/'), "no paths: {body}");
     assert_eq!(answer("/healthz")?.0, StatusCode::OK, "alive all along");
-    assert_eq!(answer("/readyz")?.0, StatusCode::OK);
-    assert_eq!(answer("/healthz")?.0, StatusCode::OK);
+    until(StatusCode::OK)?;
     Ok(())
 }
