@@ -12,7 +12,8 @@ log() { printf '\n==> %s\n' "$*"; }
 # docker-registry (the upstream for mirror tests), busybox-static (a static
 # binary for runnable test images), golang-go (the toolchain ko builds with),
 # bubblewrap (the buildpack sandbox), git (buildpack sources), debootstrap
-# (a local stand-in for the Dockerfile's base image).
+# (a local stand-in for the Dockerfile's base image), chromium (a headless
+# browser that renders the landing page).
 missing=()
 command -v dockerd >/dev/null || missing+=(docker.io)
 command -v skopeo >/dev/null || missing+=(skopeo)
@@ -22,6 +23,7 @@ command -v go >/dev/null || missing+=(golang-go)
 command -v bwrap >/dev/null || missing+=(bubblewrap)
 command -v git >/dev/null || missing+=(git)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
+command -v chromium >/dev/null || missing+=(chromium)
 if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
         log "installing ${missing[*]}"
@@ -45,6 +47,12 @@ python3 -c 'import spdx_tools' 2>/dev/null || {
     log "installing spdx-tools (pip)"
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
         'spdx-tools==0.8.5'
+}
+# Prometheus's own Python client, whose parsers read kontain's /metrics (pinned).
+python3 -c 'import prometheus_client' 2>/dev/null || {
+    log "installing prometheus-client (pip)"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+        'prometheus-client==0.26.0'
 }
 command -v openssl >/dev/null || { echo "missing: openssl (the gcs tests make a key with it)" >&2; exit 1; }
 

@@ -178,6 +178,10 @@ impl Config {
                 )
             })?;
         }
+        if let Some(metrics) = var("KONTAIN_METRICS_LISTEN") {
+            self.server.metrics_listen = server::parse_optional_address(&metrics)
+                .map_err(|m| invalid("KONTAIN_METRICS_LISTEN", m))?;
+        }
         if let Some(port) = var("PORT") {
             let port = port
                 .parse::<u16>()
@@ -192,6 +196,10 @@ impl Config {
     pub fn needs_restart(&self, next: &Config) -> Vec<&'static str> {
         [
             ("server.listen", self.server.listen != next.server.listen),
+            (
+                "server.metrics_listen",
+                self.server.metrics_listen != next.server.metrics_listen,
+            ),
             (
                 "server timeouts and max_connections",
                 (

@@ -32,8 +32,29 @@ pub struct ResolveRequest {
     pub accept: Vec<String>,
 }
 
+/// A loaded generator as visitors see it (the landing page).
+#[derive(Clone, Debug, Default)]
+pub struct Listed {
+    pub name: String,
+    /// The first path segment that reaches it, if path routing is on.
+    pub path: Option<String>,
+    pub about: Option<String>,
+    pub example: Option<String>,
+}
+
+/// What the registry serves: the subdomain-routing domains and the loaded
+/// generators, in name order.
+#[derive(Clone, Debug, Default)]
+pub struct Site {
+    pub domains: Vec<String>,
+    pub generators: Vec<Listed>,
+}
+
 #[async_trait::async_trait]
 pub trait Generators: Send + Sync + 'static {
+    /// What is served now (it changes with reloads).
+    fn site(&self) -> std::sync::Arc<Site>;
+
     /// The generator for a request with this `Host` header and name, if any.
     fn route(&self, host: Option<&str>, name: &RepositoryName) -> Option<Route>;
 

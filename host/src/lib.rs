@@ -5,6 +5,7 @@
 //! registry, expiry and hot reload. Every other module receives what it
 //! needs from here.
 
+pub mod activity;
 pub mod buildpack;
 pub mod cache;
 pub mod capabilities;
@@ -16,6 +17,7 @@ pub mod generator;
 pub mod go;
 pub mod image;
 pub mod logs;
+pub mod metrics;
 pub mod oci;
 pub mod process;
 pub mod random;
@@ -69,14 +71,18 @@ impl Collector {
         loop {
             tokio::time::sleep(self.every).await;
             match self.services.store.collect(self.ttl, self.every).await {
-                Ok(Some(c)) if c != Default::default() => tracing::info!(
-                    manifests = c.manifests,
-                    blobs = c.blobs,
-                    values = c.values,
-                    bytes = c.bytes,
-                    "expired unused storage"
-                ),
-                Ok(_) => {}
+                Ok(Some(c)) if c != Default::default() => {
+                    crate::metrics::expiry(c.bytes);
+                    tracing::info!(
+                        manifests = c.manifests,
+                        blobs = c.blobs,
+                        values = c.values,
+                        bytes = c.bytes,
+                        "expired unused storage"
+                    )
+                }
+                Ok(Some(_)) => crate::metrics::expiry(0),
+                Ok(None) => {}
                 Err(e) => tracing::warn!(error = %e, "expiry failed"),
             }
             let (services, ttl) = (self.services.clone(), self.ttl);
@@ -103,7 +109,15 @@ pub async fn build(config: &Config) -> anyhow::Result<App> {
     let services = Services::new(config, store.clone()).map_err(anyhow::Error::msg)?;
     let compiled = Some(storage.path.join("compiled"));
     let runtime = Arc::new(Runtime::new(config, services.clone(), compiled).await?);
-    let registry = Arc::new(Registry::new(store, runtime.clone()));
+    let about = registry::About {
+        backend: match storage.backend {
+            Backend::Gcs => "Google Cloud Storage",
+            Backend::Filesystem => "the local filesystem",
+        },
+        ttl: storage.ttl,
+        collect_every: storage.collect_every,
+    };
+    let registry = Arc::new(Registry::new(store, runtime.clone()).with_about(about));
     let collector = Collector {
         services: services.clone(),
         ttl: storage.ttl,
@@ -146,6 +160,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         generators = ?config.generators.keys().collect::<Vec<_>>(),
         "kontain is serving"
     );
+    if let Some(address) = config.server.metrics_listen {
+        let listener = metrics::listen(address).await?;
+        tracing::info!(address = %listener.local_addr()?, "metrics are served at /metrics");
+        tokio::spawn(metrics::serve(listener));
+    }
     let limits = registry::Limits::new(&config.server);
     registry::serve(listener, registry, limits, shutdown, SHUTDOWN_GRACE).await?;
     Ok(())

@@ -11,6 +11,7 @@
 mod admitted;
 mod connections;
 mod endpoint;
+mod page;
 mod referrers;
 mod response;
 mod tags;
@@ -34,6 +35,7 @@ use crate::oci::{Digest, Reference, RepositoryName};
 use crate::storage::{BlobContent, ByteRange, ContentStore, StoredManifest};
 pub use connections::Limits;
 use endpoint::Endpoint;
+pub use page::About;
 pub use response::{ApiError, Body};
 use response::{empty, full, stream};
 
@@ -62,13 +64,11 @@ fn request_id(headers: &HeaderMap) -> String {
         .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()))
 }
 
-const LANDING: &str = "kontain: a registry that generates images when you pull them.\n\n\
-    docker pull <this host>/random:4x100   # 4 layers of 100 random bytes\n";
-
 pub struct Registry {
     storage: Arc<ContentStore>,
     generators: Arc<dyn Generators>,
     admitted: admitted::Admitted,
+    pages: page::Pages,
     /// The last readiness answer and when it was found.
     readiness: tokio::sync::Mutex<Option<(Instant, Result<(), &'static str>)>>,
 }
@@ -84,8 +84,15 @@ impl Registry {
             storage,
             generators,
             admitted: Default::default(),
+            pages: Default::default(),
             readiness: Default::default(),
         }
+    }
+
+    /// This registry, describing its storage as `about` on the landing page.
+    pub fn with_about(mut self, about: About) -> Self {
+        self.pages = page::Pages::new(about);
+        self
     }
 
     /// Answers one request. Never fails: errors become OCI error responses.
@@ -107,7 +114,7 @@ impl Registry {
             repository = tracing::field::Empty,
             reference = tracing::field::Empty
         );
-        async {
+        let handled = async {
             let head = method == Method::HEAD;
             let mut headers = request.headers().clone();
             // HTTP/2 carries the host in the URI's authority, not a Host header.
@@ -154,6 +161,12 @@ impl Registry {
             };
             let status = response.status().as_u16();
             let latency_seconds = started.elapsed().as_secs_f64();
+            crate::metrics::request(
+                &crate::activity::generator(),
+                &method,
+                status,
+                latency_seconds,
+            );
             let user_agent = headers
                 .get(header::USER_AGENT)
                 .and_then(|v| v.to_str().ok())
@@ -187,8 +200,8 @@ impl Registry {
             }
             response
         }
-        .instrument(span)
-        .await
+        .instrument(span);
+        crate::activity::scope(handled).await
     }
 
     async fn dispatch(
@@ -200,10 +213,15 @@ impl Registry {
     ) -> Result<Response<Body>, ApiError> {
         let readable = method == Method::GET || method == Method::HEAD;
         match endpoint::parse(path) {
-            Endpoint::Outside if readable && path == "/" => Ok(Response::builder()
-                .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-                .body(full(LANDING))
-                .unwrap_or_else(|_| Response::new(empty()))),
+            Endpoint::Outside if readable && path == "/" => {
+                let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+                let site = self.generators.site();
+                let page = self.pages.landing(&self.storage, &site, host).await;
+                Ok(html(StatusCode::OK, page))
+            }
+            Endpoint::Outside if readable && path.starts_with("/i/") => {
+                Ok(self.image_page(&path["/i/".len()..], headers).await)
+            }
             // Health, outside the API: alive, and able to serve.
             Endpoint::Outside if readable && path == "/healthz" => {
                 Ok(plain(StatusCode::OK, "ok\n"))
@@ -324,7 +342,40 @@ impl Registry {
             .route(host, &name)
             .ok_or_else(|| ApiError::NameUnknown(name.clone()))?;
         tracing::Span::current().record("generator", route.generator.as_str());
+        crate::activity::set_generator(&route.generator);
         Ok((name, route))
+    }
+
+    /// `/i/<name>[:<tag>|@<digest>]`: a page about that image.
+    async fn image_page(&self, image: &str, headers: &HeaderMap) -> Response<Body> {
+        let (name, reference) = match image.rsplit_once('@') {
+            Some((name, digest)) => (name, digest),
+            None => match image.rsplit_once(':') {
+                Some((name, tag)) if !tag.contains('/') => (name, tag),
+                _ => (image, "latest"),
+            },
+        };
+        match self.resolve_manifest(name, reference, headers).await {
+            Ok(stored) => {
+                let page = self
+                    .pages
+                    .image(&self.storage, name, reference, &stored)
+                    .await;
+                html(StatusCode::OK, page)
+            }
+            Err(error) => {
+                let message = error.to_string();
+                // Logged (and classified) as for the API.
+                let status = error
+                    .into_response(true, response::Subject::Manifest)
+                    .status();
+                let message = match status.is_server_error() {
+                    true => "the registry could not produce this image just now; its log has the details".to_owned(),
+                    false => message,
+                };
+                html(status, self.pages.failed(image, status, &message))
+            }
+        }
     }
 
     /// `GET|HEAD /v2/<name>/manifests/<reference>`
@@ -335,6 +386,18 @@ impl Registry {
         headers: &HeaderMap,
         head: bool,
     ) -> Result<Response<Body>, ApiError> {
+        let stored = self.resolve_manifest(name, reference, headers).await?;
+        Ok(manifest_response(stored, head))
+    }
+
+    /// The manifest `reference` names in `name`: from storage when it is a
+    /// stored digest, else from its generator.
+    async fn resolve_manifest(
+        &self,
+        name: &str,
+        reference: &str,
+        headers: &HeaderMap,
+    ) -> Result<StoredManifest, ApiError> {
         let (name, route) = self.route(name, headers)?;
         let reference: Reference =
             reference
@@ -344,11 +407,19 @@ impl Registry {
                     false => ApiError::TagInvalid(e),
                 })?;
         record(&name, &reference);
-        if let Reference::Digest(digest) = &reference
-            && self.admitted.admits(&self.storage, &route).await
-            && let Some(stored) = self.storage.manifest(digest).await?
-        {
-            return Ok(manifest_response(stored, head));
+        crate::activity::set_image(match &reference {
+            Reference::Digest(d) => format!("{name}@{d}"),
+            Reference::Tag(t) => format!("{name}:{t}"),
+        });
+        if let Reference::Digest(digest) = &reference {
+            let stored = match self.admitted.admits(&self.storage, &route).await {
+                true => self.storage.manifest(digest).await?,
+                false => None,
+            };
+            crate::metrics::cache(&route.generator, "manifest", stored.is_some());
+            if let Some(stored) = stored {
+                return Ok(stored);
+            }
         }
         let request = ResolveRequest {
             route: route.clone(),
@@ -366,7 +437,7 @@ impl Registry {
             });
         }
         self.admitted.admit(&self.storage, &route).await;
-        Ok(manifest_response(stored, head))
+        Ok(stored)
     }
 
     /// `GET|HEAD /v2/<name>/blobs/<digest>`
@@ -386,6 +457,7 @@ impl Registry {
             true => self.storage.blob_size(&digest).await?,
             false => None,
         };
+        crate::metrics::cache(&route.generator, "blob", stored.is_some());
         let size = match stored {
             Some(size) => size,
             // Not stored, or not yet under this name: a mirror fetches it
@@ -452,16 +524,50 @@ impl Registry {
                         source: e,
                     })
                 })?;
+                crate::metrics::blob_bytes(&route.generator, bytes.len() as u64);
                 Ok(builder
                     .body(full(bytes))
                     .unwrap_or_else(|_| Response::new(empty())))
             }
             Some(BlobContent { body, .. }) => Ok(builder
-                .body(stream(body))
+                .body(stream(Box::pin(Counted {
+                    inner: body,
+                    generator: route.generator,
+                    bytes: 0,
+                })))
                 .unwrap_or_else(|_| Response::new(empty()))),
             // Removed between the size check and the read.
             None => Err(ApiError::BlobUnknown(digest)),
         }
+    }
+}
+
+/// A blob's body, counting the bytes that actually go out (a client may
+/// hang up halfway) into the metrics when it ends.
+struct Counted {
+    inner: futures_util::stream::BoxStream<'static, std::io::Result<Bytes>>,
+    generator: String,
+    bytes: u64,
+}
+
+impl futures_util::Stream for Counted {
+    type Item = std::io::Result<Bytes>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let polled = self.inner.as_mut().poll_next(cx);
+        if let std::task::Poll::Ready(Some(Ok(chunk))) = &polled {
+            self.bytes += chunk.len() as u64;
+        }
+        polled
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        crate::metrics::blob_bytes(&self.generator, self.bytes);
     }
 }
 
@@ -493,6 +599,21 @@ fn plain(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
         .header(header::CONTENT_LENGTH, body.len())
         .header(header::CACHE_CONTROL, "no-store")
+        .body(full(body))
+        .unwrap_or_else(|_| Response::new(empty()))
+}
+
+fn html(status: StatusCode, page: String) -> Response<Body> {
+    let body = Bytes::from(page);
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
+        .header(header::CONTENT_LENGTH, body.len())
+        .header(header::CACHE_CONTROL, "no-store")
+        .header(
+            "content-security-policy",
+            "default-src 'none'; style-src 'unsafe-inline'",
+        )
         .body(full(body))
         .unwrap_or_else(|_| Response::new(empty()))
 }

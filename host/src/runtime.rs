@@ -35,7 +35,9 @@ use wasmtime::{
 
 use crate::capabilities::{Capability, Services};
 use crate::config::{Config, GeneratorConfig};
-use crate::generator::{ErrorKind, GeneratorError, Generators, ResolveRequest, Route};
+use crate::generator::{
+    ErrorKind, GeneratorError, Generators, Listed, ResolveRequest, Route, Site,
+};
 use crate::oci::{Digest, RepositoryName};
 use crate::routing::RouteTable;
 use crate::storage::{BlobInfo, StoredManifest};
@@ -69,6 +71,7 @@ pub enum RuntimeError {
 /// The generators currently loaded and how requests reach them.
 struct Loaded {
     routes: RouteTable,
+    site: Arc<Site>,
     plugins: HashMap<String, Arc<Plugin>>,
 }
 
@@ -160,6 +163,7 @@ impl Runtime {
             cache_dir,
             loaded: ArcSwap::from_pointee(Loaded {
                 routes: RouteTable::default(),
+                site: Arc::default(),
                 plugins: HashMap::new(),
             }),
             slots: tokio::sync::Semaphore::new(CONCURRENT_CALLS as usize),
@@ -229,7 +233,25 @@ impl Runtime {
                 .filter(|(name, _)| plugins.contains_key(*name))
                 .map(|(name, g)| (name.as_str(), &g.hosts[..], g.path_prefix(name))),
         );
-        Ok(Loaded { routes, plugins })
+        let site = Site {
+            domains: config.server.domains.clone(),
+            generators: config
+                .generators
+                .iter()
+                .filter(|(name, _)| plugins.contains_key(*name))
+                .map(|(name, g)| Listed {
+                    name: name.clone(),
+                    path: g.path_prefix(name).map(str::to_owned),
+                    about: g.about.clone(),
+                    example: g.example.clone(),
+                })
+                .collect(),
+        };
+        Ok(Loaded {
+            routes,
+            site: Arc::new(site),
+            plugins,
+        })
     }
 
     async fn load_one(
@@ -352,11 +374,13 @@ impl Runtime {
         store.epoch_deadline_async_yield_and_update(1);
 
         let call = async {
+            let instantiating = tokio::time::Instant::now();
             let instance = plugin
                 .pre
                 .instance_pre()
                 .instantiate_async(&mut store)
                 .await?;
+            crate::metrics::instantiated(&id.name, instantiating.elapsed().as_secs_f64());
             let exports = Exports {
                 bound: bindings::Plugin::new(&mut store, &instance)?,
                 instance,
@@ -441,6 +465,10 @@ impl Exports {
 impl Generators for Runtime {
     fn route(&self, host: Option<&str>, name: &RepositoryName) -> Option<Route> {
         self.current().routes.route(host, name)
+    }
+
+    fn site(&self) -> Arc<Site> {
+        self.current().site.clone()
     }
 
     fn loaded(&self) -> usize {

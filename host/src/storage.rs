@@ -22,6 +22,7 @@ mod content;
 pub mod expiry;
 pub mod filesystem;
 pub mod gcs;
+mod measured;
 mod owner;
 mod referrers;
 mod spool;
@@ -38,7 +39,7 @@ use crate::oci::{Digest, MediaType};
 
 use config::{Backend, StorageConfig};
 pub use content::{BlobWriter, ContentStore, Held, KeyedLocks};
-pub use expiry::Collected;
+pub use expiry::{Collected, Usage};
 pub use spool::Spool;
 
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +200,11 @@ pub async fn open(config: &StorageConfig) -> Result<ContentStore, StorageError> 
         }
         _ => Arc::new(filesystem::FilesystemDriver::open_owned(&config.path)?),
     };
+    let backend = match config.backend {
+        Backend::Gcs => "gcs",
+        Backend::Filesystem => "filesystem",
+    };
+    let driver = Arc::new(measured::Measured::new(driver, backend));
     Ok(ContentStore::new(driver, config.ttl).owned(owner))
 }
 

@@ -340,7 +340,7 @@ pub fn config(scratch: Option<&Path>) -> anyhow::Result<String> {
 }
 
 /// Go's module and build caches, shared by the trials' servers.
-fn shared_scratch() -> &'static Path {
+pub fn shared_scratch() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("kontain-ko-scratch-{}", std::process::id()));

@@ -89,6 +89,10 @@ impl Reply {
             .unwrap_or("")
     }
 
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
     pub fn json(&self) -> anyhow::Result<serde_json::Value> {
         serde_json::from_slice(&self.body)
             .with_context(|| format!("body is not JSON: {:?}", self.body))
@@ -347,6 +351,9 @@ impl Server {
             .current_dir(dir.path())
             .env("PORT", port.to_string())
             .env("RUST_LOG", "info")
+            // Metrics listen on a fixed port by default: off, unless a
+            // trial asks for them, so that servers can run side by side.
+            .env("KONTAIN_METRICS_LISTEN", "")
             .envs(env.iter().copied())
             .stdout(log.try_clone()?)
             .stderr(log)

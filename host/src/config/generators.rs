@@ -33,6 +33,13 @@ pub struct GeneratorConfig {
     /// upstream such as `local`). Absent: any that `[upstream]` allows.
     #[serde(default)]
     pub upstreams: Option<Vec<String>>,
+    /// An image to pull, for the landing page: what follows the generator's
+    /// path, `":4x100"` for an empty repository (`<host>/random:4x100`).
+    #[serde(default)]
+    pub example: Option<String>,
+    /// One line on what the generator serves, for the landing page.
+    #[serde(default)]
+    pub about: Option<String>,
     /// Free-form settings the plugin reads with `settings.get` (a default
     /// base image, say). Not secrets: plugins may log them.
     #[serde(default)]

@@ -23,6 +23,11 @@ pub struct ServerConfig {
     /// A kept-alive connection with no request for this long is closed.
     #[serde(with = "duration")]
     pub idle_timeout: Duration,
+    /// Where `/metrics` is served (Prometheus text), apart from the
+    /// registry so that a public registry does not publish its internals;
+    /// `""` turns metrics off. `KONTAIN_METRICS_LISTEN` replaces it.
+    #[serde(deserialize_with = "optional_address")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Open connections at most; past it the longest-idle one is closed to
     /// make room. Lowered at start to what the descriptor limit allows.
     pub max_connections: usize,
@@ -39,6 +44,7 @@ impl Default for ServerConfig {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_connections: 4096,
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
         }
     }
 }
@@ -57,5 +63,23 @@ impl ServerConfig {
             return Err(invalid("max_connections", "must be at least 1"));
         }
         Ok(())
+    }
+}
+
+/// An `address:port`, or `""` for none.
+fn optional_address<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_optional_address(&text).map_err(serde::de::Error::custom)
+}
+
+pub(super) fn parse_optional_address(text: &str) -> Result<Option<SocketAddr>, String> {
+    match text.trim() {
+        "" => Ok(None),
+        t => t
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("{text:?} is not an address:port (or \"\" for none)")),
     }
 }

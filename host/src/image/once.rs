@@ -148,22 +148,30 @@ impl Builds {
         Built: Future<Output = Result<StoredManifest, E>>,
     {
         let find = || async move { Ok::<_, Failed<E>>(self.cached(key).await?) };
-        let made = once(&self.store, key.to_owned(), find, || async move {
+        let generator = crate::activity::generator();
+        let missed = std::sync::atomic::AtomicBool::new(false);
+        let made = once(&self.store, key.to_owned(), find, || async {
+            missed.store(true, std::sync::atomic::Ordering::Relaxed);
             if let Some(failure) = self.recent_failure(key) {
                 return Err(Failed(ImageError::from(failure).into()));
             }
+            let listed = crate::activity::build_started();
             match build().await {
                 Ok(built) => {
                     self.store.put_tag(key, &built.digest).await?;
+                    listed.finish(None);
                     Ok(built)
                 }
                 Err(e) => {
+                    listed.finish(Some(e.to_string()));
                     self.remember(key, &e);
                     Err(Failed(e))
                 }
             }
         })
         .await;
+        let missed = missed.load(std::sync::atomic::Ordering::Relaxed);
+        crate::metrics::cache(&generator, "build", !missed);
         made.map_err(|Failed(e)| e)
     }
 

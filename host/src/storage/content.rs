@@ -172,6 +172,15 @@ impl ContentStore {
         self.read_manifest(digest, true).await
     }
 
+    /// As [`ContentStore::manifest`], without marking it used (a look at
+    /// what is stored must not keep it from expiring).
+    pub async fn peek_manifest(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<StoredManifest>, StorageError> {
+        self.read_manifest(digest, false).await
+    }
+
     /// As [`ContentStore::manifest`]; marks the manifest used only if `mark`.
     pub(super) async fn read_manifest(
         &self,

@@ -51,7 +51,35 @@ fn digest_of_key(key: &str) -> Option<Digest> {
     format!("{algorithm}:{hex}").parse().ok()
 }
 
+/// What the store holds: counts and bytes, and the stored manifests'
+/// digests (most recently used first), for the landing page.
+#[derive(Clone, Debug, Default)]
+pub struct Usage {
+    pub blobs: u64,
+    pub manifests: u64,
+    pub bytes: u64,
+    pub manifest_digests: Vec<Digest>,
+}
+
 impl ContentStore {
+    /// Lists the store (one listing of blobs and one of manifests).
+    pub async fn usage(&self) -> Result<Usage, StorageError> {
+        let driver = self.driver();
+        let blobs = driver.list("blobs/").await?;
+        let mut manifests = driver.list("manifests/").await?;
+        manifests.sort_by_key(|m| std::cmp::Reverse(m.stat.used));
+        let bytes = blobs.iter().chain(&manifests).map(|o| o.stat.size).sum();
+        Ok(Usage {
+            blobs: blobs.len() as u64,
+            manifests: manifests.len() as u64,
+            bytes,
+            manifest_digests: manifests
+                .iter()
+                .filter_map(|m| digest_of_key(&m.key))
+                .collect(),
+        })
+    }
+
     /// Removes what has not been used for `ttl` (see the module comment),
     /// unless another process sharing the store collected within the last
     /// half of `every`; then `None`. A zero `ttl` keeps everything.

@@ -292,7 +292,8 @@ impl Client {
                 }
                 None => request,
             };
-            let response = request.send().await.map_err(|e| self.transport(image, e))?;
+            let response =
+                counted(&url, request.send().await).map_err(|e| self.transport(image, e))?;
             if response.status() != StatusCode::UNAUTHORIZED || attempt > 0 {
                 return Ok(response);
             }
@@ -412,8 +413,19 @@ impl Client {
             .current()
             .check_url(&url)
             .map_err(PlainError::Refused)?;
-        self.http.get(url).send().await.map_err(plain_error)
+        let response = self.http.get(url.clone()).send().await;
+        counted(&url, response).map_err(plain_error)
     }
+}
+
+/// Counts a request to an upstream by host and outcome.
+fn counted(
+    url: &Url,
+    response: Result<Response, reqwest::Error>,
+) -> Result<Response, reqwest::Error> {
+    let status = response.as_ref().ok().map(|r| r.status().as_u16());
+    crate::metrics::upstream(url.host_str().unwrap_or_default(), status);
+    response
 }
 
 /// Why a plain `GET` failed.

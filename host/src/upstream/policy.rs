@@ -33,6 +33,23 @@ pub enum Refusal {
     NoHost { url: String },
 }
 
+impl Refusal {
+    /// The rule, as a metrics label.
+    pub fn rule(&self) -> &'static str {
+        match self {
+            Refusal::NotAllowed { .. } => "not_allowed",
+            Refusal::SpecialAddress { .. } => "special_address",
+            Refusal::PrivateFromElsewhere { .. } => "private_from_elsewhere",
+            Refusal::Scheme { .. } => "scheme",
+            Refusal::NoHost { .. } => "no_host",
+        }
+    }
+
+    fn count(&self) {
+        crate::metrics::refused(self.rule());
+    }
+}
+
 /// A host pattern: an exact name or address, `*.example.com` for any
 /// subdomain, optionally with `:port` to allow only that port.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -124,6 +141,10 @@ impl Policy {
     /// May the client send a request to `url`? Names are checked again at
     /// connect time by [`Policy::check_address`]; literal addresses here.
     pub fn check_url(&self, url: &Url) -> Result<(), Refusal> {
+        self.url_refusal(url).inspect_err(Refusal::count)
+    }
+
+    fn url_refusal(&self, url: &Url) -> Result<(), Refusal> {
         if url.scheme() != "https" && url.scheme() != "http" {
             return Err(Refusal::Scheme {
                 url: url.to_string(),
@@ -171,9 +192,11 @@ impl Policy {
         let same_origin = origin.host_str() == url.host_str()
             && origin.port_or_known_default() == url.port_or_known_default();
         if self.is_private_exception(url) && !same_origin {
-            return Err(Refusal::PrivateFromElsewhere {
+            let refusal = Refusal::PrivateFromElsewhere {
                 url: url.to_string(),
-            });
+            };
+            refusal.count();
+            return Err(refusal);
         }
         Ok(())
     }
@@ -281,7 +304,10 @@ impl reqwest::dns::Resolve for CheckedResolver {
                 })
                 .collect();
             match (allowed.is_empty(), refusal) {
-                (true, Some(r)) => Err(Box::new(r) as Box<dyn std::error::Error + Send + Sync>),
+                (true, Some(r)) => Err({
+                    r.count();
+                    Box::new(r) as Box<dyn std::error::Error + Send + Sync>
+                }),
                 _ => Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs),
             }
         })
