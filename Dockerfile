@@ -1,15 +1,33 @@
-# kontain as a container image, in two stages: `build` compiles the server
-# (the built-in plugins are compiled to wasm and embedded by host/build.rs);
-# the final stage holds the stripped binary and nothing else.
+# kontain as a container image. Three stages; one `docker build` makes all of
+# them, the compile once:
 #
-#   docker build -t kontain .
-#   docker run -p 8080:8080 kontain          # then: docker pull localhost:8080/random:4x100
+#   build   compiles the server (host/build.rs compiles the built-in plugins
+#           to wasm and embeds them);
+#   slim    the stripped binary on distroless/cc and nothing else: random,
+#           mirror and flatten (ko and buildpack need tools it lacks);
+#   full    (the default) Debian with Go, git and bubblewrap, so that every
+#           generator works, ko and buildpack included.
 #
-# Both bases are arguments so that a mirror (or, in tests, a local
-# stand-in) can take their place. The runtime base needs glibc and
-# libgcc_s only; distroless/cc is that, running as uid 65532.
+#   docker build -t kontain .                   # the default: full
+#   docker build --target slim -t kontain:slim .
+#   docker run -p 8080:8080 kontain             # then: docker pull localhost:8080/random:4x100
+#
+# buildpack runs each buildpack in a bubblewrap sandbox, which needs user
+# namespaces and its own /proc; Docker's defaults forbid both. Run the full
+# image with
+#
+#   docker run --security-opt seccomp=unconfined --security-opt apparmor=unconfined \
+#       --security-opt systempaths=unconfined -p 8080:8080 kontain
+#
+# (docs/deploy.md says why each is needed, and what Kubernetes and Cloud Run
+# need). Without them everything else works, and buildpack pulls answer a
+# clear 503 saying the sandbox cannot start.
+#
+# Every base is an argument so that a mirror (or, in tests, a local stand-in)
+# can take its place. The Debian base is pinned to a point release.
 ARG RUST_IMAGE=docker.io/library/rust:1.95-bookworm
 ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+ARG DEBIAN_IMAGE=docker.io/library/debian:12.11-slim
 
 FROM ${RUST_IMAGE} AS build
 WORKDIR /src
@@ -23,7 +41,7 @@ RUN if command -v rustup >/dev/null; then rustup toolchain install; fi \
  && cp target/release/kontain /kontain \
  && mkdir -p /state
 
-FROM ${RUNTIME_IMAGE}
+FROM ${RUNTIME_IMAGE} AS slim
 COPY --from=build /kontain /usr/local/bin/kontain
 # The working directory holds storage (`kontain-data/`) and the compiled
 # plugin cache; it must be writable by the unprivileged user.
@@ -34,5 +52,23 @@ USER 65532:65532
 # Mount a kontain.toml and pass `--config` to change anything else (storage
 # on a GCS bucket, generators, limits): see the README.
 ENV KONTAIN_LISTEN=0.0.0.0:8080
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/kontain"]
+
+FROM ${DEBIAN_IMAGE} AS full
+# go builds ko images; git fetches buildpack sources; bubblewrap sandboxes
+# buildpacks. --no-install-recommends keeps the image to what runs.
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      ca-certificates golang-go git bubblewrap \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --gid 65532 kontain \
+ && useradd --uid 65532 --gid 65532 --home-dir /var/lib/kontain --no-create-home kontain \
+ && mkdir -p /var/lib/kontain \
+ && chown 65532:65532 /var/lib/kontain
+COPY --from=build /kontain /usr/local/bin/kontain
+WORKDIR /var/lib/kontain
+USER 65532:65532
+ENV KONTAIN_LISTEN=0.0.0.0:8080 HOME=/var/lib/kontain
 EXPOSE 8080
 ENTRYPOINT ["/usr/local/bin/kontain"]

@@ -71,6 +71,7 @@ kontain_config "$work/kontain" "$up" <<TOML
 [buildpack]
 git_url = "file://$work/git/{owner}/{repo}"
 [generators.buildpack]
+budget = { requests = 0, generated_bytes = 0, builds = 0 }
 source = "builtin:buildpack"
 grants = ["upstream", "buildpack"]
 [generators.buildpack.settings]

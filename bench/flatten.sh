@@ -38,9 +38,11 @@ skopeo copy -q --dest-tls-verify=false "oci:$layout:latest" "docker://127.0.0.1:
 port=$(free_port)
 kontain_config "$work/kontain" "$up" <<TOML
 [generators.mirror]
+budget = { requests = 0, generated_bytes = 0, builds = 0 }
 source = "builtin:mirror"
 grants = ["upstream"]
 [generators.flatten]
+budget = { requests = 0, generated_bytes = 0, builds = 0 }
 source = "builtin:flatten"
 grants = ["upstream", "flatten"]
 TOML

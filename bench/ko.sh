@@ -60,6 +60,7 @@ kontain_cold() {
 proxies = ["file://$work/proxy"]
 sumdb = "off"
 [generators.ko]
+budget = { requests = 0, generated_bytes = 0, builds = 0 }
 source = "builtin:ko"
 grants = ["upstream", "go"]
 [generators.ko.settings]

@@ -24,9 +24,11 @@ registry() { start_registry "$@"; }
 kontain() { # name port upstream-port
     kontain_config "$work/$1" "$3" <<TOML
 [generators.mirror]
+budget = { requests = 0, generated_bytes = 0, builds = 0 }
 source = "builtin:mirror"
 grants = ["upstream"]
 [generators.random]
+budget = { requests = 0, generated_bytes = 0, builds = 0 }
 source = "builtin:random"
 grants = ["random"]
 TOML

@@ -28,9 +28,11 @@ cat > "$work/kontain.toml" <<TOML
 backend = "filesystem"
 path = "data"
 [generators.wait]
+budget = { requests = 0, generated_bytes = 0, builds = 0 }
 source = "$plugins/wait.wasm"
 grants = ["cache", "random"]
 [generators.swap]
+budget = { requests = 0, generated_bytes = 0, builds = 0 }
 source = "swap.wasm"
 TOML
 (cd "$work" && PORT=$port RUST_LOG=warn exec "${KONTAIN_BIN:-$root/target/release/kontain}") &

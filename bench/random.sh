@@ -24,6 +24,7 @@ cat > "$work/kontain.toml" <<TOML
 backend = "filesystem"
 path = "data"
 [generators.random]
+budget = { requests = 0, generated_bytes = 0, builds = 0 }
 source = "builtin:random"
 grants = ["random"]
 [generators.random.limits]

@@ -11,8 +11,10 @@ use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
+use crate::config::generators::Budget;
+use crate::fair::{Client, Denied, Fairness, Turn};
 use crate::metrics;
 
 /// Ended builds kept for the landing page.
@@ -22,10 +24,108 @@ const RECENT: usize = 20;
 /// what people need; the log has the rest).
 const MAX_MESSAGE: usize = 600;
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 struct Current {
     generator: Arc<Mutex<String>>,
     image: Arc<Mutex<String>>,
+    /// The build this request is running, if any.
+    build: Arc<Mutex<Option<u64>>>,
+    /// Who asked.
+    client: Arc<Mutex<Option<Client>>>,
+    /// What they may spend (once routed).
+    who: Arc<Mutex<Option<Who>>>,
+    /// When a budget turned the request away: when to come back.
+    retry_after: Arc<Mutex<Option<Duration>>>,
+}
+
+#[derive(Clone)]
+struct Who {
+    fair: Arc<Fairness>,
+    client: Client,
+    budget: Budget,
+}
+
+/// Names who sent the current request.
+pub fn set_client(client: Client) {
+    with(|c| *lock(&c.client) = Some(client));
+}
+
+/// The client of the current request, if known.
+pub fn client() -> Option<Client> {
+    REQUEST.try_with(|c| *lock(&c.client)).ok().flatten()
+}
+
+/// Names the budget of the generator the current request reached, kept by
+/// `fair`.
+pub fn set_budget(fair: Arc<Fairness>, budget: Budget) {
+    with(|c| {
+        let Some(client) = *lock(&c.client) else {
+            return;
+        };
+        *lock(&c.who) = Some(Who {
+            fair,
+            client,
+            budget,
+        })
+    });
+}
+
+fn who() -> Option<Who> {
+    REQUEST.try_with(|c| lock(&c.who).clone()).ok().flatten()
+}
+
+/// Remembers a denial's `Retry-After` for the response.
+pub fn denied(denied: Denied) -> Denied {
+    with(|c| *lock(&c.retry_after) = Some(denied.retry_after));
+    denied
+}
+
+/// The `Retry-After` of a denial during the current request.
+pub fn retry_after() -> Option<Duration> {
+    REQUEST.try_with(|c| *lock(&c.retry_after)).ok().flatten()
+}
+
+/// Whether the current request's client may have new bytes made.
+pub fn may_generate() -> Result<(), Denied> {
+    match who() {
+        Some(w) => w
+            .fair
+            .may_generate(&generator(), w.client, &w.budget)
+            .map_err(denied),
+        None => Ok(()),
+    }
+}
+
+/// Spends `bytes` about to be made for the current request's client.
+pub fn generate(bytes: u64) -> Result<(), Denied> {
+    match who() {
+        Some(w) => w
+            .fair
+            .generate(&generator(), w.client, &w.budget, bytes)
+            .map_err(denied),
+        None => Ok(()),
+    }
+}
+
+/// Charges `bytes` made for the current request to its client.
+pub fn generated(bytes: u64) {
+    if let Some(w) = who() {
+        w.fair.generated(&generator(), w.client, &w.budget, bytes);
+    }
+}
+
+/// Spends a build of the current request's client and waits for its turn
+/// in the build queue (`None` outside a request: nothing to wait for).
+pub async fn build_turn() -> Result<Option<Turn>, Denied> {
+    match who() {
+        Some(w) => w
+            .fair
+            .build(&generator(), w.client, &w.budget)
+            .await
+            .map(Some)
+            .map_err(denied),
+        None => Ok(None),
+    }
 }
 
 tokio::task_local! {
@@ -68,12 +168,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Names what the current request's build is doing now ("compiling
+/// linux/arm64"), for the landing page.
+pub fn phase(phase: impl Into<String>) {
+    let Ok(Some(id)) = REQUEST.try_with(|c| *lock(&c.build)) else {
+        return;
+    };
+    if let Some(running) = lock(&BOARD).running.get_mut(&id) {
+        running.phase = phase.into();
+    }
+}
+
 /// A build running now.
 #[derive(Clone, Debug)]
 pub struct Running {
     pub generator: String,
     pub image: String,
-    pub phase: &'static str,
+    pub phase: String,
     pub started: Instant,
 }
 
@@ -111,6 +222,8 @@ pub fn snapshot() -> (Vec<Running>, Vec<Ended>) {
 pub struct Build {
     id: u64,
     metric: Option<metrics::Build>,
+    /// The request's build before this one (builds may nest).
+    outer: Option<u64>,
 }
 
 /// Starts listing (and counting) a build.
@@ -121,13 +234,18 @@ pub fn build_started() -> Build {
     let running = Running {
         generator,
         image: image(),
-        phase: "building",
+        phase: "starting".to_owned(),
         started: Instant::now(),
     };
     lock(&BOARD).running.insert(id, running);
+    let outer = REQUEST
+        .try_with(|c| lock(&c.build).replace(id))
+        .ok()
+        .flatten();
     Build {
         id,
         metric: Some(metric),
+        outer,
     }
 }
 
@@ -142,6 +260,8 @@ impl Build {
             return;
         };
         metric.finish(failure.is_none());
+        let outer = self.outer;
+        let _ = REQUEST.try_with(|c| *lock(&c.build) = outer);
         let mut board = lock(&BOARD);
         let Some(running) = board.running.remove(&self.id) else {
             return;
@@ -186,12 +306,11 @@ mod tests {
             set_generator("ko");
             set_image("ko/example.com/listed:v1".into());
             let build = build_started();
+            phase("compiling linux/amd64");
             let (running, _) = snapshot();
-            assert!(
-                running
-                    .iter()
-                    .any(|r| r.image == "ko/example.com/listed:v1" && r.generator == "ko")
-            );
+            assert!(running.iter().any(|r| r.image == "ko/example.com/listed:v1"
+                && r.generator == "ko"
+                && r.phase == "compiling linux/amd64"));
             build.finish(Some("undefined: nope".into()));
             let (running, recent) = snapshot();
             assert!(

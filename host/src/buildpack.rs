@@ -69,7 +69,7 @@ pub enum BuildpackError {
     #[error("{what} took longer than the limit of {seconds}s")]
     Timeout { what: String, seconds: u64 },
     #[error(
-        "the buildpack sandbox (bubblewrap) cannot start: {message}. Install bubblewrap, or set [buildpack] allow_unsandboxed = true in kontain.toml to run buildpacks without it (only for builders you trust)"
+        "the buildpack sandbox (bubblewrap) cannot start: {message}. Install bubblewrap (in a container, give it user namespaces and a /proc of its own: see docs/deploy.md), or set [buildpack] allow_unsandboxed = true in kontain.toml to run buildpacks without it (only for builders you trust)"
     )]
     SandboxUnavailable { message: String },
     #[error(transparent)]

@@ -201,6 +201,18 @@ impl Config {
                 self.server.metrics_listen != next.server.metrics_listen,
             ),
             (
+                "server trusted_proxies, concurrent_builds and queued_builds",
+                (
+                    &self.server.trusted_proxies,
+                    self.server.concurrent_builds,
+                    self.server.queued_builds,
+                ) != (
+                    &next.server.trusted_proxies,
+                    next.server.concurrent_builds,
+                    next.server.queued_builds,
+                ),
+            ),
+            (
                 "server timeouts and max_connections",
                 (
                     self.server.header_timeout,

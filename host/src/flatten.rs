@@ -70,6 +70,7 @@ impl Flatten {
         let key = format!("flatten v2 {}", source.digest);
         self.builds
             .build(&key, || async {
+                crate::activity::phase("flattening");
                 let document = parse(&source.bytes, "the image")?;
                 match source.media_type.as_str() {
                     MediaType::OCI_INDEX | MediaType::DOCKER_MANIFEST_LIST => {

@@ -40,6 +40,8 @@ pub struct Listed {
     pub path: Option<String>,
     pub about: Option<String>,
     pub example: Option<String>,
+    /// What one client may ask of it.
+    pub budget: crate::config::generators::Budget,
 }
 
 /// What the registry serves: the subdomain-routing domains and the loaded
@@ -126,6 +128,9 @@ pub enum ErrorKind {
     /// builder that cannot be used): the operator has to change it, and the
     /// client should learn why.
     Misconfigured,
+    /// The client has spent a budget, or the build queue is full: asking
+    /// later will do (the response says when).
+    Throttled,
     /// A bug, a crash or a server-side failure.
     Internal,
 }

@@ -54,6 +54,9 @@ pub enum ImageError {
     TaskFailed(String),
     #[error(transparent)]
     Remembered(#[from] Remembered),
+    /// A client's budget is spent, or the build queue is full.
+    #[error(transparent)]
+    Throttled(#[from] crate::fair::Denied),
 }
 
 impl Classify for ImageError {
@@ -71,6 +74,7 @@ impl Classify for ImageError {
                 ErrorKind::Internal
             }
             ImageError::Remembered(e) => e.kind(),
+            ImageError::Throttled(_) => ErrorKind::Throttled,
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod cache;
 pub mod capabilities;
 pub mod cli;
 pub mod config;
+pub mod fair;
 pub mod files;
 pub mod flatten;
 pub mod generator;
@@ -117,7 +118,11 @@ pub async fn build(config: &Config) -> anyhow::Result<App> {
         ttl: storage.ttl,
         collect_every: storage.collect_every,
     };
-    let registry = Arc::new(Registry::new(store, runtime.clone()).with_about(about));
+    let registry = Arc::new(
+        Registry::new(store, runtime.clone())
+            .with_about(about)
+            .with_fairness(fair::Fairness::new(&config.server)),
+    );
     let collector = Collector {
         services: services.clone(),
         ttl: storage.ttl,

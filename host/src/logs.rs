@@ -35,6 +35,26 @@ pub fn init(format: LogFormat) {
             .with(JsonLines)
             .init(),
     }
+    // A panic is an event like any other: in the log's format (a collector
+    // reads one JSON line, not Rust's text), with the request's fields when
+    // it happened in one.
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".to_owned());
+        let thread = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_owned();
+        tracing::error!(panic = %message, %location, %thread, "a thread panicked");
+    }));
 }
 
 /// Writes each event as a JSON line.

@@ -59,6 +59,8 @@ impl Random {
         if requested > limit {
             return Err(ImageError::LimitExceeded { requested, limit });
         }
+        // What it will make, from the client's budget, before making it.
+        crate::activity::generate(requested)?;
         let jobs = (0..count).map(|n| {
             let store = self.store.clone();
             self.cpu

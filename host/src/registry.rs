@@ -69,6 +69,7 @@ pub struct Registry {
     generators: Arc<dyn Generators>,
     admitted: admitted::Admitted,
     pages: page::Pages,
+    fair: Arc<crate::fair::Fairness>,
     /// The last readiness answer and when it was found.
     readiness: tokio::sync::Mutex<Option<(Instant, Result<(), &'static str>)>>,
 }
@@ -85,8 +86,16 @@ impl Registry {
             generators,
             admitted: Default::default(),
             pages: Default::default(),
+            fair: Arc::new(crate::fair::Fairness::new(&Default::default())),
             readiness: Default::default(),
         }
+    }
+
+    /// This registry, holding clients to budgets and queueing builds with
+    /// `fair`.
+    pub fn with_fairness(mut self, fair: crate::fair::Fairness) -> Self {
+        self.fair = Arc::new(fair);
+        self
     }
 
     /// This registry, describing its storage as `about` on the landing page.
@@ -114,7 +123,14 @@ impl Registry {
             repository = tracing::field::Empty,
             reference = tracing::field::Empty
         );
+        let client = request
+            .extensions()
+            .get::<Peer>()
+            .map(|p| self.fair.client(p.0.ip(), request.headers()));
         let handled = async {
+            if let Some(client) = client {
+                crate::activity::set_client(client);
+            }
             let head = method == Method::HEAD;
             let mut headers = request.headers().clone();
             // HTTP/2 carries the host in the URI's authority, not a Host header.
@@ -343,6 +359,15 @@ impl Registry {
             .ok_or_else(|| ApiError::NameUnknown(name.clone()))?;
         tracing::Span::current().record("generator", route.generator.as_str());
         crate::activity::set_generator(&route.generator);
+        let site = self.generators.site();
+        if let Some(listed) = site.generators.iter().find(|g| g.name == route.generator)
+            && let Some(client) = crate::activity::client()
+        {
+            crate::activity::set_budget(self.fair.clone(), listed.budget.clone());
+            self.fair
+                .request(&route.generator, client, &listed.budget)
+                .map_err(|d| ApiError::Throttled(crate::activity::denied(d)))?;
+        }
         Ok((name, route))
     }
 
@@ -461,13 +486,17 @@ impl Registry {
         let size = match stored {
             Some(size) => size,
             // Not stored, or not yet under this name: a mirror fetches it
-            // (after its policy admits the name); others have nothing more.
-            None => match self
+            // (after its policy admits the name, and its client's budget
+            // of bytes made); others have nothing more.
+            None => match crate::activity::may_generate()
+                .map_err(ApiError::Throttled)
+                .map(|()| self)?
                 .generators
                 .fetch_blob(route.clone(), digest.clone())
                 .await
             {
                 Ok(info) if info.digest == digest => {
+                    crate::activity::generated(info.size);
                     self.admitted.admit(&self.storage, &route).await;
                     info.size
                 }

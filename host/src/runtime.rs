@@ -244,6 +244,7 @@ impl Runtime {
                     path: g.path_prefix(name).map(str::to_owned),
                     about: g.about.clone(),
                     example: g.example.clone(),
+                    budget: g.budget.clone(),
                 })
                 .collect(),
         };

@@ -348,7 +348,7 @@ impl Repos {
     }
 }
 
-fn repos() -> anyhow::Result<&'static Repos> {
+pub fn repos() -> anyhow::Result<&'static Repos> {
     static REPOS: OnceLock<Result<Repos, String>> = OnceLock::new();
     REPOS
         .get_or_init(|| {
@@ -369,7 +369,7 @@ fn repos() -> anyhow::Result<&'static Repos> {
         .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-fn config() -> anyhow::Result<String> {
+pub fn config() -> anyhow::Result<String> {
     seed_images()?;
     let world = world()?;
     Ok(format!(
@@ -400,7 +400,7 @@ fn digest(server: &Server, repo: &str, revision: &str) -> anyhow::Result<String>
     Ok(reply.header("docker-content-digest").to_owned())
 }
 
-const EXPECTED: &str = "hello from env.launch: HELLO WORLD / built: HELLO WORLD";
+pub const EXPECTED: &str = "hello from env.launch: HELLO WORLD / built: HELLO WORLD";
 
 fn docker_run() -> anyhow::Result<()> {
     let server = server()?;

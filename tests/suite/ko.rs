@@ -143,9 +143,25 @@ fn publish(
     Ok(())
 }
 
+/// Versions of `example.com/turns`, each a new build (the fair-use trials).
+pub const TURNS: usize = 40;
+
 fn seed_proxy() -> anyhow::Result<GoProxy> {
     let dir = tempfile::tempdir()?;
     let root = dir.path();
+    for n in 0..TURNS {
+        let main = format!("package main\n\nfunc main() {{ println(\"turn {n}\") }}\n");
+        publish(
+            root,
+            "example.com/turns",
+            &format!("v1.0.{n}"),
+            &[
+                ("go.mod", "module example.com/turns\n\ngo 1.19\n"),
+                ("main.go", &main),
+            ],
+            None,
+        )?;
+    }
     publish(
         root,
         "example.com/greeting",
@@ -355,6 +371,24 @@ pub fn shared_scratch() -> &'static Path {
         }));
         dir
     })
+}
+
+/// The ko config with a `go` that runs `before_build` (shell) before each
+/// `go build`, to hold builds up; the script lives in `tools`.
+pub fn config_with_slow_go(tools: &Path, before_build: &str) -> anyhow::Result<String> {
+    let slow_go = tools.join("slow-go");
+    std::fs::write(
+        &slow_go,
+        format!("#!/bin/sh\ncase \"$1\" in build) {before_build};; esac\nexec go \"$@\"\n"),
+    )?;
+    std::fs::set_permissions(
+        &slow_go,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    Ok(config(Some(shared_scratch()))?.replace(
+        "[go]\n",
+        &format!("[go]\ncommand = \"{}\"\n", slow_go.display()),
+    ))
 }
 
 /// One ko server shared by the trials that do not restart it.

@@ -7,6 +7,7 @@
 mod buildpack;
 mod deploy;
 mod expiry;
+mod fair;
 mod flatten;
 mod flatten_real;
 mod gcs;
@@ -41,6 +42,7 @@ fn main() -> ExitCode {
         reload::trials(),
         hostile::trials(),
         ops::trials(),
+        fair::trials(),
     ]
     .into_iter()
     .flatten()

@@ -272,19 +272,7 @@ fn landing() -> anyhow::Result<()> {
     // A `go` that takes its time to build, so that a build is in flight
     // long enough to be seen.
     let tools = tempfile::tempdir()?;
-    let slow_go = tools.path().join("slow-go");
-    std::fs::write(
-        &slow_go,
-        "#!/bin/sh\ncase \"$1\" in build) sleep 8;; esac\nexec go \"$@\"\n",
-    )?;
-    std::fs::set_permissions(
-        &slow_go,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )?;
-    let config = crate::ko::config(Some(crate::ko::shared_scratch()))?.replace(
-        "[go]\n",
-        &format!("[go]\ncommand = \"{}\"\n", slow_go.display()),
-    );
+    let config = crate::ko::config_with_slow_go(tools.path(), "sleep 8")?;
     let server = Server::start(Some(&format!("{config}{RANDOM_GENERATOR}")))?;
     let url = format!("http://{}/", server.addr);
 

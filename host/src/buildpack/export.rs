@@ -107,6 +107,7 @@ impl Buildpacks {
         let stored = self
             .builds
             .build(&key, || async {
+                crate::activity::phase("reading the run image");
                 let run = self.parts(upstream, run_name, &run_manifest).await?;
                 let built = self
                     .run_lifecycle(&build, rootfs, config_env(&builder.config))
@@ -187,8 +188,10 @@ impl Buildpacks {
             os,
             arch,
         };
+        crate::activity::phase("detecting");
         let detected = lifecycle.detect().await?;
         tracing::info!(url = %build.source.url, commit = %build.source.commit, group = ?detected.group.iter().map(|(b, _)| format!("{}@{}", b.id, b.version)).collect::<Vec<_>>(), "buildpacks detected");
+        crate::activity::phase("building");
         let output = lifecycle.build(&detected).await?;
         let measured = dir.path().to_owned();
         let size =
@@ -223,6 +226,7 @@ impl Buildpacks {
             owner,
             ..
         } = &built;
+        crate::activity::phase("exporting layers");
         // Every launch layer and the app, written at once (each is one
         // core's work), in image order.
         let mut jobs = Vec::new();

@@ -25,6 +25,9 @@ pub struct GeneratorConfig {
     pub path: Option<String>,
     #[serde(default)]
     pub limits: Limits,
+    /// What one client may ask of this generator.
+    #[serde(default)]
+    pub budget: Budget,
     /// Host capabilities this plugin may use.
     #[serde(default)]
     pub grants: Vec<Capability>,
@@ -91,6 +94,32 @@ impl Default for Limits {
             memory: ByteSize(64 << 20),
             timeout: Duration::from_secs(60),
             max_bytes: ByteSize(1 << 30),
+        }
+    }
+}
+
+/// What one client (an address; see `[server] trusted_proxies`) may ask of
+/// a generator; 0 turns a budget off. A client over one is answered 429
+/// with `Retry-After`. What is stored already costs only requests.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Budget {
+    /// Requests a minute.
+    pub requests: u64,
+    /// Bytes made an hour: random layers, blobs fetched from upstreams.
+    pub generated_bytes: ByteSize,
+    /// Builds started an hour (ko, buildpack, flatten).
+    pub builds: u64,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget {
+            // A docker pull of a big image is ~100 requests; a CI fleet
+            // behind one NAT makes many.
+            requests: 3000,
+            generated_bytes: ByteSize(10_000_000_000),
+            builds: 60,
         }
     }
 }

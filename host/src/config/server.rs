@@ -28,6 +28,16 @@ pub struct ServerConfig {
     /// `""` turns metrics off. `KONTAIN_METRICS_LISTEN` replaces it.
     #[serde(deserialize_with = "optional_address")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Proxies (address ranges) whose `Forwarded`/`X-Forwarded-For` are
+    /// believed when telling clients apart; a request from anywhere else is
+    /// its peer's. Behind a load balancer, its ranges.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Builds (ko, buildpack, flatten) running at once; 0: one per core.
+    /// The rest wait, turns going round the clients.
+    pub concurrent_builds: usize,
+    /// Builds waiting at most; past it a client is answered 429 with
+    /// `Retry-After`.
+    pub queued_builds: usize,
     /// Open connections at most; past it the longest-idle one is closed to
     /// make room. Lowered at start to what the descriptor limit allows.
     pub max_connections: usize,
@@ -45,6 +55,9 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(60),
             max_connections: 4096,
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+            trusted_proxies: Vec::new(),
+            concurrent_builds: 0,
+            queued_builds: 100,
         }
     }
 }

@@ -9,6 +9,29 @@ use serde::Deserialize;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ByteSize(pub u64);
 
+impl std::fmt::Display for ByteSize {
+    /// In the largest unit that divides it (`10GB`, `64MiB`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const UNITS: [(u64, &str); 8] = [
+            (1 << 40, "TiB"),
+            (1_000_000_000_000, "TB"),
+            (1 << 30, "GiB"),
+            (1_000_000_000, "GB"),
+            (1 << 20, "MiB"),
+            (1_000_000, "MB"),
+            (1 << 10, "KiB"),
+            (1000, "KB"),
+        ];
+        match UNITS
+            .iter()
+            .find(|(n, _)| self.0 >= *n && self.0.is_multiple_of(*n))
+        {
+            Some((n, unit)) => write!(f, "{}{unit}", self.0 / n),
+            None => write!(f, "{}B", self.0),
+        }
+    }
+}
+
 impl FromStr for ByteSize {
     type Err = String;
 

@@ -109,6 +109,7 @@ impl Go {
         let built = self
             .builds
             .build(&key, || async {
+                crate::activity::phase("reading the base image");
                 let children = self.children(upstream, &build).await?;
                 let workspace = {
                     let module = build.module.clone();
@@ -281,6 +282,7 @@ impl Go {
         kodata: &LayerBlob,
         child: &Child,
     ) -> Result<(StoredManifest, Option<sbom::BuildInfo>), GoError> {
+        crate::activity::phase(format!("fetching the base for {}", child.target));
         let manifest = parse(&child.manifest.bytes, "a base manifest")?;
         let mut config = self
             .base_config(upstream, build.base_image, &manifest)
@@ -291,9 +293,11 @@ impl Go {
                 .blob(build.base_image, &digest_of(&layer)?.to_string())
                 .await?;
         }
+        crate::activity::phase(format!("compiling for {}", child.target));
         let binary = self
             .build(workspace, build.package, &child.target, build.options)
             .await?;
+        crate::activity::phase(format!("layering {}", child.target));
         let name = app_name(build.package);
         let (app, info) = {
             let store = self.builds.store().clone();

@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 use super::proxy::{self, Answer};
 use super::{GoError, Settings};
 use crate::upstream::{Client, Refusal};
+use tracing::Instrument;
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -32,7 +33,7 @@ type Body = BoxBody<Bytes, std::io::Error>;
 /// refused for each.
 pub struct ModuleServer {
     addr: SocketAddr,
-    builds: Arc<Mutex<HashMap<String, Option<Refusal>>>>,
+    builds: Arc<Mutex<HashMap<String, Running>>>,
 }
 
 /// One build's view of the proxy: its `GOPROXY`, and what was refused for
@@ -50,7 +51,7 @@ impl ModuleServer {
     ) -> std::io::Result<ModuleServer> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
-        let builds: Arc<Mutex<HashMap<String, Option<Refusal>>>> = Arc::default();
+        let builds: Arc<Mutex<HashMap<String, Running>>> = Arc::default();
         let state = Arc::new(State {
             settings,
             client,
@@ -84,7 +85,13 @@ impl ModuleServer {
     pub fn for_build(&self) -> BuildProxy<'_> {
         let token = hex::encode(rand::random::<[u8; 16]>());
         let mut builds = self.builds.lock().unwrap_or_else(|p| p.into_inner());
-        builds.insert(token.clone(), None);
+        builds.insert(
+            token.clone(),
+            Running {
+                refusal: None,
+                span: tracing::Span::current(),
+            },
+        );
         drop(builds);
         BuildProxy {
             server: self,
@@ -102,7 +109,7 @@ impl BuildProxy<'_> {
     /// What the policy refused while this build ran, if anything.
     pub fn refusal(&self) -> Option<Refusal> {
         let builds = self.server.builds.lock().unwrap_or_else(|p| p.into_inner());
-        builds.get(&self.token).cloned().flatten()
+        builds.get(&self.token).and_then(|b| b.refusal.clone())
     }
 }
 
@@ -113,10 +120,18 @@ impl Drop for BuildProxy<'_> {
     }
 }
 
+/// A build the proxy serves: the first refusal it met, and the span of the
+/// request that started it (so that its proxy lines carry that request's
+/// id).
+struct Running {
+    refusal: Option<Refusal>,
+    span: tracing::Span,
+}
+
 struct State {
     settings: Arc<ArcSwap<Settings>>,
     client: Arc<Client>,
-    builds: Arc<Mutex<HashMap<String, Option<Refusal>>>>,
+    builds: Arc<Mutex<HashMap<String, Running>>>,
 }
 
 fn answer(status: StatusCode, text: &str) -> Response<Body> {
@@ -151,13 +166,17 @@ impl State {
         if request.method() != http::Method::GET || !plain(rest) {
             return answer(StatusCode::NOT_FOUND, "not a module proxy path");
         }
-        let running = {
+        let span = {
             let builds = self.builds.lock().unwrap_or_else(|p| p.into_inner());
-            builds.contains_key(token)
+            builds.get(token).map(|b| b.span.clone())
         };
-        if !running {
+        let Some(span) = span else {
             return answer(StatusCode::NOT_FOUND, "no build of that token is running");
-        }
+        };
+        self.serve(token, rest).instrument(span).await
+    }
+
+    async fn serve(&self, token: &str, rest: &str) -> Response<Body> {
         tracing::info!(path = rest, "go asked kontain's module proxy");
         let settings = self.settings.load_full();
         let result = match rest.strip_prefix("sumdb/") {
@@ -169,7 +188,11 @@ impl State {
             Err(GoError::Refused(refusal)) => {
                 let message = refusal.to_string();
                 let mut builds = self.builds.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(first @ None) = builds.get_mut(token) {
+                if let Some(Running {
+                    refusal: first @ None,
+                    ..
+                }) = builds.get_mut(token)
+                {
                     *first = Some(refusal);
                 }
                 answer(StatusCode::FORBIDDEN, &message)

@@ -155,6 +155,13 @@ impl Builds {
             if let Some(failure) = self.recent_failure(key) {
                 return Err(Failed(ImageError::from(failure).into()));
             }
+            // The client's build budget, then its turn in the queue.
+            let _turn = crate::activity::build_turn()
+                .await
+                .map_err(|d| Failed(ImageError::from(d).into()))?;
+            if let Some(client) = crate::activity::client() {
+                tracing::info!(%client, "build started");
+            }
             let listed = crate::activity::build_started();
             match build().await {
                 Ok(built) => {

@@ -333,7 +333,7 @@ fn builds(page: &mut String, running: &[Running], ended: &[Ended]) {
                 "<tr><td>{}</td><td><code>{}</code></td><td>{}</td><td>{:.0} s</td></tr>",
                 escape(&r.generator),
                 escape(&r.image),
-                escape(r.phase),
+                escape(&r.phase),
                 r.started.elapsed().as_secs_f64()
             );
         }
@@ -432,6 +432,7 @@ mod tests {
             path: Some(name.into()),
             about: None,
             example: Some(example.into()),
+            budget: Default::default(),
         }
     }
 

@@ -70,6 +70,9 @@ pub enum ApiError {
     TagInvalid(NameError),
     #[error("{0}")]
     DigestInvalid(NameError),
+    /// A client's budget is spent.
+    #[error(transparent)]
+    Throttled(#[from] crate::fair::Denied),
     #[error("no generator serves repository {0}")]
     NameUnknown(RepositoryName),
     #[error("manifest {reference} is not known in {name}")]
@@ -116,6 +119,7 @@ impl ApiError {
             E::BadRequest(_) => (StatusCode::BAD_REQUEST, ErrorCode::Unsupported),
             E::NotFound(_) => (StatusCode::NOT_FOUND, subject.unknown()),
             E::Generator(g) => classify_generator(g, subject),
+            E::Throttled(_) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests),
             E::Storage(StorageError::TooLarge { .. }) => {
                 (StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid)
             }
@@ -171,6 +175,15 @@ impl ApiError {
             }
             _ => {}
         }
+        // A spent budget: when it refills enough.
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let wait = match &self {
+                ApiError::Throttled(d) => Some(d.retry_after),
+                _ => crate::activity::retry_after(),
+            };
+            let seconds = wait.map_or(60, |w| w.as_secs().max(1));
+            response = response.header(header::RETRY_AFTER, seconds);
+        }
         // Failures a retry may cure: the upstream, the bucket, a deadline.
         if matches!(
             status,
@@ -205,6 +218,7 @@ fn classify_generator(e: &GeneratorError, subject: Subject) -> (StatusCode, Erro
         }
         ErrorKind::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, subject.unknown()),
         ErrorKind::Deadline => (StatusCode::GATEWAY_TIMEOUT, subject.unknown()),
+        ErrorKind::Throttled => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests),
         ErrorKind::OutOfSpace => (StatusCode::INSUFFICIENT_STORAGE, subject.unknown()),
         ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, subject.unknown()),
     }

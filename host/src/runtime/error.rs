@@ -67,9 +67,12 @@ pub fn trap(e: impl Classify) -> wasmtime::Error {
 impl<E: Classify> From<E> for HostError {
     fn from(e: E) -> Self {
         match e.kind() {
-            ErrorKind::Internal | ErrorKind::OutOfSpace | ErrorKind::Misconfigured => {
-                HostError(Failure::Trap(trap(e)))
-            }
+            // A spent budget ends the call too: no plugin can do anything
+            // about it but answer it.
+            ErrorKind::Internal
+            | ErrorKind::OutOfSpace
+            | ErrorKind::Misconfigured
+            | ErrorKind::Throttled => HostError(Failure::Trap(trap(e))),
             kind => HostError(Failure::Guest {
                 kind,
                 message: e.to_string(),
@@ -99,7 +102,7 @@ fn case(kind: ErrorKind, message: String) -> types::Error {
         ErrorKind::NotFound | ErrorKind::NameUnknown => types::Error::NotFound(message),
         ErrorKind::Denied | ErrorKind::SourceRefused => types::Error::Denied(message),
         ErrorKind::LimitExceeded | ErrorKind::Deadline => types::Error::LimitExceeded(message),
-        ErrorKind::Unavailable => types::Error::Unavailable(message),
+        ErrorKind::Unavailable | ErrorKind::Throttled => types::Error::Unavailable(message),
         ErrorKind::Internal | ErrorKind::OutOfSpace | ErrorKind::Misconfigured => {
             types::Error::Internal(message)
         }
