@@ -5,8 +5,9 @@
 #           to wasm and embeds them);
 #   slim    the stripped binary on distroless/cc and nothing else: random,
 #           mirror and flatten (ko and buildpack need tools it lacks);
-#   full    (the default) Debian with Go, git and bubblewrap, so that every
-#           generator works, ko and buildpack included.
+#   full    (the default) Debian with Go (1.23, backports), git and
+#           bubblewrap, so that every generator works, ko and buildpack
+#           included.
 #
 #   docker build -t kontain .                   # the default: full
 #   docker build --target slim -t kontain:slim .
@@ -57,10 +58,17 @@ ENTRYPOINT ["/usr/local/bin/kontain"]
 
 FROM ${DEBIAN_IMAGE} AS full
 # go builds ko images; git fetches buildpack sources; bubblewrap sandboxes
-# buildpacks. --no-install-recommends keeps the image to what runs.
-RUN apt-get update \
+# buildpacks. Go from bookworm-backports (1.23): bookworm's own 1.19 cannot
+# build most modules of today (`go 1.21`+ lines, `toolchain` lines), and
+# builds run with GOTOOLCHAIN=local (no downloads of other toolchains).
+# --no-install-recommends keeps the image to what runs.
+RUN echo "deb http://deb.debian.org/debian bookworm-backports main" \
+      > /etc/apt/sources.list.d/backports.list \
+ && apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      ca-certificates golang-go git bubblewrap \
+      -t bookworm-backports golang-go \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      ca-certificates git bubblewrap \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 65532 kontain \
  && useradd --uid 65532 --gid 65532 --home-dir /var/lib/kontain --no-create-home kontain \

@@ -201,13 +201,15 @@ impl Config {
                 self.server.metrics_listen != next.server.metrics_listen,
             ),
             (
-                "server trusted_proxies, concurrent_builds and queued_builds",
+                "server trusted_proxies, forwarded_header, concurrent_builds and queued_builds",
                 (
                     &self.server.trusted_proxies,
+                    self.server.forwarded_header,
                     self.server.concurrent_builds,
                     self.server.queued_builds,
                 ) != (
                     &next.server.trusted_proxies,
+                    next.server.forwarded_header,
                     next.server.concurrent_builds,
                     next.server.queued_builds,
                 ),

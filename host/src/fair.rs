@@ -35,6 +35,7 @@ pub struct Denied {
 
 pub struct Fairness {
     trusted: Vec<IpNet>,
+    header: client::ForwardedHeader,
     buckets: Buckets,
     queue: Arc<queue::Queue>,
 }
@@ -50,6 +51,7 @@ impl Fairness {
         };
         Fairness {
             trusted: server.trusted_proxies.clone(),
+            header: server.forwarded_header,
             buckets: Buckets::default(),
             queue: queue::Queue::new(slots, server.queued_builds),
         }
@@ -57,7 +59,7 @@ impl Fairness {
 
     /// Who sent a request from `peer` with `headers`.
     pub fn client(&self, peer: IpAddr, headers: &HeaderMap) -> Client {
-        client::client_of(peer, headers, &self.trusted)
+        client::client_of(peer, headers, &self.trusted, self.header)
     }
 
     fn denied(generator: &str, kind: Kind, budget: String, wait: Duration) -> Denied {
@@ -146,17 +148,22 @@ impl Fairness {
                 })?;
         }
         let queued = |n: usize| tracing::info!(%client, waiting = n, "build queued");
-        self.queue
-            .turn(client, queued)
-            .await
-            .map_err(|full| Denied {
+        self.queue.turn(client, queued).await.map_err(|full| {
+            // Turned away: the build it did not get is not spent.
+            if let Some(rate) = builds(budget) {
+                self.buckets
+                    .charge(generator, Kind::Builds, client, rate, -1.0);
+            }
+            tracing::info!(%client, "build turned away: the queue is full");
+            Denied {
                 message: format!(
                     "the build queue is full ({} waiting): try again in {} s",
                     full.waiting,
                     QUEUE_RETRY.as_secs()
                 ),
                 retry_after: QUEUE_RETRY,
-            })
+            }
+        })
     }
 }
 

@@ -30,14 +30,20 @@ pub fn init(format: LogFormat) {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
             .with_env_filter(filter)
             .init(),
-        LogFormat::Json => tracing_subscriber::registry()
-            .with(filter)
-            .with(JsonLines)
-            .init(),
+        LogFormat::Json => {
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(JsonLines)
+                .init();
+            json_panics();
+        }
     }
-    // A panic is an event like any other: in the log's format (a collector
-    // reads one JSON line, not Rust's text), with the request's fields when
-    // it happened in one.
+}
+
+/// Panics as JSON lines too (a collector reads one JSON object, not Rust's
+/// text), with the request's fields when one happened in a request. Text
+/// logs keep Rust's own hook, backtraces included.
+fn json_panics() {
     std::panic::set_hook(Box::new(|info| {
         let location = info
             .location()

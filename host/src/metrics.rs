@@ -280,7 +280,11 @@ pub fn upstream(host: &str, status: Option<u16>) {
             .upstream_hosts
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if hosts.contains(host) || (hosts.len() < MAX_HOSTS && hosts.insert(host.to_owned())) {
+        // Only a host that answered takes a label of its own: names that do
+        // not resolve cannot use the places up.
+        if hosts.contains(host)
+            || (status.is_some() && hosts.len() < MAX_HOSTS && hosts.insert(host.to_owned()))
+        {
             host
         } else {
             "other"
@@ -418,6 +422,8 @@ fn process_stat() -> Option<ProcessStat> {
 pub async fn serve(listener: TcpListener) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // Out of descriptors and the like: wait, don't spin.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
         tokio::spawn(async move {

@@ -5,15 +5,25 @@
 //! (see `image::gzip`): valid for every reader, produced at memory speed
 //! instead of spending a core per layer failing to find matches.
 //!
+//! A layer is a pure function of a seed, so it is stored as that seed (a
+//! recipe of a few hundred bytes) and made again on every read, whole or
+//! just up to the end of a range: a `HEAD random:99x99999999` costs no
+//! storage. Not on a backend clients download from themselves (GCS with
+//! redirects): there the bytes are stored, so that replicas never carry
+//! them.
+//!
 //! Its WIT host implementation is `wit`; it has no config section (a
 //! generator's `limits` bound it).
 
 pub mod wit;
 
-use std::io::Write;
+use std::io::{ErrorKind, Write};
 use std::sync::Arc;
 
+use bytes::Bytes;
+use futures_util::StreamExt;
 use futures_util::future::try_join_all;
+use futures_util::stream::BoxStream;
 use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 
@@ -22,7 +32,7 @@ use crate::image::layer::publish;
 use crate::image::offload::Offload;
 use crate::image::{Cancel, Cpu, ImageError, LayerBlob, io_error};
 use crate::oci::Sha256Writer;
-use crate::storage::ContentStore;
+use crate::storage::{ByteRange, ContentStore, Remake};
 
 /// Bytes generated and pushed through the pipeline per step.
 const CHUNK: usize = 1 << 20;
@@ -38,7 +48,10 @@ pub struct Random {
 }
 
 impl Random {
+    /// The maker of random layers storing to `store`, where their recipes
+    /// can be read back from then on.
     pub fn new(store: Arc<ContentStore>, cpu: Cpu) -> Self {
+        store.remake_with(RECIPE_KIND, Arc::new(Remaker));
         Random { store, cpu }
     }
 
@@ -61,12 +74,35 @@ impl Random {
         }
         // What it will make, from the client's budget, before making it.
         crate::activity::generate(requested)?;
-        let jobs = (0..count).map(|n| {
-            let store = self.store.clone();
-            self.cpu
-                .run(move |cancel| write_random_layer(&store, n, size, cancel))
+        // A layer is a pure function of its seed: it is made once here to
+        // learn its digest, and stored as its recipe, a few hundred bytes;
+        // every read makes the bytes again (see `Remaker`).
+        let recipes: Vec<Recipe> = (0..count)
+            .map(|n| Recipe {
+                n,
+                size,
+                seed: rand::random(),
+            })
+            .collect();
+        if !self.store.keeps_recipes() {
+            let jobs = recipes.iter().map(|recipe| {
+                let (store, recipe) = (self.store.clone(), *recipe);
+                self.cpu
+                    .run(move |cancel| write_random_layer(&store, recipe, cancel))
+            });
+            return try_join_all(jobs).await;
+        }
+        let jobs = recipes.iter().map(|recipe| {
+            let recipe = *recipe;
+            self.cpu.run(move |cancel| measure_layer(recipe, cancel))
         });
-        try_join_all(jobs).await
+        let layers = try_join_all(jobs).await?;
+        for (recipe, layer) in recipes.iter().zip(&layers) {
+            self.store
+                .put_recipe(&layer.digest, layer.size, RECIPE_KIND, &recipe.encode())
+                .await?;
+        }
+        Ok(layers)
     }
 }
 
@@ -82,25 +118,49 @@ fn fill_random(rng: &mut SmallRng, buf: &mut [u8]) {
     tail.copy_from_slice(&last[..tail.len()]);
 }
 
-/// The most a layer of `size` bytes can grow to in tar and stored gzip
-/// blocks: 5 bytes per 64 KiB block, tar headers and padding, gzip framing.
-fn layer_size_bound(size: u64) -> u64 {
-    size + size / 65_535 * 5 + 64 * 1024
+/// What a random layer is a function of: its number (the file name), its
+/// size, and the seed of its bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct Recipe {
+    pub n: u32,
+    pub size: u64,
+    pub seed: [u8; 32],
 }
 
-/// Writes one layer: a tar holding `random_file_<n>.txt` with `size` random
-/// bytes (mode 0644, owner 0:0, mtime 0), gzipped into storage.
-pub fn write_random_layer(
-    store: &ContentStore,
-    n: u32,
-    size: u64,
-    cancel: &Cancel,
-) -> Result<LayerBlob, ImageError> {
-    // This thread makes the tar and hashes it; the blob's own hash and the
-    // disk write run on another (two cores for one layer).
-    let blob = Offload::new(store.blob_writer(layer_size_bound(size))?)
-        .map_err(io_error("starting a layer writer"))?;
-    let gzip = StoredGzip::new(blob);
+/// The recipe kind random layers are stored as. "v1" is this layout and
+/// rand 0.9's `SmallRng` (Xoshiro256++) on 64-bit: a golden test pins the
+/// bytes, since a stored recipe must make the same blob forever.
+pub const RECIPE_KIND: &str = "random-v1";
+
+impl Recipe {
+    fn encode(&self) -> Vec<u8> {
+        serde_json::json!({ "n": self.n, "size": self.size, "seed": hex::encode(self.seed) })
+            .to_string()
+            .into_bytes()
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Recipe> {
+        let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+        let seed = hex::decode(v["seed"].as_str()?).ok()?.try_into().ok()?;
+        Some(Recipe {
+            n: u32::try_from(v["n"].as_u64()?).ok()?,
+            size: v["size"].as_u64()?,
+            seed,
+        })
+    }
+}
+
+/// Writes the layer `recipe` describes into `sink`: a tar holding
+/// `random_file_<n>.txt` with `size` random bytes (mode 0644, owner 0:0,
+/// mtime 0), gzipped in stored blocks. Returns the tar's digest (the
+/// layer's diff id) and the sink.
+fn write_layer<W: Write>(
+    sink: W,
+    recipe: Recipe,
+    cancel: Option<&Cancel>,
+) -> Result<(crate::oci::Digest, W), ImageError> {
+    let Recipe { n, size, seed } = recipe;
+    let gzip = StoredGzip::new(sink);
     let mut tar = Sha256Writer::new(gzip);
 
     let mut header = tar::Header::new_ustar();
@@ -117,11 +177,13 @@ pub fn write_random_layer(
     tar.write_all(header.as_bytes())
         .map_err(io_error("writing layer"))?;
 
-    let mut rng = SmallRng::from_os_rng();
+    let mut rng = SmallRng::from_seed(seed);
     let mut buf = vec![0u8; CHUNK];
     let mut left = size;
     while left > 0 {
-        cancel.check()?;
+        if let Some(cancel) = cancel {
+            cancel.check()?;
+        }
         let step = left.min(CHUNK as u64) as usize;
         fill_random(&mut rng, &mut buf[..step]);
         tar.write_all(&buf[..step])
@@ -133,13 +195,139 @@ pub fn write_random_layer(
     buf[..trailer].fill(0);
     tar.write_all(&buf[..trailer])
         .map_err(io_error("writing layer"))?;
-
     let (diff_id, _, gzip) = tar.finish();
-    let blob = gzip
+    let sink = gzip.finish().map_err(io_error("finishing gzip"))?;
+    Ok((diff_id, sink))
+}
+
+/// The digest, diff id and size of the layer `recipe` makes, found by
+/// making it once without storing a byte. The tar and its hash run on
+/// this thread, the gzip stream's hash on another (two cores a layer).
+pub fn measure_layer(recipe: Recipe, cancel: &Cancel) -> Result<LayerBlob, ImageError> {
+    let hashed = Offload::new(Sha256Writer::new(std::io::sink()))
+        .map_err(io_error("starting a layer hash"))?;
+    let (diff_id, hashed) = write_layer(hashed, recipe, Some(cancel))?;
+    let (digest, size, _) = hashed
         .finish()
-        .and_then(Offload::finish)
-        .map_err(io_error("finishing gzip"))?;
+        .map_err(io_error("finishing a layer hash"))?
+        .finish();
+    Ok(LayerBlob {
+        digest,
+        diff_id,
+        size,
+    })
+}
+
+/// Writes one layer into storage, whole (where clients download blobs
+/// from the backend itself).
+fn write_random_layer(
+    store: &ContentStore,
+    recipe: Recipe,
+    cancel: &Cancel,
+) -> Result<LayerBlob, ImageError> {
+    // The tar and its hash on this thread; the blob's hash and the disk
+    // write on another.
+    let blob = Offload::new(store.blob_writer(layer_size_bound(recipe.size))?)
+        .map_err(io_error("starting a layer writer"))?;
+    let (diff_id, blob) = write_layer(blob, recipe, Some(cancel))?;
+    let blob = blob.finish().map_err(io_error("finishing a layer"))?;
     publish(diff_id, blob)
+}
+
+/// The most a layer of `size` bytes can grow to in tar and stored gzip
+/// blocks: 5 bytes per 64 KiB block, tar headers and padding, gzip framing.
+fn layer_size_bound(size: u64) -> u64 {
+    size + size / 65_535 * 5 + 64 * 1024
+}
+
+/// Makes stored random layers' bytes again, on a blocking thread, into a
+/// stream: only up to the end of the range asked for, and only the range's
+/// bytes sent.
+struct Remaker;
+
+impl Remake for Remaker {
+    fn remake(
+        &self,
+        recipe: &[u8],
+        range: Option<ByteRange>,
+    ) -> Result<BoxStream<'static, std::io::Result<Bytes>>, String> {
+        let recipe = Recipe::decode(recipe).ok_or("an unreadable random-layer recipe")?;
+        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        let sink = RangeSink {
+            sender,
+            skip: range.map_or(0, |r| r.first),
+            left: range.map_or(u64::MAX, |r| r.len()),
+            buf: Vec::with_capacity(CHUNK),
+        };
+        let errors = sink.sender.clone();
+        tokio::task::spawn_blocking(move || {
+            let error = match write_layer(sink, recipe, None) {
+                Ok((_, mut sink)) => match sink.send() {
+                    Ok(()) => return,
+                    Err(e) => e,
+                },
+                Err(ImageError::Io { source, .. }) if source.kind() == ErrorKind::BrokenPipe => {
+                    return;
+                }
+                Err(e) => std::io::Error::other(e.to_string()),
+            };
+            // A failure mid-stream ends the body with an error: the client
+            // sees a broken transfer, never a clean end of a short blob.
+            let _ = errors.blocking_send(Err(error));
+        });
+        let body = futures_util::stream::unfold(receiver, |mut receiver| async move {
+            receiver.recv().await.map(|chunk| (chunk, receiver))
+        });
+        Ok(body.boxed())
+    }
+}
+
+/// A sink that drops the first `skip` bytes, sends the next `left` in
+/// chunks, then stops the writer (a `BrokenPipe` error, which the maker
+/// takes as the end; not `Interrupted`, which `write_all` retries). A
+/// reader that went away stops it too.
+struct RangeSink {
+    sender: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+    skip: u64,
+    left: u64,
+    buf: Vec<u8>,
+}
+
+impl RangeSink {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
+        self.sender
+            .blocking_send(Ok(chunk))
+            .map_err(|_| std::io::Error::new(ErrorKind::BrokenPipe, "the reader went away"))
+    }
+}
+
+impl Write for RangeSink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let skipped = (self.skip.min(data.len() as u64)) as usize;
+        self.skip -= skipped as u64;
+        let wanted = &data[skipped..];
+        let take = (self.left.min(wanted.len() as u64)) as usize;
+        self.buf.extend_from_slice(&wanted[..take]);
+        self.left -= take as u64;
+        if self.buf.len() >= CHUNK || self.left == 0 {
+            self.send()?;
+        }
+        if self.left == 0 {
+            return Err(std::io::Error::new(
+                ErrorKind::BrokenPipe,
+                "the range is sent",
+            ));
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -180,6 +368,57 @@ mod tests {
             assert_eq!(entries, vec![(format!("random_file_{n}.txt"), 1000)]);
         }
         assert_ne!(layers[0].digest, layers[1].digest, "layers must differ");
+    }
+
+    /// Stored recipes must make the same bytes forever: this pins them.
+    #[test]
+    fn a_recipe_makes_the_same_layer_on_every_machine_and_version() {
+        let recipe = Recipe {
+            n: 3,
+            size: 100_000,
+            seed: [7; 32],
+        };
+        let layer = measure_layer(recipe, &Cancel::default()).unwrap();
+        assert_eq!(
+            (layer.digest.to_string(), layer.size),
+            (GOLDEN_DIGEST.to_owned(), GOLDEN_SIZE),
+            "random-v1 changed: stored recipes would no longer match their digests; \
+             make a random-v2 kind instead"
+        );
+    }
+
+    const GOLDEN_DIGEST: &str =
+        "sha256:041a1070e0dabb6ead1c65e50ab1ab27278f31a76fe192ff66bfd7925dfbbab4";
+    const GOLDEN_SIZE: u64 = 101_931;
+
+    #[tokio::test]
+    async fn layers_are_stored_as_recipes_and_made_again_whole_or_in_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = crate::storage::test_store(dir.path());
+        let random = Random::new(storage.clone(), Cpu::default());
+        let layers = random.layers(2, 3_000_000, u64::MAX).await.unwrap();
+        // No blob bytes on disk: a recipe a layer.
+        assert!(
+            !dir.path().join("blobs").exists()
+                || std::fs::read_dir(dir.path().join("blobs/sha256")).map_or(0, |d| d.count()) == 0
+        );
+        let recipes = std::fs::read_dir(dir.path().join("recipes/sha256"))
+            .unwrap()
+            .count();
+        assert_eq!(recipes, 2);
+        for layer in &layers {
+            let whole = crate::storage::read_all(&storage, &layer.digest, None).await;
+            assert_eq!(Digest::sha256(&whole), layer.digest);
+            for (first, last) in [(0, 0), (10, 70_000), (1_500_000, layer.size - 1)] {
+                let part = crate::storage::read_all(
+                    &storage,
+                    &layer.digest,
+                    Some(ByteRange { first, last }),
+                )
+                .await;
+                assert_eq!(part, whole[first as usize..=last as usize]);
+            }
+        }
     }
 
     #[tokio::test]

@@ -479,12 +479,14 @@ impl Registry {
             .map_err(|e: crate::oci::DigestError| ApiError::DigestInvalid(e.into()))?;
         record(&name, &digest);
         let stored = match self.admitted.admits(&self.storage, &route).await {
-            true => self.storage.blob_size(&digest).await?,
+            true => self.storage.blob_entry(&digest).await?,
             false => None,
         };
         crate::metrics::cache(&route.generator, "blob", stored.is_some());
+        // A blob kept as a recipe has no object to send clients to.
+        let remade = stored.is_some_and(|e| e.remade);
         let size = match stored {
-            Some(size) => size,
+            Some(entry) => entry.size,
             // Not stored, or not yet under this name: a mirror fetches it
             // (after its policy admits the name, and its client's budget
             // of bytes made); others have nothing more.
@@ -535,7 +537,7 @@ impl Registry {
         }
         // Clients download from the bucket themselves (Range included),
         // so a replica never carries blob bytes when storage can serve them.
-        if let Some(url) = self.storage.blob_location(&digest).await? {
+        if !remade && let Some(url) = self.storage.blob_location(&digest).await? {
             return Ok(Response::builder()
                 .status(StatusCode::TEMPORARY_REDIRECT)
                 .header(header::LOCATION, url)

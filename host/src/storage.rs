@@ -25,6 +25,7 @@ pub mod gcs;
 mod measured;
 mod owner;
 mod referrers;
+mod remade;
 mod spool;
 
 use std::io;
@@ -38,8 +39,9 @@ use futures_util::stream::BoxStream;
 use crate::oci::{Digest, MediaType};
 
 use config::{Backend, StorageConfig};
-pub use content::{BlobWriter, ContentStore, Held, KeyedLocks};
+pub use content::{BlobEntry, BlobWriter, ContentStore, Held, KeyedLocks};
 pub use expiry::{Collected, Usage};
+pub use remade::Remake;
 pub use spool::Spool;
 
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +181,13 @@ pub trait Driver: Send + Sync + 'static {
     /// Waits until this process holds the lease on `key` among every process
     /// sharing this store, so that work asked of many at once is done once.
     async fn lease(&self, key: &str) -> Result<Box<dyn Lease>, StorageError>;
+
+    /// Whether clients download blobs from the backend itself
+    /// ([`Driver::location`]): then blobs are better stored as bytes than
+    /// as recipes, which the replica would have to stream.
+    fn serves_downloads(&self) -> bool {
+        false
+    }
 
     /// Where clients may download `key` themselves (a `307` to a signed
     /// bucket URL), or `None` to have the bytes streamed by kontain.

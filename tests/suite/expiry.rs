@@ -45,10 +45,12 @@ fn blobs_of(manifest: &serde_json::Value) -> Vec<String> {
     out
 }
 
+/// Whether a blob is stored, as bytes or (random layers) as a recipe.
 fn stored(data: &Path, digest: &str) -> bool {
-    data.join("blobs/sha256")
-        .join(digest.trim_start_matches("sha256:"))
-        .exists()
+    let hex = digest.trim_start_matches("sha256:");
+    ["blobs/sha256", "recipes/sha256"]
+        .iter()
+        .any(|dir| data.join(dir).join(hex).exists())
 }
 
 fn expiry() -> anyhow::Result<()> {

@@ -21,7 +21,76 @@ pub fn trials() -> Vec<Trial> {
             "fair::builds_take_turns_round_the_clients_and_a_full_queue_answers_429",
             turns,
         ),
+        trial(
+            "fair::random_layers_are_stored_as_seeds_and_pull_whole_or_by_range",
+            seeds,
+        ),
     ]
+}
+
+/// Bytes stored under `dir` (file sizes, as a bucket would bill them; a
+/// filesystem rounds each small file up to a block).
+fn disk_use(dir: &std::path::Path) -> anyhow::Result<u64> {
+    let out = crate::support::run(
+        Command::new("du")
+            .args(["-s", "-B1", "--apparent-size"])
+            .arg(dir),
+    )?;
+    out.split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .context("du's answer")
+}
+
+fn seeds() -> anyhow::Result<()> {
+    let config = "[storage]\npath = \"data\"\n\
+        [generators.random]\nsource = \"builtin:random\"\ngrants = [\"random\"]\n\
+        [generators.random.budget]\ngenerated_bytes = 0\n";
+    let server = Server::start(Some(config))?;
+    let data = server.dir.path().join("data");
+    crate::support::get_ok(&server, "/v2/random/manifests/1x10")?;
+    let before = disk_use(&data)?;
+    // 50 new images of 10 layers of 10 MB: 5 GB of layers.
+    let mut digests = Vec::new();
+    for _ in 0..50 {
+        let reply = crate::support::get_ok(&server, "/v2/random/manifests/10x10000000")?;
+        digests.push(reply.header("docker-content-digest").to_owned());
+    }
+    let added = disk_use(&data)?.saturating_sub(before);
+    eprintln!("fair: 50 images of 100 MB added {added} bytes to storage (file sizes)");
+    assert!(added < 1 << 20, "{added} bytes");
+    // Every layer of one, whole, matches its digest; a range is its slice.
+    let manifest =
+        crate::support::get_ok(&server, &format!("/v2/random/manifests/{}", digests[7]))?.json()?;
+    let layers = manifest["layers"].as_array().context("layers")?;
+    assert_eq!(layers.len(), 10);
+    let mut first = Vec::new();
+    for layer in layers {
+        let blob = crate::support::get_blob(&server, "random", layer)?;
+        assert_eq!(
+            crate::support::sha256(&blob.body),
+            layer["digest"].as_str().unwrap_or_default()
+        );
+        if first.is_empty() {
+            first = blob.body.to_vec();
+        }
+    }
+    let digest = layers[0]["digest"].as_str().context("a digest")?;
+    let ranged = crate::support::http(
+        server.addr,
+        http::Method::GET,
+        &format!("/v2/random/blobs/{digest}"),
+        &[("range", "bytes=1000-99999")],
+    )?;
+    assert_eq!(ranged.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(ranged.body[..], first[1000..100_000]);
+    // And docker pulls one.
+    let docker = crate::support::docker()?;
+    let image = format!("{}/random:3x1000000", server.addr);
+    docker.run(&["pull", &image])?;
+    assert_eq!(docker.layer_count(&image)?, 3);
+    docker.run(&["rmi", &image])?;
+    Ok(())
 }
 
 /// What curl got: status, headers (lowercase names) and body.
@@ -176,7 +245,7 @@ fn turns() -> anyhow::Result<()> {
             "http://{}/v2/ko/example.com/turns/manifests/v1.0.{n}",
             server.addr
         );
-        std::thread::spawn(move || curl(from, &url, true, &[ACCEPT]))
+        std::thread::spawn(move || curl(from, &url, false, &[ACCEPT]))
     };
     let queued = |client: &str| {
         server
@@ -204,15 +273,25 @@ fn turns() -> anyhow::Result<()> {
                 .map_err(|_| anyhow::anyhow!("a client thread panicked"))??,
         );
     }
-    // 1 running + 30 waiting: 9 of B's are turned away, and told when to
-    // come back.
-    let refused: Vec<&Got> = answers
-        .iter()
-        .filter(|g| g.status == StatusCode::TOO_MANY_REQUESTS)
-        .collect();
+    // 1 running + 30 waiting. B's first 11 fill the queue; then each of B's
+    // takes the place of A's newest while A has more than one over B
+    // (four); B's last five find them even and are turned away. All told
+    // when to come back.
+    let refused = |answers: &[Got]| {
+        answers
+            .iter()
+            .filter(|g| g.status == StatusCode::TOO_MANY_REQUESTS)
+            .count()
+    };
     let statuses: Vec<StatusCode> = answers.iter().map(|g| g.status).collect();
-    assert_eq!(refused.len(), 2 * each - 31, "{statuses:?}");
-    assert!(refused.iter().all(|g| g.header("retry-after") == "30"));
+    let (of_a, of_b) = answers.split_at(each);
+    assert_eq!((refused(of_a), refused(of_b)), (4, 5), "{statuses:?}");
+    assert!(
+        answers
+            .iter()
+            .filter(|g| g.status == StatusCode::TOO_MANY_REQUESTS)
+            .all(|g| g.header("retry-after") == "30" && g.body.contains("TOOMANYREQUESTS"))
+    );
     assert!(
         answers
             .iter()
@@ -232,11 +311,11 @@ fn turns() -> anyhow::Result<()> {
         .collect();
     let order: String = started.iter().collect();
     eprintln!("fair: builds started in the order {order}");
-    let b_served = each - refused.len();
+    let (a_served, b_served) = (each - refused(of_a), each - refused(of_b));
     // A first; then, while both wait, one each; A's rest at the end.
     let alternating: String = std::iter::once('A')
         .chain((0..b_served).flat_map(|_| ['A', 'B']))
-        .chain(std::iter::repeat_n('A', each - 1 - b_served))
+        .chain(std::iter::repeat_n('A', a_served - 1 - b_served))
         .collect();
     assert_eq!(order, alternating, "{log}");
     Ok(())

@@ -32,6 +32,9 @@ pub struct ServerConfig {
     /// believed when telling clients apart; a request from anywhere else is
     /// its peer's. Behind a load balancer, its ranges.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The header those proxies write the chain in (only it is read):
+    /// `x-forwarded-for` or `forwarded`.
+    pub forwarded_header: crate::fair::client::ForwardedHeader,
     /// Builds (ko, buildpack, flatten) running at once; 0: one per core.
     /// The rest wait, turns going round the clients.
     pub concurrent_builds: usize,
@@ -56,6 +59,7 @@ impl Default for ServerConfig {
             max_connections: 4096,
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
             trusted_proxies: Vec::new(),
+            forwarded_header: Default::default(),
             concurrent_builds: 0,
             queued_builds: 100,
         }

@@ -8,8 +8,10 @@ use std::time::{Duration, Instant};
 
 use super::Client;
 
-/// Buckets kept at most; past it, full (idle) buckets are dropped first,
-/// then all (a flood of addresses cannot grow memory without bound).
+/// Buckets kept at most (a flood of addresses cannot grow memory without
+/// bound); past it, buckets that have refilled go first (forgetting them
+/// changes nothing), then the longest untouched half. Buckets in debt are
+/// kept while any younger one can go, so a flood does not wipe debts.
 const MAX_BUCKETS: usize = 100_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -45,6 +47,15 @@ impl Rate {
 struct Bucket {
     level: f64,
     at: Instant,
+    /// The budget's amount, to tell a refilled bucket when pruning.
+    full: f64,
+    per_second: f64,
+}
+
+impl Bucket {
+    fn refilled(&self, now: Instant) -> bool {
+        self.level + now.duration_since(self.at).as_secs_f64() * self.per_second >= self.full
+    }
 }
 
 #[derive(Default)]
@@ -65,9 +76,12 @@ impl Buckets {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         if buckets.len() >= MAX_BUCKETS {
-            buckets.retain(|_, b| b.at.elapsed() < Duration::from_secs(60));
+            buckets.retain(|_, b| !b.refilled(now));
             if buckets.len() >= MAX_BUCKETS {
-                buckets.clear();
+                let mut ages: Vec<Instant> = buckets.values().map(|b| b.at).collect();
+                let (_, middle, _) = ages.select_nth_unstable(buckets.len() / 2);
+                let middle = *middle;
+                buckets.retain(|_, b| b.at > middle);
             }
         }
         let bucket = buckets
@@ -75,7 +89,12 @@ impl Buckets {
             .or_insert(Bucket {
                 level: rate.amount,
                 at: now,
+                full: rate.amount,
+                per_second: rate.per_second(),
             });
+        // A reload may have changed the budget.
+        bucket.full = rate.amount;
+        bucket.per_second = rate.per_second();
         let refill = now.duration_since(bucket.at).as_secs_f64() * rate.per_second();
         bucket.level = (bucket.level + refill).min(rate.amount);
         bucket.at = now;

@@ -37,20 +37,38 @@ impl std::fmt::Display for Client {
     }
 }
 
+/// Which header trusted proxies write the forwarding chain in. Only that
+/// one is read: proxies append to their own header and pass the other
+/// through as the client sent it, so reading both would let a client
+/// choose its own address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For` (nginx, Envoy, Google's and AWS's load balancers).
+    #[default]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=...`.
+    Forwarded,
+}
+
 /// The client of a request from `peer` with `headers`: the peer, unless it
-/// is in `trusted`; then the nearest address in the forwarding chain
-/// (`Forwarded` `for=`, else `X-Forwarded-For`, read from the right) that
-/// is not itself trusted. Addresses a client wrote further left are not
-/// believed: anyone can send those headers.
-pub fn client_of(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> Client {
+/// is in `trusted`; then the nearest address in the forwarding chain of
+/// `header` (read from the right) that is not itself trusted. Addresses a
+/// client wrote further left are not believed: anyone can send those.
+pub fn client_of(
+    peer: IpAddr,
+    headers: &HeaderMap,
+    trusted: &[IpNet],
+    header: ForwardedHeader,
+) -> Client {
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
     if !is_trusted(&peer) {
         return Client::of(peer);
     }
-    let mut chain = forwarded(headers);
-    if chain.is_empty() {
-        chain = x_forwarded_for(headers);
-    }
+    let chain = match header {
+        ForwardedHeader::XForwardedFor => x_forwarded_for(headers),
+        ForwardedHeader::Forwarded => forwarded(headers),
+    };
     let mut client = peer;
     for hop in chain.into_iter().rev() {
         client = hop;
@@ -121,25 +139,28 @@ mod tests {
     #[test]
     fn forwarding_headers_count_only_from_trusted_proxies() {
         let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let xff = ForwardedHeader::XForwardedFor;
+        let client = |peer: &str, h: &HeaderMap, which| {
+            client_of(peer.parse().unwrap(), h, &trusted, which).to_string()
+        };
         let spoof = headers(&[("x-forwarded-for", "1.2.3.4")]);
-        let peer: IpAddr = "203.0.113.9".parse().unwrap();
-        assert_eq!(client_of(peer, &spoof, &trusted).to_string(), "203.0.113.9");
-        let lb: IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(client("203.0.113.9", &spoof, xff), "203.0.113.9");
         // The client's own claim (1.2.3.4) is left of what the proxy saw.
         let chain = headers(&[("x-forwarded-for", "1.2.3.4, 198.51.100.7, 10.9.9.9")]);
-        assert_eq!(client_of(lb, &chain, &trusted).to_string(), "198.51.100.7");
+        assert_eq!(client("10.1.2.3", &chain, xff), "198.51.100.7");
+        // The other header, sent by the client and passed through: ignored.
+        let both = headers(&[
+            ("forwarded", "for=192.0.2.99"),
+            ("x-forwarded-for", "198.51.100.7"),
+        ]);
+        assert_eq!(client("10.1.2.3", &both, xff), "198.51.100.7");
         let rfc = headers(&[(
             "forwarded",
             "for=192.0.2.60;proto=http, for=\"[2001:db8:cafe::17]:4711\"",
         )]);
-        assert_eq!(
-            client_of(lb, &rfc, &trusted).to_string(),
-            "2001:db8:cafe::/64"
-        );
+        let fwd = ForwardedHeader::Forwarded;
+        assert_eq!(client("10.1.2.3", &rfc, fwd), "2001:db8:cafe::/64");
         // Nothing forwarded: the proxy itself.
-        assert_eq!(
-            client_of(lb, &HeaderMap::new(), &trusted).to_string(),
-            "10.1.2.3"
-        );
+        assert_eq!(client("10.1.2.3", &HeaderMap::new(), xff), "10.1.2.3");
     }
 }

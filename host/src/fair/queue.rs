@@ -90,10 +90,29 @@ impl Queue {
                 }
                 waiting.retain(|_, s| !s.is_empty());
                 turns.retain(|c| waiting.contains_key(c));
-                if state.queued >= self.max_waiting {
+            }
+            if state.queued >= self.max_waiting {
+                // Full: a client with fewer waiting than another takes the
+                // place of that one's newest (turned away, as it would have
+                // been had it come last); else this one is turned away. So
+                // one client's hundred requests cannot shut out another's
+                // first.
+                let mine = state.waiting.get(&client).map_or(0, VecDeque::len);
+                let heaviest = state
+                    .waiting
+                    .iter()
+                    .map(|(c, s)| (s.len(), *c))
+                    .max()
+                    .filter(|(n, _)| *n > mine + 1);
+                let Some((_, heaviest)) = heaviest else {
                     return Err(Full {
                         waiting: state.queued,
                     });
+                };
+                if let Some(senders) = state.waiting.get_mut(&heaviest) {
+                    // Dropping the sender wakes its waiter with `Full`.
+                    senders.pop_back();
+                    state.queued -= 1;
                 }
             }
             let (sender, receiver) = oneshot::channel();
@@ -106,8 +125,10 @@ impl Queue {
             waited(state.queued);
             receiver
         };
-        // The sender is only dropped with the queue, which this holds.
-        receiver.await.map_err(|_| Full { waiting: 0 })
+        // A dropped sender: this waiter's place went to another client.
+        receiver.await.map_err(|_| Full {
+            waiting: self.max_waiting,
+        })
     }
 
     /// Hands a finished build's slot to the next client in turn, or frees it.
@@ -144,32 +165,50 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn turns_go_round_the_clients_and_the_queue_is_bounded() {
+    async fn turns_go_round_the_clients_and_a_full_queue_favours_the_lighter() {
         let queue = Queue::new(1, 5);
-        let a = Client::of("192.0.2.1".parse().unwrap());
-        let b = Client::of("192.0.2.2".parse().unwrap());
+        let client = |n: u8| Client::of(std::net::IpAddr::from([192, 0, 2, n]));
+        let (a, b, c) = (client(1), client(2), client(3));
         let first = queue.turn(a, |_| {}).await.unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut waiters = Vec::new();
-        // a asks three more times, then b twice.
-        for (n, client) in [(1, a), (2, a), (3, a), (4, b), (5, b)] {
+        let mut ask = |n: u32, client: Client| {
             let queue = queue.clone();
             let order = order.clone();
             waiters.push(tokio::spawn(async move {
-                let turn = queue.turn(client, |_| {}).await.unwrap();
-                order.lock().unwrap().push(n);
+                let turn = queue.turn(client, |_| {}).await;
+                order.lock().unwrap().push((n, turn.is_ok()));
                 tokio::task::yield_now().await;
                 drop(turn);
             }));
+        };
+        // a waits three times, then b twice: full.
+        for (n, who) in [(1, a), (2, a), (3, a), (4, b), (5, b)] {
+            ask(n, who);
             tokio::task::yield_now().await;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        assert!(queue.turn(b, |_| {}).await.is_err(), "five wait: full");
+        // b again: no one waits more than one over b, so b is turned away.
+        assert!(queue.turn(b, |_| {}).await.is_err());
+        // c, with none waiting, takes a's newest place.
+        ask(6, c);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         drop(first);
         for w in waiters {
             w.await.unwrap();
         }
-        assert_eq!(*order.lock().unwrap(), [1, 4, 2, 5, 3]);
+        let order = order.lock().unwrap().clone();
+        assert_eq!(
+            order,
+            [
+                (3, false),
+                (1, true),
+                (4, true),
+                (6, true),
+                (2, true),
+                (5, true)
+            ]
+        );
         // All slots back.
         let _again = queue.turn(a, |_| {}).await.unwrap();
     }

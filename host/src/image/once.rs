@@ -170,7 +170,17 @@ impl Builds {
                     Ok(built)
                 }
                 Err(e) => {
-                    listed.finish(Some(e.to_string()));
+                    // Shown on the landing page: what a client would be told
+                    // (server-side failures may name paths; the log has them).
+                    listed.finish(Some(match e.kind() {
+                        ErrorKind::Internal
+                        | ErrorKind::OutOfSpace
+                        | ErrorKind::Unavailable
+                        | ErrorKind::Deadline => {
+                            "failed on the server's side (its log has the details)".to_owned()
+                        }
+                        _ => e.to_string(),
+                    }));
                     self.remember(key, &e);
                     Err(Failed(e))
                 }

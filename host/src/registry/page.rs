@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::activity::{Ended, Running};
@@ -38,7 +39,8 @@ const MAX_SHARERS: usize = 5;
 #[derive(Default)]
 pub struct Pages {
     pub about: About,
-    listing: tokio::sync::Mutex<Option<(Instant, Listing)>>,
+    /// The last listing, or that it failed, and when.
+    listing: tokio::sync::Mutex<Option<(Instant, Option<Arc<Listing>>)>>,
 }
 
 /// A listing of storage: usage, and for each blob, the stored manifests
@@ -57,13 +59,27 @@ impl Pages {
         }
     }
 
-    async fn listing(&self, store: &ContentStore) -> Result<Listing, StorageError> {
+    /// A listing of storage made within [`LISTING_FOR`] (`None` if it
+    /// failed then: a failure is not retried at every visit either).
+    async fn listing(&self, store: &ContentStore) -> Option<Arc<Listing>> {
         let mut cached = self.listing.lock().await;
         if let Some((at, listing)) = &*cached
             && at.elapsed() < LISTING_FOR
         {
-            return Ok(listing.clone());
+            return listing.clone();
         }
+        let listing = match Self::list(store).await {
+            Ok(listing) => Some(Arc::new(listing)),
+            Err(e) => {
+                tracing::warn!(error = %e, "listing storage for the pages failed");
+                None
+            }
+        };
+        *cached = Some((Instant::now(), listing.clone()));
+        listing
+    }
+
+    async fn list(store: &ContentStore) -> Result<Listing, StorageError> {
         let usage = store.usage().await?;
         let mut users: HashMap<Digest, Vec<Digest>> = HashMap::new();
         for digest in usage.manifest_digests.iter().take(MAX_SHARING_SCAN) {
@@ -73,9 +89,7 @@ impl Pages {
                 }
             }
         }
-        let listing = Listing { usage, users };
-        *cached = Some((Instant::now(), listing.clone()));
-        Ok(listing)
+        Ok(Listing { usage, users })
     }
 
     /// `/`, for a visitor who reached us as `host`.
@@ -96,8 +110,8 @@ impl Pages {
         }
         builds(&mut page, &running, &ended);
         page.push_str("<h2>Storage</h2>\n<p>");
-        match listing {
-            Ok(Listing { usage, .. }) => {
+        match listing.as_deref() {
+            Some(Listing { usage, .. }) => {
                 let _ = write!(
                     page,
                     "{} blobs and {} manifests, {} in all, on {}.",
@@ -107,8 +121,7 @@ impl Pages {
                     self.about.backend
                 );
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "listing storage for the landing page failed");
+            None => {
                 let _ = write!(
                     page,
                     "On {}; it could not be listed just now.",
@@ -148,11 +161,8 @@ impl Pages {
             false => format!("{name}:{reference}"),
         };
         let document: serde_json::Value = serde_json::from_slice(&stored.bytes).unwrap_or_default();
-        let users = self
-            .listing(store)
-            .await
-            .map(|l| l.users)
-            .unwrap_or_default();
+        let listing = self.listing(store).await.unwrap_or_default();
+        let users = &listing.users;
         let mut page = String::new();
         head(&mut page, &at);
         let _ = writeln!(

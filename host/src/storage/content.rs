@@ -40,6 +40,14 @@ pub(crate) fn value_key(key: &str) -> String {
     format!("values/{}", Digest::sha256(key.as_bytes()).hex())
 }
 
+/// A stored blob: its size, and whether its bytes are made again on each
+/// read from a recipe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlobEntry {
+    pub size: u64,
+    pub remade: bool,
+}
+
 pub struct ContentStore {
     driver: Arc<dyn Driver>,
     /// Reading a manifest or value last marked used longer ago than this
@@ -47,6 +55,8 @@ pub struct ContentStore {
     /// `None`: nothing expires, nothing is marked.
     refresh_after: Option<Duration>,
     locks: KeyedLocks,
+    /// Who makes blobs kept as recipes, by recipe kind (see `remade`).
+    pub(super) remakers: std::sync::RwLock<HashMap<String, Arc<dyn super::Remake>>>,
     /// The storage directory's lock, held while the store lives.
     _owner: Option<super::owner::Owner>,
 }
@@ -60,6 +70,7 @@ impl ContentStore {
             driver,
             refresh_after: (!ttl.is_zero()).then(|| ttl / 10),
             locks: KeyedLocks::default(),
+            remakers: Default::default(),
             _owner: None,
         }
     }
@@ -77,15 +88,28 @@ impl ContentStore {
     /// The size of a stored blob, or `None`. Asking marks it used: a blob
     /// someone pulls, or a new image reuses, is not expired under them.
     pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
-        let key = blob_key(digest);
-        let Some(stat) = self.driver.stat(&key).await? else {
-            return Ok(None);
-        };
-        self.mark(&key, stat.used).await;
-        Ok(Some(stat.size))
+        Ok(self.blob_entry(digest).await?.map(|e| e.size))
     }
 
-    /// Where clients should download a stored blob themselves, if anywhere.
+    /// A stored blob's size and whether it is kept as a recipe (made again
+    /// on each read), or `None`. Asking marks it used.
+    pub async fn blob_entry(&self, digest: &Digest) -> Result<Option<BlobEntry>, StorageError> {
+        let key = blob_key(digest);
+        if let Some(stat) = self.driver.stat(&key).await? {
+            self.mark(&key, stat.used).await;
+            return Ok(Some(BlobEntry {
+                size: stat.size,
+                remade: false,
+            }));
+        }
+        Ok(self.recipe(digest).await?.map(|r| BlobEntry {
+            size: r.size,
+            remade: true,
+        }))
+    }
+
+    /// Where clients should download a stored blob themselves, if anywhere
+    /// (never for a blob kept as a recipe: ask [`ContentStore::blob_entry`]).
     pub async fn blob_location(&self, digest: &Digest) -> Result<Option<String>, StorageError> {
         self.driver.location(&blob_key(digest)).await
     }
@@ -96,7 +120,13 @@ impl ContentStore {
         digest: &Digest,
         range: Option<ByteRange>,
     ) -> Result<Option<BlobContent>, StorageError> {
-        self.driver.read(&blob_key(digest), range).await
+        if let Some(content) = self.driver.read(&blob_key(digest), range).await? {
+            return Ok(Some(content));
+        }
+        match self.recipe(digest).await? {
+            Some(recipe) => Ok(Some(self.remade(digest, &recipe, range)?)),
+            None => Ok(None),
+        }
     }
 
     /// A small blob's bytes (a config), refused past `cap`.
@@ -301,7 +331,7 @@ impl ContentStore {
 
     /// Marks `key` used now if its last mark is older than a tenth of the
     /// TTL. A failed mark is only logged: the read itself succeeded.
-    async fn mark(&self, key: &str, used: SystemTime) {
+    pub(super) async fn mark(&self, key: &str, used: SystemTime) {
         let Some(after) = self.refresh_after else {
             return;
         };

@@ -25,6 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::content::{blob_key, manifest_key};
 use super::referrers::pair_of_key;
+use super::remade::recipe_key;
 use super::{ContentStore, Listed, Stat, StorageError};
 use crate::oci::Digest;
 
@@ -65,7 +66,9 @@ impl ContentStore {
     /// Lists the store (one listing of blobs and one of manifests).
     pub async fn usage(&self) -> Result<Usage, StorageError> {
         let driver = self.driver();
-        let blobs = driver.list("blobs/").await?;
+        // Blobs kept as recipes count as blobs (of a few hundred bytes).
+        let mut blobs = driver.list("blobs/").await?;
+        blobs.extend(driver.list("recipes/").await?);
         let mut manifests = driver.list("manifests/").await?;
         manifests.sort_by_key(|m| std::cmp::Reverse(m.stat.used));
         let bytes = blobs.iter().chain(&manifests).map(|o| o.stat.size).sum();
@@ -182,10 +185,14 @@ impl ContentStore {
             driver.delete(&pair.key).await?;
             done.bytes += pair.stat.size;
         }
-        for blob in driver.list("blobs/").await? {
+        let mut blobs = driver.list("blobs/").await?;
+        blobs.extend(driver.list("recipes/").await?);
+        for blob in blobs {
             // Only keys of the store's own shape: a stray file in `blobs/`
             // (an editor's backup, say) is left alone.
-            let Some(digest) = digest_of_key(&blob.key).filter(|d| blob.key == blob_key(d)) else {
+            let Some(digest) = digest_of_key(&blob.key)
+                .filter(|d| blob.key == blob_key(d) || blob.key == recipe_key(d))
+            else {
                 continue;
             };
             if live.contains(&digest)

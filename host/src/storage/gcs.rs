@@ -474,6 +474,10 @@ impl Driver for GcsDriver {
         self.leases.take(object, key).await
     }
 
+    fn serves_downloads(&self) -> bool {
+        !matches!(self.redirect, Redirect::None)
+    }
+
     async fn location(&self, key: &str) -> Result<Option<String>, StorageError> {
         self.url_for(self.object(key)).await
     }

@@ -34,6 +34,10 @@ impl Driver for Measured {
         self.inner.spool_dir()
     }
 
+    fn serves_downloads(&self) -> bool {
+        self.inner.serves_downloads()
+    }
+
     fn publish(&self, key: &str, file: tempfile::NamedTempFile) -> Result<(), StorageError> {
         self.count("publish", self.inner.publish(key, file))
     }
