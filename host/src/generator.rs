@@ -184,6 +184,7 @@ impl Classify for StorageError {
         match self {
             // The bucket is unreachable or refusing: worth a retry.
             StorageError::Remote { .. } => ErrorKind::Unavailable,
+            StorageError::QuotaFull { .. } => ErrorKind::OutOfSpace,
             StorageError::Io { source, .. } if crate::storage::out_of_space(source) => {
                 ErrorKind::OutOfSpace
             }

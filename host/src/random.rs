@@ -74,6 +74,7 @@ impl Random {
         }
         // What it will make, from the client's budget, before making it.
         crate::activity::generate(requested)?;
+        self.store.room().await?;
         // A layer is a pure function of its seed: it is made once here to
         // learn its digest, and stored as its recipe, a few hundred bytes;
         // every read makes the bytes again (see `Remaker`).

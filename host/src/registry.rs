@@ -345,6 +345,13 @@ impl Registry {
         answer
     }
 
+    /// This registry, if storage has room for new content (not at its
+    /// quota with only images in use).
+    async fn room_for_new(&self) -> Result<&Self, ApiError> {
+        self.storage.room().await?;
+        Ok(self)
+    }
+
     /// Parses and routes a repository name.
     fn route(
         &self,
@@ -493,6 +500,8 @@ impl Registry {
             None => match crate::activity::may_generate()
                 .map_err(ApiError::Throttled)
                 .map(|()| self)?
+                .room_for_new()
+                .await?
                 .generators
                 .fetch_blob(route.clone(), digest.clone())
                 .await

@@ -24,6 +24,7 @@ pub mod filesystem;
 pub mod gcs;
 mod measured;
 mod owner;
+mod quota;
 mod referrers;
 mod remade;
 mod spool;
@@ -61,6 +62,10 @@ pub enum StorageError {
         path.display(), owner::lock_path(path).display()
     )]
     InUse { path: PathBuf, pid: String },
+    #[error(
+        "storage is at its quota of {max} bytes ([storage] max_bytes) and holds nothing that may be evicted: only images in use"
+    )]
+    QuotaFull { max: u64 },
 }
 
 /// Whether an I/O error means the disk (or the quota on it) is full.
@@ -214,7 +219,13 @@ pub async fn open(config: &StorageConfig) -> Result<ContentStore, StorageError> 
         Backend::Filesystem => "filesystem",
     };
     let driver = Arc::new(measured::Measured::new(driver, backend));
-    Ok(ContentStore::new(driver, config.ttl).owned(owner))
+    let mut store = ContentStore::new(driver, config.ttl).owned(owner);
+    if let Some(max) = config.max_bytes.filter(|m| m.0 > 0) {
+        store = store.with_quota(max.0);
+        // Counts what is stored (and keeps to the quota if it was lowered).
+        store.evict(None).await?;
+    }
+    Ok(store)
 }
 
 /// A content store on a fresh filesystem driver under `dir`, for tests.

@@ -53,14 +53,23 @@ fn stored(data: &Path, digest: &str) -> bool {
         .any(|dir| data.join(dir).join(hex).exists())
 }
 
-fn expiry() -> anyhow::Result<()> {
-    let world = world()?;
-    let server = Server::start(Some(&format!(
-        "[storage]\nbackend = \"filesystem\"\npath = \"data\"\nttl = \"1h\"\ncollect_every = \"300ms\"\n\
+/// A config with storage in `data` (and `storage`'s settings), the mirror
+/// on the test upstream, and random.
+pub fn mirror_and_random(world: &crate::mirror::World, storage: &str) -> String {
+    format!(
+        "[storage]\nbackend = \"filesystem\"\npath = \"data\"\n{storage}\
          [upstream.registries.local]\nurl = \"http://{}\"\nallow_private = true\n\
          [generators.mirror]\nsource = \"builtin:mirror\"\ngrants = [\"upstream\"]\n\
          [generators.random]\nsource = \"builtin:random\"\ngrants = [\"random\"]\n",
         world.registry.addr
+    )
+}
+
+fn expiry() -> anyhow::Result<()> {
+    let world = world()?;
+    let server = Server::start(Some(&mirror_and_random(
+        world,
+        "ttl = \"1h\"\ncollect_every = \"300ms\"\n",
     )))?;
     let data = server.dir.path().join("data");
 

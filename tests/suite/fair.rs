@@ -25,7 +25,113 @@ pub fn trials() -> Vec<Trial> {
             "fair::random_layers_are_stored_as_seeds_and_pull_whole_or_by_range",
             seeds,
         ),
+        trial(
+            "fair::a_storage_quota_evicts_the_least_recently_used_and_spares_a_pull_in_progress",
+            quota,
+        ),
     ]
+}
+
+/// Bytes the store holds under `data` (its own directories, not the
+/// compiled-plugin cache beside them).
+fn stored_bytes(data: &std::path::Path) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for dir in ["blobs", "manifests", "recipes", "values", "referrers"] {
+        let dir = data.join(dir);
+        if dir.exists() {
+            total += disk_use(&dir)?;
+        }
+    }
+    Ok(total)
+}
+
+fn quota() -> anyhow::Result<()> {
+    const MB: u64 = 1_000_000;
+    const LAYER: usize = 40 * 1_000_000;
+    let world = crate::mirror::world()?;
+    // Eight images upstream of one incompressible 40 MB layer each.
+    let layouts = tempfile::tempdir()?;
+    for n in 0..8 {
+        let mut bytes = vec![0u8; LAYER];
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+        let image = crate::support::images::Image {
+            layers: vec![crate::support::images::layer(&[
+                crate::support::images::Entry::File("big", &bytes, 0o644),
+            ])?],
+            cmd: vec!["/big".into()],
+            architecture: "amd64",
+        };
+        let layout = layouts.path().join(format!("q{n}"));
+        crate::support::images::single(&layout, "v1", &image)?;
+        world
+            .registry
+            .push(&layout, "v1", &format!("quota-{n}"), Some("oci"))?;
+    }
+    let server = Server::start(Some(&crate::expiry::mirror_and_random(
+        world,
+        "max_bytes = \"200MB\"\n",
+    )))?;
+    let data = server.dir.path().join("data");
+    let pull = |n: usize| -> anyhow::Result<String> {
+        let repo = format!("mirror/local/quota-{n}");
+        let manifest =
+            crate::support::get_ok(&server, &format!("/v2/{repo}/manifests/v1"))?.json()?;
+        let layer = manifest["layers"][0].clone();
+        crate::support::get_blob(&server, &repo, &manifest["config"])?;
+        crate::support::get_blob(&server, &repo, &layer)?;
+        // A random image between each: new content of another kind.
+        crate::support::get_ok(&server, "/v2/random/manifests/2x1000")?;
+        Ok(layer["digest"].as_str().unwrap_or_default().to_owned())
+    };
+    let bound = 200 * MB + LAYER as u64 + MB;
+    let mut layers = Vec::new();
+    for n in 0..5 {
+        layers.push(pull(n)?);
+        let stored = stored_bytes(&data)?;
+        assert!(stored <= bound, "after image {n}: {stored} bytes stored");
+    }
+    // Image 0 is now the least recently used. A slow client starts
+    // downloading its layer; meanwhile three new images arrive.
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    let url = format!(
+        "http://{}/v2/mirror/local/quota-0/blobs/{}",
+        server.addr, layers[0]
+    );
+    let slow = std::thread::spawn(move || {
+        Command::new("curl")
+            .args(["-sf", "--limit-rate", "4M", &url])
+            .output()
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for n in 5..8 {
+        layers.push(pull(n)?);
+        let stored = stored_bytes(&data)?;
+        eprintln!("fair: after image {n}, {stored} bytes stored (quota 200 MB)");
+        assert!(stored <= bound, "after image {n}: {stored} bytes stored");
+    }
+    let hex = |d: &str| d.trim_start_matches("sha256:").to_owned();
+    assert!(
+        data.join("blobs/sha256").join(hex(&layers[0])).exists(),
+        "the layer being downloaded was evicted under its client"
+    );
+    let evicted = (1..5)
+        .filter(|n| !data.join("blobs/sha256").join(hex(&layers[*n])).exists())
+        .count();
+    assert!(evicted >= 2, "older images went instead: {evicted} of 4");
+    let downloaded = slow.join().map_err(|_| anyhow::anyhow!("curl thread"))??;
+    assert!(downloaded.status.success());
+    assert_eq!(crate::support::sha256(&downloaded.stdout), layers[0]);
+    // The newest pulls completely with docker; an evicted one is fetched
+    // again.
+    let docker = crate::support::docker()?;
+    for n in [7, 1] {
+        let image = format!("{}/mirror/local/quota-{n}:v1", server.addr);
+        docker.run(&["pull", &image])?;
+        assert_eq!(docker.layer_count(&image)?, 1);
+        docker.run(&["rmi", &image])?;
+    }
+    assert!(server.log().contains("evicted least recently used images"));
+    Ok(())
 }
 
 /// Bytes stored under `dir` (file sizes, as a bucket would bill them; a

@@ -155,6 +155,8 @@ impl Builds {
             if let Some(failure) = self.recent_failure(key) {
                 return Err(Failed(ImageError::from(failure).into()));
             }
+            // Nothing new while storage is full of images in use.
+            self.store.room().await?;
             // The client's build budget, then its turn in the queue.
             let _turn = crate::activity::build_turn()
                 .await

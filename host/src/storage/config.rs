@@ -29,6 +29,10 @@ pub struct StorageConfig {
     /// How often the collector looks.
     #[serde(default = "default_collect_every", with = "duration")]
     pub collect_every: Duration,
+    /// At most this much is stored: past it, least recently used images go
+    /// (see `storage::quota`). Absent or 0: no quota.
+    #[serde(default)]
+    pub max_bytes: Option<ByteSize>,
     /// Settings of the `gcs` backend.
     pub gcs: Option<GcsConfig>,
 }
@@ -126,6 +130,7 @@ impl Default for StorageConfig {
             path: default_storage_path(),
             ttl: default_ttl(),
             collect_every: default_collect_every(),
+            max_bytes: None,
             gcs: None,
         }
     }

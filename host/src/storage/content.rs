@@ -55,6 +55,8 @@ pub struct ContentStore {
     /// `None`: nothing expires, nothing is marked.
     refresh_after: Option<Duration>,
     locks: KeyedLocks,
+    /// The storage quota, if any (see `quota`).
+    pub(super) quota: Option<super::quota::Quota>,
     /// Who makes blobs kept as recipes, by recipe kind (see `remade`).
     pub(super) remakers: std::sync::RwLock<HashMap<String, Arc<dyn super::Remake>>>,
     /// The storage directory's lock, held while the store lives.
@@ -71,7 +73,21 @@ impl ContentStore {
             refresh_after: (!ttl.is_zero()).then(|| ttl / 10),
             locks: KeyedLocks::default(),
             remakers: Default::default(),
+            quota: None,
             _owner: None,
+        }
+    }
+
+    /// This store, keeping to `max` bytes (see `quota`).
+    pub(crate) fn with_quota(mut self, max: u64) -> Self {
+        self.quota = Some(super::quota::Quota::new(max));
+        self
+    }
+
+    /// Counts `n` bytes just written towards the quota.
+    fn wrote(&self, n: u64) {
+        if let Some(q) = &self.quota {
+            q.added.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -120,13 +136,30 @@ impl ContentStore {
         digest: &Digest,
         range: Option<ByteRange>,
     ) -> Result<Option<BlobContent>, StorageError> {
-        if let Some(content) = self.driver.read(&blob_key(digest), range).await? {
-            return Ok(Some(content));
-        }
-        match self.recipe(digest).await? {
-            Some(recipe) => Ok(Some(self.remade(digest, &recipe, range)?)),
-            None => Ok(None),
-        }
+        let key = blob_key(digest);
+        let content = match self.driver.read(&key, range).await? {
+            Some(content) => content,
+            None => match self.recipe(digest).await? {
+                Some(recipe) => self.remade(digest, &recipe, range)?,
+                None => return Ok(None),
+            },
+        };
+        // A download in progress keeps its image from eviction.
+        Ok(Some(match &self.quota {
+            Some(quota) => {
+                let reading = quota.reading(&key);
+                let BlobContent { len, body } = content;
+                let body = futures_util::StreamExt::boxed(futures_util::StreamExt::map(
+                    body,
+                    move |chunk| {
+                        let _ = &reading;
+                        chunk
+                    },
+                ));
+                BlobContent { len, body }
+            }
+            None => content,
+        }))
     }
 
     /// A small blob's bytes (a config), refused past `cap`.
@@ -148,6 +181,7 @@ impl ContentStore {
         Ok(BlobWriter {
             spool: Spool::new(self.driver.spool_dir(), limit)?,
             driver: self.driver.clone(),
+            added: self.quota.as_ref().map(|q| q.added.clone()),
         })
     }
 
@@ -186,9 +220,15 @@ impl ContentStore {
         object.put_slice(media_type.as_str().as_bytes());
         object.put_u8(b'\n');
         object.put_slice(&bytes);
-        self.driver
-            .create(&manifest_key(&digest), object.freeze())
-            .await?;
+        let size = object.len() as u64;
+        let key = manifest_key(&digest);
+        self.driver.create(&key, object.freeze()).await?;
+        self.wrote(size);
+        if let Some(q) = &self.quota {
+            q.used(&key);
+        }
+        // An image is complete: the moment to keep to the quota.
+        self.after_write(&digest).await;
         Ok(StoredManifest {
             digest,
             media_type: media_type.clone(),
@@ -332,6 +372,9 @@ impl ContentStore {
     /// Marks `key` used now if its last mark is older than a tenth of the
     /// TTL. A failed mark is only logged: the read itself succeeded.
     pub(super) async fn mark(&self, key: &str, used: SystemTime) {
+        if let Some(q) = &self.quota {
+            q.used(key);
+        }
         let Some(after) = self.refresh_after else {
             return;
         };
@@ -357,6 +400,8 @@ impl ContentStore {
 /// A blob being written: spooled aside and hashed, published by
 /// [`BlobWriter::commit`]; dropped without committing, it leaves nothing.
 pub struct BlobWriter {
+    /// The quota's count of bytes written, if there is a quota.
+    added: Option<Arc<std::sync::atomic::AtomicU64>>,
     spool: Spool,
     driver: Arc<dyn Driver>,
 }
@@ -372,6 +417,9 @@ impl BlobWriter {
     pub fn commit(self, expected: Option<&Digest>) -> Result<BlobInfo, StorageError> {
         let (info, file) = self.spool.finish(expected)?;
         self.driver.publish(&blob_key(&info.digest), file)?;
+        if let Some(added) = &self.added {
+            added.fetch_add(info.size, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(info)
     }
 }

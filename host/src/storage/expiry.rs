@@ -46,7 +46,7 @@ pub struct Collected {
 
 /// `sha256:<hex>` from the last two components of a key
 /// (`manifests/sha256/<hex>`).
-fn digest_of_key(key: &str) -> Option<Digest> {
+pub(super) fn digest_of_key(key: &str) -> Option<Digest> {
     let mut parts = key.rsplit('/');
     let (hex, algorithm) = (parts.next()?, parts.next()?);
     format!("{algorithm}:{hex}").parse().ok()
@@ -120,15 +120,7 @@ impl ContentStore {
         let manifests = driver.list("manifests/").await?;
         let values = driver.list("values/").await?;
         let pairs = driver.list("referrers/").await?;
-        let known: HashMap<Digest, &Listed> = manifests
-            .iter()
-            .filter_map(|m| Some((digest_of_key(&m.key)?, m)))
-            .collect();
-        // A referrer (an image's SBOM) lives as long as its subject.
-        let mut referrers: HashMap<Digest, Vec<Digest>> = HashMap::new();
-        for (subject, referrer) in pairs.iter().filter_map(|p| pair_of_key(&p.key)) {
-            referrers.entry(subject).or_default().push(referrer);
-        }
+        let (known, referrers) = index(&manifests, &pairs);
         let graph = Graph {
             known: &known,
             referrers: &referrers,
@@ -218,7 +210,12 @@ impl ContentStore {
 
     /// Adds to `live` everything `roots` reach through the manifests known
     /// and their referrers.
-    async fn reach(&self, graph: &Graph<'_>, live: &mut HashSet<Digest>, mut queue: Vec<Digest>) {
+    pub(super) async fn reach(
+        &self,
+        graph: &Graph<'_>,
+        live: &mut HashSet<Digest>,
+        mut queue: Vec<Digest>,
+    ) {
         while let Some(digest) = queue.pop() {
             if !live.insert(digest.clone()) || !graph.known.contains_key(&digest) {
                 continue;
@@ -234,10 +231,27 @@ impl ContentStore {
     }
 }
 
+/// The manifests of a listing by digest, and the referrers of each (a
+/// referrer, an image's SBOM, lives as long as its subject).
+pub(super) fn index<'a>(
+    manifests: &'a [Listed],
+    pairs: &[Listed],
+) -> (HashMap<Digest, &'a Listed>, HashMap<Digest, Vec<Digest>>) {
+    let known = manifests
+        .iter()
+        .filter_map(|m| Some((digest_of_key(&m.key)?, m)))
+        .collect();
+    let mut referrers: HashMap<Digest, Vec<Digest>> = HashMap::new();
+    for (subject, referrer) in pairs.iter().filter_map(|p| pair_of_key(&p.key)) {
+        referrers.entry(subject).or_default().push(referrer);
+    }
+    (known, referrers)
+}
+
 /// What a collection found: the manifests stored, and the referrers of each.
-struct Graph<'a> {
-    known: &'a HashMap<Digest, &'a Listed>,
-    referrers: &'a HashMap<Digest, Vec<Digest>>,
+pub(super) struct Graph<'a> {
+    pub(super) known: &'a HashMap<Digest, &'a Listed>,
+    pub(super) referrers: &'a HashMap<Digest, Vec<Digest>>,
 }
 
 /// Whether an object (if it is still there) was used at or after `cutoff`;
