@@ -72,9 +72,9 @@ impl Random {
         if requested > limit {
             return Err(ImageError::LimitExceeded { requested, limit });
         }
-        // What it will make, from the client's budget, before making it.
-        crate::activity::generate(requested)?;
+        // Room in storage, then what it will make from the client's budget.
         self.store.room().await?;
+        crate::activity::generate(requested)?;
         // A layer is a pure function of its seed: it is made once here to
         // learn its digest, and stored as its recipe, a few hundred bytes;
         // every read makes the bytes again (see `Remaker`).
@@ -260,21 +260,17 @@ impl Remake for Remaker {
             left: range.map_or(u64::MAX, |r| r.len()),
             buf: Vec::with_capacity(CHUNK),
         };
-        let errors = sink.sender.clone();
-        tokio::task::spawn_blocking(move || {
-            let error = match write_layer(sink, recipe, None) {
-                Ok((_, mut sink)) => match sink.send() {
-                    Ok(()) => return,
-                    Err(e) => e,
-                },
-                Err(ImageError::Io { source, .. }) if source.kind() == ErrorKind::BrokenPipe => {
-                    return;
-                }
-                Err(e) => std::io::Error::other(e.to_string()),
+        // At most one remake a core at once: each is a core's work, and a
+        // flood of GETs must not take every blocking thread.
+        tokio::spawn(async move {
+            let Ok(permit) = REMAKES.clone().acquire_owned().await else {
+                return;
             };
-            // A failure mid-stream ends the body with an error: the client
-            // sees a broken transfer, never a clean end of a short blob.
-            let _ = errors.blocking_send(Err(error));
+            let _ = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                remake_into(sink, recipe);
+            })
+            .await;
         });
         let body = futures_util::stream::unfold(receiver, |mut receiver| async move {
             receiver.recv().await.map(|chunk| (chunk, receiver))
@@ -282,6 +278,32 @@ impl Remake for Remaker {
         Ok(body.boxed())
     }
 }
+
+/// Remakes running at once.
+static REMAKES: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> = std::sync::LazyLock::new(|| {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    Arc::new(tokio::sync::Semaphore::new(cores))
+});
+
+/// Makes the layer of `recipe` into `sink`; a failure goes to the reader
+/// as an error (never a clean end of a short body).
+fn remake_into(sink: RangeSink, recipe: Recipe) {
+    let errors = sink.sender.clone();
+    let error = match write_layer(sink, recipe, None) {
+        Ok((_, mut sink)) => match sink.send() {
+            Ok(()) => return,
+            Err(e) => e,
+        },
+        Err(ImageError::Io { source, .. }) if source.kind() == ErrorKind::BrokenPipe => {
+            return;
+        }
+        Err(e) => std::io::Error::other(e.to_string()),
+    };
+    let _ = errors.try_send(Err(error));
+}
+
+/// How long a reader may take no bytes before its remake stops.
+const STALLED: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A sink that drops the first `skip` bytes, sends the next `left` in
 /// chunks, then stops the writer (a `BrokenPipe` error, which the maker
@@ -299,15 +321,43 @@ impl RangeSink {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
-        self.sender
-            .blocking_send(Ok(chunk))
-            .map_err(|_| std::io::Error::new(ErrorKind::BrokenPipe, "the reader went away"))
+        let mut chunk = Ok(Bytes::from(std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(CHUNK),
+        )));
+        // A reader that takes nothing for a while has stalled: its remake
+        // (and the core it holds) is given up.
+        let started = std::time::Instant::now();
+        loop {
+            match self.sender.try_send(chunk) {
+                Ok(()) => return Ok(()),
+                Err(tokio::sync::mpsc::error::TrySendError::Full(back))
+                    if started.elapsed() < STALLED =>
+                {
+                    chunk = back;
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                Err(_) => {
+                    return Err(std::io::Error::new(
+                        ErrorKind::BrokenPipe,
+                        "the reader went away or stalled",
+                    ));
+                }
+            }
+        }
     }
 }
 
 impl Write for RangeSink {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        // Skipping to a range's start sends nothing for a while: notice a
+        // reader that left meanwhile.
+        if self.sender.is_closed() {
+            return Err(std::io::Error::new(
+                ErrorKind::BrokenPipe,
+                "the reader went away",
+            ));
+        }
         let skipped = (self.skip.min(data.len() as u64)) as usize;
         self.skip -= skipped as u64;
         let wanted = &data[skipped..];

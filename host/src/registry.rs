@@ -508,6 +508,7 @@ impl Registry {
             {
                 Ok(info) if info.digest == digest => {
                     crate::activity::generated(info.size);
+                    self.storage.keep_to_quota().await;
                     self.admitted.admit(&self.storage, &route).await;
                     info.size
                 }

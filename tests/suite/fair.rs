@@ -29,7 +29,27 @@ pub fn trials() -> Vec<Trial> {
             "fair::a_storage_quota_evicts_the_least_recently_used_and_spares_a_pull_in_progress",
             quota,
         ),
+        trial(
+            "fair::a_store_full_of_images_in_use_refuses_new_ones_with_507_and_serves_the_rest",
+            quota_full,
+        ),
     ]
+}
+
+fn quota_full() -> anyhow::Result<()> {
+    // A quota smaller than one image: the first is kept (it is in use),
+    // the next cannot be made.
+    let config = "[storage]\npath = \"data\"\nmax_bytes = \"100B\"\n\
+        [generators.random]\nsource = \"builtin:random\"\ngrants = [\"random\"]\n";
+    let server = Server::start(Some(config))?;
+    let first = crate::support::get_ok(&server, "/v2/random/manifests/1x10")?;
+    let digest = first.header("docker-content-digest").to_owned();
+    let refused = crate::support::get(server.addr, "/v2/random/manifests/1x10")?;
+    let message = refused.expect_error(StatusCode::INSUFFICIENT_STORAGE, "MANIFEST_UNKNOWN")?;
+    assert!(message.contains("out of storage space"), "{message}");
+    // What is stored is still served.
+    crate::support::get_ok(&server, &format!("/v2/random/manifests/{digest}"))?;
+    Ok(())
 }
 
 /// Bytes the store holds under `data` (its own directories, not the
@@ -85,25 +105,29 @@ fn quota() -> anyhow::Result<()> {
     };
     let bound = 200 * MB + LAYER as u64 + MB;
     let mut layers = Vec::new();
-    for n in 0..5 {
+    // Four fit; pulled within moments, all are in use for a while.
+    for n in 0..4 {
         layers.push(pull(n)?);
         let stored = stored_bytes(&data)?;
         assert!(stored <= bound, "after image {n}: {stored} bytes stored");
     }
     // Image 0 is now the least recently used. A slow client starts
-    // downloading its layer; meanwhile three new images arrive.
-    std::thread::sleep(std::time::Duration::from_secs(6));
+    // downloading its layer; meanwhile four new images arrive.
+    std::thread::sleep(std::time::Duration::from_secs(3));
     let url = format!(
         "http://{}/v2/mirror/local/quota-0/blobs/{}",
         server.addr, layers[0]
     );
     let slow = std::thread::spawn(move || {
         Command::new("curl")
-            .args(["-sf", "--limit-rate", "4M", &url])
+            .args(["-sf", "--limit-rate", "2M", &url])
             .output()
     });
     std::thread::sleep(std::time::Duration::from_millis(500));
-    for n in 5..8 {
+    // New images from clients that come a few seconds apart (a burst of
+    // pulls within 2 s of each other are all in use, and all stay).
+    for n in 4..8 {
+        std::thread::sleep(std::time::Duration::from_millis(2500));
         layers.push(pull(n)?);
         let stored = stored_bytes(&data)?;
         eprintln!("fair: after image {n}, {stored} bytes stored (quota 200 MB)");

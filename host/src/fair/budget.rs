@@ -10,8 +10,9 @@ use super::Client;
 
 /// Buckets kept at most (a flood of addresses cannot grow memory without
 /// bound); past it, buckets that have refilled go first (forgetting them
-/// changes nothing), then the longest untouched half. Buckets in debt are
-/// kept while any younger one can go, so a flood does not wipe debts.
+/// changes nothing), then, if that is not enough, the longest untouched
+/// half, debts included: a flood of 100,000 addresses within a window can
+/// forgive an old debt, never a recent one.
 const MAX_BUCKETS: usize = 100_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -85,7 +85,7 @@ impl ContentStore {
     }
 
     /// Counts `n` bytes just written towards the quota.
-    fn wrote(&self, n: u64) {
+    pub(super) fn wrote(&self, n: u64) {
         if let Some(q) = &self.quota {
             q.added.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         }
@@ -228,7 +228,7 @@ impl ContentStore {
             q.used(&key);
         }
         // An image is complete: the moment to keep to the quota.
-        self.after_write(&digest).await;
+        self.after_write(Some(&digest)).await;
         Ok(StoredManifest {
             digest,
             media_type: media_type.clone(),

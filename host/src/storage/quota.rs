@@ -21,8 +21,24 @@ use super::remade::recipe_key;
 use super::{ContentStore, StorageError};
 use crate::oci::Digest;
 
-/// What was used this recently is being pulled or made: never evicted.
-const IN_USE: Duration = Duration::from_secs(5);
+/// What was used this recently is being pulled: never evicted. Short: a
+/// client asks for blobs right after the manifest, and a download in
+/// progress is tracked by itself until its last byte (which, while it
+/// lasts, keeps its whole image).
+const IN_USE: Duration = Duration::from_secs(2);
+
+/// A blob no stored manifest names may belong to an image being made (a
+/// build writes its layers long before its manifest): kept this long after
+/// it was written or last used, the longest a build may run by default.
+const UNNAMED_GRACE: Duration = Duration::from_secs(30 * 60);
+
+/// Eviction frees down to this share of the quota, so that not every new
+/// image has to evict again.
+const LOW_WATER: f64 = 0.9;
+
+/// While the store is full of images in use, new work re-checks at most
+/// this often (each check lists the store).
+const FULL_RECHECK: Duration = Duration::from_secs(5);
 
 /// Uses remembered in memory at most (finer than the stored marks, which
 /// are refreshed only every tenth of the TTL).
@@ -36,6 +52,8 @@ pub(crate) struct Quota {
     pub(super) added: Arc<AtomicU64>,
     /// Set when eviction could not get under the quota.
     full: AtomicBool,
+    /// When a full store was last checked again.
+    rechecked: Mutex<Option<Instant>>,
     evicting: tokio::sync::Mutex<()>,
     /// When each key was last used by this process.
     used: Mutex<HashMap<String, Instant>>,
@@ -68,6 +86,7 @@ impl Quota {
             listed: AtomicU64::new(0),
             added: Arc::default(),
             full: AtomicBool::new(false),
+            rechecked: Mutex::default(),
             evicting: tokio::sync::Mutex::new(()),
             used: Mutex::default(),
             reading: Arc::default(),
@@ -99,11 +118,11 @@ impl Quota {
     pub(super) fn used(&self, key: &str) {
         let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
         if used.len() >= MAX_REMEMBERED {
-            let hour = Duration::from_secs(3600);
-            used.retain(|_, at| at.elapsed() < hour);
-            if used.len() >= MAX_REMEMBERED {
-                used.clear();
-            }
+            // The oldest half goes (the stored marks still order them).
+            let mut ages: Vec<Instant> = used.values().copied().collect();
+            let (_, middle, _) = ages.select_nth_unstable(used.len() / 2);
+            let middle = *middle;
+            used.retain(|_, at| *at > middle);
         }
         used.insert(key.to_owned(), Instant::now());
     }
@@ -132,8 +151,19 @@ impl ContentStore {
             return Ok(());
         };
         if quota.full.load(Ordering::Relaxed) && quota.estimate() > quota.max {
-            // Something may have expired or been deleted meanwhile.
-            self.evict(None).await?;
+            // Something may have stopped being in use meanwhile; looked at
+            // again now and then, not at every request.
+            let due = {
+                let mut last = quota.rechecked.lock().unwrap_or_else(|p| p.into_inner());
+                let due = last.is_none_or(|at| at.elapsed() >= FULL_RECHECK);
+                if due {
+                    *last = Some(Instant::now());
+                }
+                due
+            };
+            if due {
+                self.evict(None).await?;
+            }
             if quota.full.load(Ordering::Relaxed) {
                 return Err(quota_full(quota.max));
             }
@@ -142,16 +172,22 @@ impl ContentStore {
     }
 
     /// After `made` was stored: evicts if the store is over its quota.
-    pub(super) async fn after_write(&self, made: &Digest) {
+    pub(super) async fn after_write(&self, made: Option<&Digest>) {
         let Some(quota) = &self.quota else {
             return;
         };
         if quota.estimate() <= quota.max {
             return;
         }
-        if let Err(e) = self.evict(Some(made)).await {
+        if let Err(e) = self.evict(made).await {
             tracing::warn!(error = %e, "evicting to the storage quota failed");
         }
+    }
+
+    /// Keeps to the quota after content was added outside an image write
+    /// (a blob fetched on its own).
+    pub async fn keep_to_quota(&self) {
+        self.after_write(None).await;
     }
 
     /// Counts the store, and removes least recently used images until it
@@ -161,6 +197,12 @@ impl ContentStore {
             return Ok(());
         };
         let _one = quota.evicting.lock().await;
+        // Another eviction may have made room while this one waited.
+        if made.is_some() && quota.estimate() <= quota.max {
+            return Ok(());
+        }
+        // Writes from here on count on top of this listing.
+        quota.added.store(0, Ordering::Relaxed);
         let driver = self.driver();
         let manifests = driver.list("manifests/").await?;
         let mut blobs = driver.list("blobs/").await?;
@@ -172,7 +214,6 @@ impl ContentStore {
             .flat_map(|l| l.iter())
             .map(|o| o.stat.size)
             .sum();
-        quota.added.store(0, Ordering::Relaxed);
         quota.listed.store(total, Ordering::Relaxed);
         if total <= quota.max {
             quota.full.store(false, Ordering::Relaxed);
@@ -226,17 +267,23 @@ impl ContentStore {
         // it is in use or what it adds still fits; from the first that does
         // not, the rest go.
         reaches.sort_by_key(|r| std::cmp::Reverse((r.0, r.1)));
-        // Young blobs no image names yet belong to an image being made:
-        // they stay, and take their room.
+        // Blobs no image names yet, written or used lately, belong to an
+        // image being made: they stay, and take their room; so do values
+        // and referrer pairs, which eviction leaves.
+        let unnamed_young = |b: &super::Listed| {
+            digest_of_key(&b.key).is_some_and(|d| !named.contains(&d))
+                && now
+                    .duration_since(quota.last_use(&b.key, b.stat.used))
+                    .unwrap_or_default()
+                    < UNNAMED_GRACE
+        };
         let young: u64 = blobs
             .iter()
-            .filter(|b| {
-                in_use(&b.key, b.stat.used)
-                    && digest_of_key(&b.key).is_some_and(|d| !named.contains(&d))
-            })
+            .filter(|b| unnamed_young(b))
             .map(|b| b.stat.size)
             .sum();
-        let room = quota.max.saturating_sub(young);
+        let kept: u64 = values.iter().chain(&pairs).map(|o| o.stat.size).sum();
+        let room = ((quota.max as f64 * LOW_WATER) as u64).saturating_sub(young + kept);
         let mut live: HashSet<Digest> = HashSet::new();
         let mut live_bytes = 0;
         let mut exhausted = false;
@@ -276,7 +323,7 @@ impl ContentStore {
             else {
                 continue;
             };
-            if live.contains(&digest) || in_use(&blob.key, blob.stat.used) {
+            if live.contains(&digest) || in_use(&blob.key, blob.stat.used) || unnamed_young(blob) {
                 continue;
             }
             driver.delete(&blob.key).await?;

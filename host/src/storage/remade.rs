@@ -81,9 +81,12 @@ impl ContentStore {
     ) -> Result<(), StorageError> {
         let mut object = format!("{kind}\n{size}\n").into_bytes();
         object.extend_from_slice(recipe);
+        let n = object.len() as u64;
         self.driver()
             .create(&recipe_key(digest), Bytes::from(object))
-            .await
+            .await?;
+        self.wrote(n);
+        Ok(())
     }
 
     /// The recipe of blob `digest`, if it is kept as one (and marks it used).
@@ -117,8 +120,40 @@ impl ContentStore {
             remake.ok_or_else(|| failed(format!("no maker of {:?} blobs", recipe.kind)))?;
         let body = remake.remake(&recipe.body, range).map_err(failed)?;
         let len = range.map_or(recipe.size, |r| r.len());
-        Ok(BlobContent { len, body })
+        Ok(BlobContent {
+            len,
+            body: exactly(body, len),
+        })
     }
+}
+
+/// `body`, ending with an error unless it gave exactly `len` bytes: a maker
+/// that stops early (a panic on its thread) must not look like a clean end
+/// of a shorter blob.
+fn exactly(
+    body: BoxStream<'static, std::io::Result<Bytes>>,
+    len: u64,
+) -> BoxStream<'static, std::io::Result<Bytes>> {
+    use futures_util::StreamExt;
+    let checked =
+        futures_util::stream::unfold((Some(body), 0u64), move |(body, sent)| async move {
+            let mut body = body?;
+            match body.next().await {
+                Some(Ok(chunk)) => {
+                    let sent = sent + chunk.len() as u64;
+                    Some((Ok(chunk), (Some(body), sent)))
+                }
+                Some(Err(e)) => Some((Err(e), (None, sent))),
+                None if sent == len => None,
+                None => Some((
+                    Err(std::io::Error::other(format!(
+                        "a remade blob ended after {sent} of {len} bytes"
+                    ))),
+                    (None, sent),
+                )),
+            }
+        });
+    checked.boxed()
 }
 
 #[cfg(test)]
