@@ -48,9 +48,10 @@ kontain_config() {
     } > "$1/kontain.toml"
 }
 
-# start_kontain <dir> <port>: the release binary with <dir>/kontain.toml.
+# start_kontain <dir> <port>: the release binary with <dir>/kontain.toml,
+# metrics off (servers run side by side; the metrics port is fixed).
 start_kontain() {
-    (cd "$1" && PORT=$2 RUST_LOG=${BENCH_LOG:-warn} exec "${KONTAIN_BIN:-$root/target/release/kontain}") > "$1/log" 2>&1 &
+    (cd "$1" && PORT=$2 RUST_LOG=${BENCH_LOG:-warn} KONTAIN_METRICS_LISTEN="" exec "${KONTAIN_BIN:-$root/target/release/kontain}") > "$1/log" 2>&1 &
     pids+=($!)
     wait_http "http://127.0.0.1:$2/v2/"
 }

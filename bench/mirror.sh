@@ -6,8 +6,11 @@
 #   - docker pull straight from the upstream (the baseline),
 #   - through kontain's mirror, cold and warm,
 #   - through docker-registry in proxy mode (pull-through cache), cold and warm;
-# and the number of blob GETs the upstream sees under 10 concurrent cold
-# pulls (skopeo) through each cache.
+# the number of blob GETs the upstream sees under 10 concurrent cold pulls
+# (skopeo) through each cache; and the time to the first byte (and to the
+# last) of a cold 20 MB layer through kontain against the upstream directly,
+# on loopback and behind 50 ms of latency (bench/latency.py: a registry
+# across the internet), the medians of the three layers.
 #
 # usage: bench/mirror.sh          (needs root: it starts its own dockerd)
 set -euo pipefail
@@ -91,3 +94,38 @@ before=$(blob_gets); concurrent "127.0.0.1:$rp2"; r_gets=$(( $(blob_gets) - befo
 printf '\nupstream blob GETs, 10 concurrent cold pulls of an image with 4 blobs (3 layers + config)\n'
 printf '%-34s %8s\n' "kontain mirror" "$k_gets"
 printf '%-34s %8s\n' "docker-registry proxy" "$r_gets"
+
+# Time to first byte of a cold blob: kontain streams it as it arrives.
+ttfb() { # url → "first total" seconds
+    curl -sf -o /dev/null -w '%{time_starttransfer} %{time_total}\n' "$1"
+}
+layers=$(curl -sf -H 'Accept: application/vnd.oci.image.manifest.v1+json' -H 'Accept: application/vnd.docker.distribution.manifest.v2+json' \
+    "http://127.0.0.1:$up/v2/bench/manifests/latest" | python3 -c 'import json,sys; print(" ".join(l["digest"] for l in json.load(sys.stdin)["layers"]))')
+first_bytes() { # name label upstream-port
+    local name=$1 label=$2; shift 2
+    local kp direct=() through=() d
+    kp=$(free_port); kontain "ttfb-$name" "$kp" "$1"
+    # As a client does: the manifest first (which tells kontain the sizes).
+    curl -sf -o /dev/null -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
+        -H 'Accept: application/vnd.docker.distribution.manifest.v2+json' \
+        "http://127.0.0.1:$kp/v2/mirror/local/bench/manifests/latest"
+    for d in $layers; do
+        direct+=("$(ttfb "http://127.0.0.1:$1/v2/bench/blobs/$d")")
+        through+=("$(ttfb "http://127.0.0.1:$kp/v2/mirror/local/bench/blobs/$d")")
+    done
+    local df dt kf kt
+    df=$(printf '%s\n' "${direct[@]}" | cut -d' ' -f1 | median)
+    dt=$(printf '%s\n' "${direct[@]}" | cut -d' ' -f2 | median)
+    kf=$(printf '%s\n' "${through[@]}" | cut -d' ' -f1 | median)
+    kt=$(printf '%s\n' "${through[@]}" | cut -d' ' -f2 | median)
+    printf '%-26s %9.4f %9.4f %7.2f %9.4f %9.4f %7.2f\n' "$label" "$df" "$kf" \
+        "$(awk -v a="$kf" -v b="$df" 'BEGIN { print a / b }')" "$dt" "$kt" \
+        "$(awk -v a="$kt" -v b="$dt" 'BEGIN { print a / b }')"
+}
+lp=$(free_port)
+python3 "$root/bench/latency.py" "$lp" "$up" 50 & pids+=($!)
+for _ in $(seq 50); do curl -sf -o /dev/null "http://127.0.0.1:$lp/v2/" && break; sleep 0.1; done
+printf '\ncold 20 MB blob through kontain vs from the upstream directly (seconds, median of 3 layers)\n'
+printf '%-26s %9s %9s %7s %9s %9s %7s\n' "" "1st byte" "kontain" "ratio" "all" "kontain" "ratio"
+first_bytes near "loopback" "$up"
+first_bytes far "50 ms away" "$lp"

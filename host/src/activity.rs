@@ -137,6 +137,59 @@ pub async fn scope<F: Future>(request: F) -> F::Output {
     REQUEST.scope(Current::default(), request).await
 }
 
+/// Work that belongs to the server, not to the request that started it.
+static DETACHED: LazyLock<(
+    tokio_util::task::TaskTracker,
+    tokio_util::sync::CancellationToken,
+)> = LazyLock::new(Default::default);
+
+/// Runs `work` as a task of its own, which goes on when the request that
+/// started it goes away (a client's header timeout must not cancel a build
+/// others will pull). It keeps the request's record (generator, image,
+/// client, budget) and log span. `None` when the server stopped it
+/// ([`stop_detached`]); only that, and the work's own limits, stop it.
+pub fn detach<F>(work: F) -> tokio::task::JoinHandle<Option<F::Output>>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    use tracing::Instrument;
+    let current = REQUEST.try_with(Current::clone).unwrap_or_default();
+    let (tracker, stop) = &*DETACHED;
+    let stop = stop.clone();
+    let work = async move {
+        tokio::select! {
+            done = work => Some(done),
+            () = stop.cancelled() => None,
+        }
+    };
+    tracker.spawn(
+        REQUEST
+            .scope(current, work)
+            .instrument(tracing::Span::current()),
+    )
+}
+
+/// Stops every detached task (dropping it, so that its processes are killed,
+/// its temporary files removed and its leases released) and waits at most
+/// `grace` for them to end. For shutdown.
+pub async fn stop_detached(grace: Duration) {
+    let (tracker, stop) = &*DETACHED;
+    let running = tracker.len();
+    stop.cancel();
+    tracker.close();
+    if running > 0 {
+        tracing::info!(tasks = running, "stopping detached work");
+    }
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!("detached work did not stop in time");
+    }
+    // Leases in a bucket are released by tasks their drop spawned.
+    if running > 0 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 fn with(f: impl FnOnce(&Current)) {
     let _ = REQUEST.try_with(f);
 }
@@ -179,6 +232,42 @@ pub fn phase(phase: impl Into<String>) {
     }
 }
 
+/// What to tell a client whose request waited `waited` for work that goes
+/// on: the build it started or joined, how far it is, and to come back
+/// after `retry_after`. Docker prints the message; containers/image waits
+/// `Retry-After` and asks again.
+pub fn still_working(waited: Duration, retry_after: Duration) -> Denied {
+    let image = image();
+    let own = REQUEST.try_with(|c| *lock(&c.build)).ok().flatten();
+    let build = {
+        let board = lock(&BOARD);
+        own.and_then(|id| board.running.get(&id).cloned())
+            .or_else(|| {
+                board
+                    .running
+                    .values()
+                    .find(|r| r.image == image && r.generator == generator())
+                    .cloned()
+            })
+    };
+    let message = match build {
+        Some(b) => format!(
+            "building {} ({}): {} s so far; pull again",
+            b.image,
+            b.phase,
+            b.started.elapsed().as_secs()
+        ),
+        None => format!(
+            "still working on {image}: {} s so far; pull again",
+            waited.as_secs()
+        ),
+    };
+    Denied {
+        message,
+        retry_after,
+    }
+}
+
 /// A build running now.
 #[derive(Clone, Debug)]
 pub struct Running {
@@ -218,7 +307,7 @@ pub fn snapshot() -> (Vec<Running>, Vec<Ended>) {
 }
 
 /// A build of the current request's image, listed and counted until it
-/// ends; dropped unfinished, it ends as abandoned.
+/// ends; dropped unfinished, it ends as stopped.
 pub struct Build {
     id: u64,
     metric: Option<metrics::Build>,
@@ -250,6 +339,19 @@ pub fn build_started() -> Build {
 }
 
 impl Build {
+    /// What the build is doing now, and for how long it has run.
+    pub fn progress(&self) -> (String, Duration) {
+        match lock(&BOARD).running.get(&self.id) {
+            Some(r) => (r.phase.clone(), r.started.elapsed()),
+            None => (String::new(), Duration::ZERO),
+        }
+    }
+
+    /// How long the build has run.
+    pub fn elapsed(&self) -> Duration {
+        self.progress().1
+    }
+
     /// Ends the build: `failure` says why it failed, `None` if it did not.
     pub fn finish(mut self, failure: Option<String>) {
         self.end(failure);
@@ -291,7 +393,7 @@ impl Build {
 impl Drop for Build {
     fn drop(&mut self) {
         self.end(Some(
-            "abandoned: the request that started it went away".into(),
+            "stopped before it ended (the server shut down)".into(),
         ));
     }
 }

@@ -162,9 +162,13 @@ impl Buildpacks {
     ) -> Result<Buildpacks, String> {
         let scratch =
             std::path::absolute(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
-        // Checkouts and builds a previous run left behind (a crash, a kill).
+        // Checkouts and builds a previous run left behind (a crash, a kill);
+        // not those of another process sharing the scratch directory.
         for leftover in ["tmp", "work"] {
-            let _ = std::fs::remove_dir_all(scratch.join(leftover));
+            crate::files::remove_abandoned(
+                &scratch.join(leftover),
+                crate::storage::ABANDONED_AFTER,
+            );
         }
         Ok(Buildpacks {
             settings: ArcSwap::from_pointee(Settings::new(config)),

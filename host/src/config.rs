@@ -215,14 +215,16 @@ impl Config {
                 ),
             ),
             (
-                "server timeouts and max_connections",
+                "server timeouts, hold and max_connections",
                 (
                     self.server.header_timeout,
                     self.server.idle_timeout,
+                    self.server.hold,
                     self.server.max_connections,
                 ) != (
                     next.server.header_timeout,
                     next.server.idle_timeout,
+                    next.server.hold,
                     next.server.max_connections,
                 ),
             ),

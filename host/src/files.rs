@@ -160,6 +160,29 @@ pub fn expire_dirs(parent: &Path, ttl: std::time::Duration) -> usize {
     removed
 }
 
+/// Removes the entries of `parent` last modified more than `age` ago:
+/// what a process that died mid-work left, and not what one sharing the
+/// directory is working in now.
+pub fn remove_abandoned(parent: &Path, age: std::time::Duration) {
+    let Some(cutoff) = std::time::SystemTime::now().checked_sub(age) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t < cutoff);
+        if old {
+            make_writable(&entry.path());
+            let _ = std::fs::remove_dir_all(entry.path());
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 fn make_writable(dir: &Path) {
     use std::os::unix::fs::PermissionsExt;
     let Ok(entries) = std::fs::read_dir(dir) else {

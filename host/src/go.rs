@@ -262,9 +262,14 @@ impl Go {
         // go wants absolute cache paths, and builds run in other directories.
         let scratch =
             std::path::absolute(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
-        // Modules half-unpacked and builds a previous run left behind.
+        // Modules half-unpacked and builds a previous run left behind; not
+        // those of another process sharing the scratch directory (builds end
+        // within their timeouts, well under the hour).
         for leftover in ["tmp", "work"] {
-            let _ = std::fs::remove_dir_all(scratch.join(leftover));
+            crate::files::remove_abandoned(
+                &scratch.join(leftover),
+                crate::storage::ABANDONED_AFTER,
+            );
         }
         let settings = Settings::new(config, &scratch)?;
         Ok(Go {

@@ -45,6 +45,9 @@ use crate::storage::config::Backend;
 /// How long open requests may take to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// How long stopped builds may take to clean up after a shutdown signal.
+const DETACHED_GRACE: Duration = Duration::from_secs(5);
+
 /// A built server: the registry, the runtime and services behind it (for
 /// reloads), and the expiry collector to run beside it.
 pub struct App {
@@ -121,7 +124,8 @@ pub async fn build(config: &Config) -> anyhow::Result<App> {
     let registry = Arc::new(
         Registry::new(store, runtime.clone())
             .with_about(about)
-            .with_fairness(fair::Fairness::new(&config.server)),
+            .with_fairness(fair::Fairness::new(&config.server))
+            .with_hold(config.server.hold),
     );
     let collector = Collector {
         services: services.clone(),
@@ -171,7 +175,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         tokio::spawn(metrics::serve(listener));
     }
     let limits = registry::Limits::new(&config.server);
+    // Builds stop at the signal (stopped, nothing stored), so that requests
+    // waiting for them are answered within the grace period.
+    let shutdown = async move {
+        shutdown.await;
+        tokio::spawn(activity::stop_detached(DETACHED_GRACE));
+    };
     registry::serve(listener, registry, limits, shutdown, SHUTDOWN_GRACE).await?;
+    activity::stop_detached(DETACHED_GRACE).await;
     Ok(())
 }
 

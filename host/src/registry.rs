@@ -30,7 +30,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
-use crate::generator::{ErrorKind, Generators, ResolveRequest};
+use crate::generator::{ErrorKind, GeneratorError, Generators, ResolveRequest};
 use crate::oci::{Digest, Reference, RepositoryName};
 use crate::storage::{BlobContent, ByteRange, ContentStore, StoredManifest};
 pub use connections::Limits;
@@ -70,6 +70,8 @@ pub struct Registry {
     admitted: admitted::Admitted,
     pages: page::Pages,
     fair: Arc<crate::fair::Fairness>,
+    /// How long a manifest request waits for its build (`[server] hold`).
+    hold: Duration,
     /// The last readiness answer and when it was found.
     readiness: tokio::sync::Mutex<Option<(Instant, Result<(), &'static str>)>>,
 }
@@ -77,6 +79,11 @@ pub struct Registry {
 /// How long a readiness answer is given again, and how long a storage probe
 /// may take.
 const READY_FOR: Duration = Duration::from_secs(2);
+
+/// The `Retry-After` of a request answered before its build ended: short,
+/// since containers/image (podman, skopeo) waits exactly that long before
+/// it asks again, and each ask waits up to `hold` once more.
+const HOLD_RETRY: Duration = Duration::from_secs(10);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Registry {
@@ -87,6 +94,7 @@ impl Registry {
             admitted: Default::default(),
             pages: Default::default(),
             fair: Arc::new(crate::fair::Fairness::new(&Default::default())),
+            hold: crate::config::server::ServerConfig::default().hold,
             readiness: Default::default(),
         }
     }
@@ -95,6 +103,13 @@ impl Registry {
     /// `fair`.
     pub fn with_fairness(mut self, fair: crate::fair::Fairness) -> Self {
         self.fair = Arc::new(fair);
+        self
+    }
+
+    /// This registry, answering manifest requests whose build takes longer
+    /// than `hold` with 429 and `Retry-After` (zero: never).
+    pub fn with_hold(mut self, hold: Duration) -> Self {
+        self.hold = hold;
         self
     }
 
@@ -458,7 +473,7 @@ impl Registry {
             reference: reference.clone(),
             accept: accept_list(headers),
         };
-        let stored = self.generators.resolve(request).await?;
+        let stored = self.resolve_detached(request).await?;
         // A generator asked for a digest must produce exactly that content.
         if let Reference::Digest(wanted) = &reference
             && *wanted != stored.digest
@@ -470,6 +485,42 @@ impl Registry {
         }
         self.admitted.admit(&self.storage, &route).await;
         Ok(stored)
+    }
+
+    /// What the generator resolves `request` to, worked out in a task of
+    /// its own: a client that goes away does not stop the build others will
+    /// pull, and a client that would wait longer than [`Registry::hold`] is
+    /// told to come back while the work goes on.
+    async fn resolve_detached(&self, request: ResolveRequest) -> Result<StoredManifest, ApiError> {
+        let started = Instant::now();
+        let generators = self.generators.clone();
+        let mut work = crate::activity::detach(async move { generators.resolve(request).await });
+        let done = match self.hold.is_zero() {
+            true => (&mut work).await,
+            false => match tokio::time::timeout(self.hold, &mut work).await {
+                Ok(done) => done,
+                Err(_) => {
+                    let working = crate::activity::still_working(started.elapsed(), HOLD_RETRY);
+                    tracing::info!(message = %working.message, "answered before the work ended");
+                    return Err(ApiError::Working(working));
+                }
+            },
+        };
+        match done {
+            Ok(Some(resolved)) => Ok(resolved?),
+            Ok(None) => Err(GeneratorError {
+                kind: ErrorKind::Unavailable,
+                plugin: None,
+                message: "the registry is shutting down; pull again".into(),
+            }
+            .into()),
+            Err(e) => Err(GeneratorError {
+                kind: ErrorKind::Internal,
+                plugin: None,
+                message: format!("the generator's task failed: {e}"),
+            }
+            .into()),
+        }
     }
 
     /// `GET|HEAD /v2/<name>/blobs/<digest>`
@@ -486,14 +537,14 @@ impl Registry {
             .map_err(|e: crate::oci::DigestError| ApiError::DigestInvalid(e.into()))?;
         record(&name, &digest);
         let stored = match self.admitted.admits(&self.storage, &route).await {
-            true => self.storage.blob_entry(&digest).await?,
+            true => self.storage.blob_entry_or_arriving(&digest).await?,
             false => None,
         };
         crate::metrics::cache(&route.generator, "blob", stored.is_some());
-        // A blob kept as a recipe has no object to send clients to.
-        let remade = stored.is_some_and(|e| e.remade);
-        let size = match stored {
-            Some(entry) => entry.size,
+        // A blob kept as a recipe, or still arriving, has no object to send
+        // clients to.
+        let (size, served_here) = match stored {
+            Some(entry) => (entry.size, entry.served_here),
             // Not stored, or not yet under this name: a mirror fetches it
             // (after its policy admits the name, and its client's budget
             // of bytes made); others have nothing more.
@@ -510,7 +561,7 @@ impl Registry {
                     crate::activity::generated(info.size);
                     self.storage.keep_to_quota().await;
                     self.admitted.admit(&self.storage, &route).await;
-                    info.size
+                    (info.size, self.storage.arrival(&digest).is_some())
                 }
                 Ok(_) => return Err(ApiError::BlobUnknown(digest)),
                 Err(e) if e.kind == ErrorKind::NotFound && e.plugin.is_some() => {
@@ -547,7 +598,7 @@ impl Registry {
         }
         // Clients download from the bucket themselves (Range included),
         // so a replica never carries blob bytes when storage can serve them.
-        if !remade && let Some(url) = self.storage.blob_location(&digest).await? {
+        if !served_here && let Some(url) = self.storage.blob_location(&digest).await? {
             return Ok(Response::builder()
                 .status(StatusCode::TEMPORARY_REDIRECT)
                 .header(header::LOCATION, url)

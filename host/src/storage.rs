@@ -17,6 +17,7 @@
 //! Depends on `oci`, and on `config` for the units its section is written
 //! in; nothing else.
 
+mod arriving;
 pub mod config;
 mod content;
 pub mod expiry;
@@ -39,11 +40,12 @@ use futures_util::stream::BoxStream;
 
 use crate::oci::{Digest, MediaType};
 
+pub use arriving::Arrival;
 use config::{Backend, StorageConfig};
 pub use content::{BlobEntry, BlobWriter, ContentStore, Held, KeyedLocks};
 pub use expiry::{Collected, Usage};
 pub use remade::Remake;
-pub use spool::Spool;
+pub use spool::{ABANDONED_AFTER, Spool};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {

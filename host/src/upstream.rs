@@ -147,7 +147,16 @@ pub struct Upstream {
     /// Referrers read lately, by registry, repository and digest: a client
     /// asking again (every HEAD) does not cost the upstream a request.
     referrers: Recent<Vec<serde_json::Value>>,
+    /// One tag resolution at a time per tag: requests for a tag that is
+    /// being resolved wait for that resolution and take its answer.
+    tag_flights: crate::storage::KeyedLocks,
+    tags_resolved: Recent<StoredManifest>,
 }
+
+/// How long a tag's resolution is kept for the requests that waited for it:
+/// pulls of one tag come in bursts (a deployment's nodes), and those that
+/// arrive while it is resolved need no `HEAD` of their own.
+const TAG_FLIGHT_TTL: Duration = Duration::from_secs(60);
 
 /// How long a tag list (or a referrers list) is answered from memory: they
 /// change, but a client paging through one must see the same list on every
@@ -221,6 +230,8 @@ impl Upstream {
             declared: Default::default(),
             tag_lists: Recent::new(TAG_LIST_TTL),
             referrers: Recent::new(TAG_LIST_TTL),
+            tag_flights: Default::default(),
+            tags_resolved: Recent::new(TAG_FLIGHT_TTL),
         })
     }
 
@@ -336,13 +347,32 @@ impl Scoped<'_> {
         Ok(self.upstream.referrers.put(key, found).to_vec())
     }
 
-    /// A blob of `image`, from storage or streamed from upstream into it.
+    /// A blob of `image`, stored: from storage or fetched into it.
     pub async fn blob(&self, image: &str, digest: &str) -> Result<BlobInfo, UpstreamError> {
+        self.fetch_blob(image, digest, false).await
+    }
+
+    /// A blob of `image`, stored or arriving: answered as soon as its bytes
+    /// start to come in, for a client to read as they do (a mirror's pull).
+    pub async fn streamed_blob(
+        &self,
+        image: &str,
+        digest: &str,
+    ) -> Result<BlobInfo, UpstreamError> {
+        self.fetch_blob(image, digest, true).await
+    }
+
+    async fn fetch_blob(
+        &self,
+        image: &str,
+        digest: &str,
+        streaming: bool,
+    ) -> Result<BlobInfo, UpstreamError> {
         let upstream = self.check(image)?;
         let digest: Digest = digest
             .parse()
             .map_err(|e| UpstreamError::InvalidImage(format!("{digest:?}: {e}")))?;
-        self.upstream.blob(&upstream, digest).await
+        self.upstream.blob(&upstream, digest, streaming).await
     }
 
     /// The store images are cached in.

@@ -142,7 +142,7 @@ fn busybox_entries(busybox: &[u8]) -> Vec<Entry<'_>> {
     ];
     for applet in [
         "sh", "cat", "echo", "mkdir", "tr", "chmod", "test", "printf", "ls", "id", "cp", "ln",
-        "env",
+        "env", "sleep",
     ] {
         let path: &'static str = Box::leak(format!("bin/{applet}").into_boxed_str());
         entries.push(Entry::Symlink(path, "busybox"));
@@ -361,12 +361,21 @@ pub fn repos() -> anyhow::Result<&'static Repos> {
                 repos.create("acme", "moving", &app)?;
                 repos.create("acme", "again", &app)?;
                 repos.create("acme", "plain", &[("README", "nothing to detect\n")])?;
+                let slow = [app[0], app[1], ("sleep-seconds", "25\n")];
+                repos.create("acme", "slow", &slow)?;
                 Ok(repos)
             };
             go().map_err(|e| format!("{e:?}"))
         })
         .as_ref()
         .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// A repository whose build sleeps 25 s (see the app buildpack); the
+/// revision to pull.
+pub fn slow_repo() -> anyhow::Result<&'static str> {
+    repos()?;
+    Ok("main")
 }
 
 pub fn config() -> anyhow::Result<String> {

@@ -276,12 +276,23 @@ fn takeover() -> anyhow::Result<()> {
     let reply = on_b
         .join()
         .map_err(|_| anyhow::anyhow!("B's request panicked"))??;
+    // B streams its own download as it arrives (the bucket gets it once it
+    // is whole and verified).
     assert_eq!(
         reply.status,
-        StatusCode::TEMPORARY_REDIRECT,
+        StatusCode::OK,
         "{:?}\n{}",
         reply.body,
         b.log()
+    );
+    assert_eq!(sha256(&reply.body), layer);
+    // After that, clients are sent to the bucket's copy.
+    let reply = get(b.addr, &blob_path)?;
+    assert_eq!(
+        reply.status,
+        StatusCode::TEMPORARY_REDIRECT,
+        "{:?}",
+        reply.body
     );
     let bytes = get(gcs.addr, &at(reply.header("location"), gcs.addr)?)?;
     assert_eq!(sha256(&bytes.body), layer);

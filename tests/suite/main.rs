@@ -14,6 +14,7 @@ mod gcs;
 mod hostile;
 mod http;
 mod ko;
+mod long;
 mod mirror;
 mod ops;
 mod plugins;
@@ -43,6 +44,7 @@ fn main() -> ExitCode {
         hostile::trials(),
         ops::trials(),
         fair::trials(),
+        long::trials(),
     ]
     .into_iter()
     .flatten()

@@ -377,6 +377,11 @@ impl Server {
         self.child.id()
     }
 
+    /// Waits for the server to exit (after a [`kill`]).
+    pub fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.child.wait()
+    }
+
     /// `kill -9`: no chance to clean up.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

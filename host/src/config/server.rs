@@ -23,6 +23,12 @@ pub struct ServerConfig {
     /// A kept-alive connection with no request for this long is closed.
     #[serde(with = "duration")]
     pub idle_timeout: Duration,
+    /// A manifest request waits this long at most for the build (or other
+    /// long work) it started or joined; then it is answered 429 with
+    /// `Retry-After` while the work goes on. Under the 30 s that containerd
+    /// waits for response headers. `0s`: wait as long as the work takes.
+    #[serde(with = "duration")]
+    pub hold: Duration,
     /// Where `/metrics` is served (Prometheus text), apart from the
     /// registry so that a public registry does not publish its internals;
     /// `""` turns metrics off. `KONTAIN_METRICS_LISTEN` replaces it.
@@ -56,6 +62,7 @@ impl Default for ServerConfig {
             // answer, so a flood of silent sockets clears before they give up.
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            hold: Duration::from_secs(25),
             max_connections: 4096,
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
             trusted_proxies: Vec::new(),

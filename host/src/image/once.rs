@@ -25,6 +25,9 @@ use crate::storage::{ContentStore, KeyedLocks, StorageError, StoredManifest};
 /// cost a full build.
 const FAILURE_MEMORY: Duration = Duration::from_secs(300);
 
+/// How often a running build says how far it is, in the log.
+const PROGRESS_EVERY: Duration = Duration::from_secs(30);
+
 /// Failures remembered at most; past this the memory starts over.
 const MAX_FAILURES: usize = 10_000;
 
@@ -71,6 +74,15 @@ impl<T> Recent<T> {
         entries
             .get(key)
             .filter(|(read, _)| read.elapsed() < self.ttl)
+            .map(|(_, value)| value.clone())
+    }
+
+    /// The value read for `key` after `since` (and within the last `ttl`).
+    pub fn get_since(&self, key: &str, since: Instant) -> Option<Arc<T>> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .get(key)
+            .filter(|(read, _)| *read >= since && read.elapsed() < self.ttl)
             .map(|(_, value)| value.clone())
     }
 
@@ -161,17 +173,39 @@ impl Builds {
             let _turn = crate::activity::build_turn()
                 .await
                 .map_err(|d| Failed(ImageError::from(d).into()))?;
-            if let Some(client) = crate::activity::client() {
-                tracing::info!(%client, "build started");
-            }
             let listed = crate::activity::build_started();
-            match build().await {
+            match crate::activity::client() {
+                Some(client) => tracing::info!(%client, "build started"),
+                None => tracing::info!("build started"),
+            }
+            // A line every PROGRESS_EVERY while it runs: what it is doing.
+            let progress = async {
+                let first = tokio::time::Instant::now() + PROGRESS_EVERY;
+                let mut every = tokio::time::interval_at(first, PROGRESS_EVERY);
+                loop {
+                    every.tick().await;
+                    let (phase, elapsed) = listed.progress();
+                    tracing::info!(
+                        phase,
+                        elapsed_seconds = elapsed.as_secs(),
+                        "build in progress"
+                    );
+                }
+            };
+            let result = tokio::select! {
+                result = build() => result,
+                never = progress => match never {},
+            };
+            let seconds = listed.elapsed().as_secs_f64();
+            match result {
                 Ok(built) => {
                     self.store.put_tag(key, &built.digest).await?;
+                    tracing::info!(digest = %built.digest, seconds, "build ended");
                     listed.finish(None);
                     Ok(built)
                 }
                 Err(e) => {
+                    tracing::info!(error = %e, seconds, "build failed");
                     // Shown on the landing page: what a client would be told
                     // (server-side failures may name paths; the log has them).
                     listed.finish(Some(match e.kind() {

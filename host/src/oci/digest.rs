@@ -134,6 +134,10 @@ impl<W: Write> Sha256Writer<W> {
         self.written
     }
 
+    pub fn get_ref(&self) -> &W {
+        &self.inner
+    }
+
     pub fn get_mut(&mut self) -> &mut W {
         &mut self.inner
     }

@@ -73,6 +73,9 @@ pub enum ApiError {
     /// A client's budget is spent.
     #[error(transparent)]
     Throttled(#[from] crate::fair::Denied),
+    /// The work a request started (a build) outlasted `hold`; it goes on.
+    #[error(transparent)]
+    Working(crate::fair::Denied),
     #[error("no generator serves repository {0}")]
     NameUnknown(RepositoryName),
     #[error("manifest {reference} is not known in {name}")]
@@ -119,7 +122,9 @@ impl ApiError {
             E::BadRequest(_) => (StatusCode::BAD_REQUEST, ErrorCode::Unsupported),
             E::NotFound(_) => (StatusCode::NOT_FOUND, subject.unknown()),
             E::Generator(g) => classify_generator(g, subject),
-            E::Throttled(_) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests),
+            E::Throttled(_) | E::Working(_) => {
+                (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests)
+            }
             E::Storage(StorageError::TooLarge { .. }) => {
                 (StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid)
             }
@@ -178,7 +183,7 @@ impl ApiError {
         // A spent budget: when it refills enough.
         if status == StatusCode::TOO_MANY_REQUESTS {
             let wait = match &self {
-                ApiError::Throttled(d) => Some(d.retry_after),
+                ApiError::Throttled(d) | ApiError::Working(d) => Some(d.retry_after),
                 _ => crate::activity::retry_after(),
             };
             let seconds = wait.map_or(60, |w| w.as_secs().max(1));

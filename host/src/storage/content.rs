@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::OwnedMutexGuard;
 
+use super::arriving::{Arrival, Arrivals, Arriving};
 use super::{BlobContent, BlobInfo, ByteRange, Driver, Lease, Spool, StorageError, StoredManifest};
 use crate::oci::{Digest, MAX_MANIFEST_BYTES, MediaType};
 
@@ -40,12 +41,13 @@ pub(crate) fn value_key(key: &str) -> String {
     format!("values/{}", Digest::sha256(key.as_bytes()).hex())
 }
 
-/// A stored blob: its size, and whether its bytes are made again on each
-/// read from a recipe.
+/// A stored blob: its size, and whether only this process can serve it
+/// (its bytes are made again on each read from a recipe, or are still
+/// arriving), so that clients are not sent to the storage for it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlobEntry {
     pub size: u64,
-    pub remade: bool,
+    pub served_here: bool,
 }
 
 pub struct ContentStore {
@@ -59,6 +61,8 @@ pub struct ContentStore {
     pub(super) quota: Option<super::quota::Quota>,
     /// Who makes blobs kept as recipes, by recipe kind (see `remade`).
     pub(super) remakers: std::sync::RwLock<HashMap<String, Arc<dyn super::Remake>>>,
+    /// Blobs being downloaded into the store, readable as they arrive.
+    arrivals: Arc<Arrivals>,
     /// The storage directory's lock, held while the store lives.
     _owner: Option<super::owner::Owner>,
 }
@@ -73,6 +77,7 @@ impl ContentStore {
             refresh_after: (!ttl.is_zero()).then(|| ttl / 10),
             locks: KeyedLocks::default(),
             remakers: Default::default(),
+            arrivals: Default::default(),
             quota: None,
             _owner: None,
         }
@@ -115,13 +120,33 @@ impl ContentStore {
             self.mark(&key, stat.used).await;
             return Ok(Some(BlobEntry {
                 size: stat.size,
-                remade: false,
+                served_here: false,
             }));
         }
         Ok(self.recipe(digest).await?.map(|r| BlobEntry {
             size: r.size,
-            remade: true,
+            served_here: true,
         }))
+    }
+
+    /// As [`ContentStore::blob_entry`], counting a blob still arriving
+    /// (whose bytes [`ContentStore::read_blob`] sends as they come).
+    pub async fn blob_entry_or_arriving(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<BlobEntry>, StorageError> {
+        if let Some(entry) = self.blob_entry(digest).await? {
+            return Ok(Some(entry));
+        }
+        Ok(self.arrival(digest).map(|a| BlobEntry {
+            size: a.size,
+            served_here: true,
+        }))
+    }
+
+    /// The blob `digest` if it is arriving now.
+    pub fn arrival(&self, digest: &Digest) -> Option<Arc<Arrival>> {
+        self.arrivals.get(digest)
     }
 
     /// Where clients should download a stored blob themselves, if anywhere
@@ -139,9 +164,16 @@ impl ContentStore {
         let key = blob_key(digest);
         let content = match self.driver.read(&key, range).await? {
             Some(content) => content,
-            None => match self.recipe(digest).await? {
-                Some(recipe) => self.remade(digest, &recipe, range)?,
-                None => return Ok(None),
+            None => match self.arrival(digest) {
+                Some(arrival) => arrival.read(range),
+                None => match self.recipe(digest).await? {
+                    Some(recipe) => self.remade(digest, &recipe, range)?,
+                    // Stored just now, between the first look and the second.
+                    None => match self.driver.read(&key, range).await? {
+                        Some(content) => content,
+                        None => return Ok(None),
+                    },
+                },
             },
         };
         // A download in progress keeps its image from eviction.
@@ -182,7 +214,24 @@ impl ContentStore {
             spool: Spool::new(self.driver.spool_dir(), limit)?,
             driver: self.driver.clone(),
             added: self.quota.as_ref().map(|q| q.added.clone()),
+            arriving: None,
         })
+    }
+
+    /// A writer for the blob `digest`, expected to be `size` bytes, that
+    /// clients may read while it is written (see `arriving`): what
+    /// [`BlobWriter::grew`] announces is readable at once.
+    pub fn arriving_writer(
+        &self,
+        limit: u64,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<BlobWriter, StorageError> {
+        let mut writer = self.blob_writer(limit)?;
+        let dir = self.driver.spool_dir();
+        let file = writer.spool.reader().map_err(StorageError::io(dir))?;
+        writer.arriving = Some(self.arrivals.start(digest.clone(), size, file));
+        Ok(writer)
     }
 
     /// Stores `bytes` as one blob (from a blocking context).
@@ -404,6 +453,8 @@ pub struct BlobWriter {
     added: Option<Arc<std::sync::atomic::AtomicU64>>,
     spool: Spool,
     driver: Arc<dyn Driver>,
+    /// Readers following the bytes as they are written, if any.
+    arriving: Option<Arriving>,
 }
 
 impl BlobWriter {
@@ -414,13 +465,39 @@ impl BlobWriter {
 
     /// Publishes the blob. With `expected`, a different digest is an error
     /// and nothing is published.
-    pub fn commit(self, expected: Option<&Digest>) -> Result<BlobInfo, StorageError> {
-        let (info, file) = self.spool.finish(expected)?;
-        self.driver.publish(&blob_key(&info.digest), file)?;
-        if let Some(added) = &self.added {
-            added.fetch_add(info.size, std::sync::atomic::Ordering::Relaxed);
+    pub fn commit(mut self, expected: Option<&Digest>) -> Result<BlobInfo, StorageError> {
+        let arriving = self.arriving.take();
+        let published = self.spool.finish(expected).and_then(|(info, file)| {
+            self.driver.publish(&blob_key(&info.digest), file)?;
+            Ok(info)
+        });
+        match published {
+            Ok(info) => {
+                if let Some(added) = &self.added {
+                    added.fetch_add(info.size, std::sync::atomic::Ordering::Relaxed);
+                }
+                if let Some(arriving) = arriving {
+                    arriving.end(Ok(()));
+                }
+                Ok(info)
+            }
+            Err(e) => {
+                if let Some(arriving) = arriving {
+                    arriving.end(Err(format!("{e}; nothing was stored")));
+                }
+                Err(e)
+            }
         }
-        Ok(info)
+    }
+
+    /// Makes what is written so far readable to the blob's readers (a
+    /// writer from [`ContentStore::arriving_writer`]; a no-op otherwise).
+    pub fn grew(&mut self) -> io::Result<()> {
+        if let Some(arriving) = &self.arriving {
+            self.spool.flush()?;
+            arriving.grew(self.spool.written());
+        }
+        Ok(())
     }
 }
 

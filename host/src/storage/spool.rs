@@ -51,6 +51,13 @@ impl Spool {
         self.file.written()
     }
 
+    /// Another handle on the file being written, for readers of the bytes
+    /// written (and flushed) so far; it stays readable after the file is
+    /// published or deleted.
+    pub fn reader(&self) -> io::Result<std::fs::File> {
+        self.file.get_ref().get_ref().as_file().try_clone()
+    }
+
     /// The finished file and what it holds; a digest other than `expected`
     /// is an error (and the file is deleted).
     pub fn finish(

@@ -4,13 +4,15 @@
 //! ask at once (`image::once`).
 
 use std::io::Write;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::client::Client;
 use super::{Upstream, UpstreamError, UpstreamImage};
 use crate::image::once;
 use crate::oci::{Digest, MediaType, Reference};
-use crate::storage::{BlobInfo, StorageError, StoredManifest};
+use crate::storage::{BlobInfo, ContentStore, StorageError, StoredManifest};
 
 impl Upstream {
     /// The manifest of `upstream` at `reference`, from cache or upstream.
@@ -57,8 +59,16 @@ impl Upstream {
             Reference::Digest(digest) => self.manifest_by_digest(upstream, &digest, accept).await,
             Reference::Tag(tag) => {
                 let key = tag_key(upstream, tag.as_str(), accept);
+                // Only a resolution made while this request waited answers it:
+                // a tag is looked up afresh for every pull, not every second.
+                let asked = std::time::Instant::now();
+                let _flight = self.tag_flights.lock(key.clone()).await;
+                if let Some(stored) = self.tags_resolved.get_since(&key, asked) {
+                    return Ok((*stored).clone());
+                }
                 match self.resolve_tag(upstream, tag.as_str(), accept).await {
                     Ok(stored) => {
+                        self.tags_resolved.put(key.clone(), stored.clone());
                         if let Err(e) = self.store.put_tag(&key, &stored.digest).await {
                             tracing::warn!(%upstream, error = %e, "could not remember the tag");
                         }
@@ -150,44 +160,135 @@ impl Upstream {
         Ok(self.store.put_manifest(&media_type, bytes).await?)
     }
 
-    /// A blob of `upstream`, from storage or streamed from upstream into it.
+    /// A blob of `upstream`, from storage or fetched into it. `streaming`:
+    /// answered as soon as the blob's bytes start to arrive (readable from
+    /// the store as they come, see `storage::arriving`), for a client that
+    /// must see its first byte within its header timeout; otherwise once
+    /// the blob is stored. The download is the server's, not the caller's:
+    /// it goes on when the caller goes away, and is done once however many
+    /// ask at once.
     pub(super) async fn blob(
         &self,
         upstream: &UpstreamImage,
         digest: Digest,
+        streaming: bool,
     ) -> Result<BlobInfo, UpstreamError> {
-        let digest = &digest;
-        let find = || async move {
-            let size = self.store.blob_size(digest).await?;
-            Ok::<_, UpstreamError>(size.map(|size| BlobInfo {
-                digest: digest.clone(),
-                size,
-            }))
+        if let Some(arrival) = self.store.arrival(&digest) {
+            if streaming {
+                return Ok(BlobInfo {
+                    digest,
+                    size: arrival.size,
+                });
+            }
+            // Stored once it ends, or failed (and fetched anew below).
+            let _ = arrival.finished().await;
+        }
+        if let Some(size) = self.store.blob_size(&digest).await? {
+            return Ok(BlobInfo { digest, size });
+        }
+        let (started, mut arriving) = tokio::sync::oneshot::channel();
+        let fetch = Fetch {
+            client: self.client.clone(),
+            store: self.store.clone(),
+            max_blob_bytes: self.settings.load().max_blob_bytes,
+            declared: self
+                .declared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&digest)
+                .copied(),
+            upstream: upstream.clone(),
+            digest: digest.clone(),
+            started: streaming.then_some(started),
         };
-        once(&self.store, format!("blob {digest}"), find, || {
-            self.download(upstream, digest.clone())
-        })
-        .await
+        let store = self.store.clone();
+        let wanted = digest.clone();
+        let mut task = crate::activity::detach(async move {
+            let digest = &wanted;
+            let find = || async {
+                let size = store.blob_size(digest).await?;
+                Ok::<_, UpstreamError>(size.map(|size| BlobInfo {
+                    digest: digest.clone(),
+                    size,
+                }))
+            };
+            let fetched = once(&store, format!("blob {digest}"), find, || fetch.run()).await;
+            // Its clients may have gone (or been streaming): the log says.
+            if let Err(e) = &fetched {
+                tracing::warn!(%digest, error = %e, "a blob download failed");
+            }
+            fetched
+        });
+        let done = |joined: Result<Option<Result<BlobInfo, UpstreamError>>, _>| match joined {
+            Ok(Some(fetched)) => fetched,
+            Ok(None) => Err(UpstreamError::Unreachable {
+                image: upstream.to_string(),
+                message: format!("the transfer of {digest} stopped: the registry is shutting down"),
+            }),
+            Err(e) => Err(UpstreamError::Storage(StorageError::Io {
+                path: "blob download".into(),
+                source: std::io::Error::other(e),
+            })),
+        };
+        if !streaming {
+            return done(task.await);
+        }
+        loop {
+            tokio::select! {
+                Ok(info) = &mut arriving => return Ok(info),
+                joined = &mut task => return done(joined),
+                // Another request's download of the same blob started first
+                // (this one waits for its lock): read that one's bytes.
+                () = tokio::time::sleep(JOIN_POLL) => {
+                    if let Some(arrival) = self.store.arrival(&digest) {
+                        return Ok(BlobInfo { digest, size: arrival.size });
+                    }
+                }
+            }
+        }
     }
+}
 
-    async fn download(
-        &self,
-        upstream: &UpstreamImage,
-        digest: Digest,
-    ) -> Result<BlobInfo, UpstreamError> {
-        let max_blob_bytes = self.settings.load().max_blob_bytes;
+/// How often a request waiting for another's download looks whether that
+/// download's bytes have started to arrive.
+const JOIN_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Blobs this small are not streamed: they are stored first, so that a
+/// wrong one is refused with an error rather than an aborted body.
+const STREAM_FROM: u64 = 64 * 1024;
+
+/// One blob downloaded into storage.
+struct Fetch {
+    client: Arc<Client>,
+    store: Arc<ContentStore>,
+    max_blob_bytes: u64,
+    /// The size the image's manifest declares, if one was read.
+    declared: Option<u64>,
+    upstream: UpstreamImage,
+    digest: Digest,
+    /// Told the blob's size once its bytes start to arrive (and are
+    /// readable from the store), if someone wants to stream it.
+    started: Option<tokio::sync::oneshot::Sender<BlobInfo>>,
+}
+
+impl Fetch {
+    async fn run(self) -> Result<BlobInfo, UpstreamError> {
+        let Fetch {
+            client,
+            store,
+            max_blob_bytes,
+            declared,
+            upstream,
+            digest,
+            started,
+        } = self;
+        let upstream = &upstream;
         let too_large = || UpstreamError::TooLarge {
             image: upstream.to_string(),
             what: "a blob",
             limit: max_blob_bytes,
         };
-        let declared = self
-            .declared
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&digest)
-            .copied();
-        let mut response = self.client.get_blob(upstream, &digest).await?;
+        let mut response = client.get_blob(upstream, &digest).await?;
         // Read no more than the manifest declares, or than the upstream says
         // it sends, whichever is known first.
         let longer = |read| UpstreamError::LongerThanDeclared {
@@ -213,7 +314,19 @@ impl Upstream {
             .flatten()
             .min()
             .unwrap_or(max_blob_bytes);
-        let mut writer = self.store.blob_writer(max_blob_bytes)?;
+        // Streamed when someone waits for the first bytes and the size they
+        // will be told is known.
+        let size = length.or(declared).filter(|n| *n >= STREAM_FROM);
+        let mut writer = match (&started, size) {
+            (Some(_), Some(size)) => store.arriving_writer(max_blob_bytes, &digest, size)?,
+            _ => store.blob_writer(max_blob_bytes)?,
+        };
+        if let (Some(started), Some(size)) = (started, size) {
+            let _ = started.send(BlobInfo {
+                digest: digest.clone(),
+                size,
+            });
+        }
         // Bytes arrive on the async side; hashing and writing happen on a
         // blocking thread. `None` on the channel means "abandon".
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<Bytes>>(32);
@@ -224,6 +337,11 @@ impl Upstream {
                     return Err(WriteFailure::Abandoned);
                 };
                 writer.write_all(&chunk).map_err(WriteFailure::Io)?;
+                // Readers see the bytes once nothing more is waiting to be
+                // written (at most a channel's worth behind).
+                if rx.is_empty() {
+                    writer.grew().map_err(WriteFailure::Io)?;
+                }
             }
             writer
                 .commit(Some(&expected))

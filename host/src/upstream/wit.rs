@@ -67,7 +67,7 @@ impl upstream::Host for Ctx<'_, Upstream> {
                 ),
             ));
         }
-        let blob = scoped.blob(&image, &digest).await?;
+        let blob = scoped.streamed_blob(&image, &digest).await?;
         if !self.call.produce(blob.size) {
             return Err(HostError::guest(
                 ErrorKind::LimitExceeded,

@@ -161,11 +161,15 @@ impl Drop for UpstreamRegistry {
 #[derive(Default)]
 struct ProxyState {
     blob_gets: Mutex<HashMap<String, usize>>,
+    /// Manifest requests, by `<METHOD> <path>`.
+    manifest_requests: Mutex<HashMap<String, usize>>,
     corrupt_blobs: AtomicBool,
     down: AtomicBool,
     redirect_blobs_to: Mutex<Option<String>>,
-    /// Blob bodies trickle out in pieces this far apart.
-    slow_blobs: Mutex<Option<std::time::Duration>>,
+    /// Blob bodies trickle out in this many pieces this far apart.
+    slow_blobs: Mutex<Option<(usize, std::time::Duration)>>,
+    /// When the first piece of a trickled body went out.
+    first_piece_at: Mutex<Option<std::time::Instant>>,
     /// When set, requests need `Bearer <TOKEN>`; 401s name this realm.
     token_realm: Mutex<Option<String>>,
     tokens_issued: AtomicUsize,
@@ -223,6 +227,15 @@ impl Proxy {
             .unwrap_or_default()
     }
 
+    /// How many times each `<METHOD> <path>` of a manifest was asked for.
+    pub fn manifest_requests(&self) -> HashMap<String, usize> {
+        self.state
+            .manifest_requests
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default()
+    }
+
     pub fn set_corrupt_blobs(&self, on: bool) {
         self.state.corrupt_blobs.store(on, Ordering::SeqCst);
     }
@@ -245,9 +258,19 @@ impl Proxy {
 
     /// Send blob bodies in eight pieces, `pause` before each (`None`: at once).
     pub fn set_slow_blobs(&self, pause: Option<std::time::Duration>) {
+        self.set_trickle(pause.map(|p| (8, p)));
+    }
+
+    /// Send blob bodies in `pieces`, `pause` before each (`None`: at once).
+    pub fn set_trickle(&self, trickle: Option<(usize, std::time::Duration)>) {
         if let Ok(mut s) = self.state.slow_blobs.lock() {
-            *s = pause;
+            *s = trickle;
         }
+    }
+
+    /// When the first piece of the last trickled body went out.
+    pub fn first_piece_at(&self) -> Option<std::time::Instant> {
+        self.state.first_piece_at.lock().ok().and_then(|t| *t)
     }
 
     /// Follow every blob body with zeros, for ever (a hostile upstream).
@@ -319,6 +342,13 @@ async fn forward(
         .map(|p| p.to_string())
         .unwrap_or_default();
     let is_blob_get = req.method() == http::Method::GET && path.contains("/blobs/sha256:");
+    if path.contains("/manifests/")
+        && let Ok(mut counts) = state.manifest_requests.lock()
+    {
+        *counts
+            .entry(format!("{} {path}", req.method()))
+            .or_default() += 1;
+    }
     let answer = state.manifest_answer.lock().ok().and_then(|a| *a);
     if let Some((status, body)) = answer
         && path.contains("/manifests/")
@@ -393,16 +423,26 @@ async fn forward(
         .map_err(|_| anyhow::anyhow!("poisoned"))?;
     if is_blob_get
         && parts.status == StatusCode::OK
-        && let Some(pause) = slow
+        && let Some((count, pause)) = slow
     {
-        // Eight pieces, each after a pause: a download that is visibly in
+        // Pieces, each after a pause: a download that is visibly in
         // progress for a while.
-        let piece = body.len().div_ceil(8).max(1);
+        let piece = body.len().div_ceil(count).max(1);
         let pieces: Vec<Bytes> = body.chunks(piece).map(Bytes::copy_from_slice).collect();
-        let stream = futures_util::stream::iter(pieces).then(move |p| async move {
-            tokio::time::sleep(pause).await;
-            Ok::<_, Infallible>(Frame::data(p))
-        });
+        let state = state.clone();
+        let stream =
+            futures_util::stream::iter(pieces.into_iter().enumerate()).then(move |(n, p)| {
+                let state = state.clone();
+                async move {
+                    tokio::time::sleep(pause).await;
+                    if n == 0
+                        && let Ok(mut at) = state.first_piece_at.lock()
+                    {
+                        *at = Some(std::time::Instant::now());
+                    }
+                    Ok::<_, Infallible>(Frame::data(p))
+                }
+            });
         return Ok(Response::from_parts(
             parts,
             BodyExt::boxed(StreamBody::new(stream)),
