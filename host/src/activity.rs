@@ -393,7 +393,7 @@ impl Build {
 impl Drop for Build {
     fn drop(&mut self) {
         self.end(Some(
-            "stopped before it ended (the server shut down)".into(),
+            "stopped before it ended (the server shut down, or a time limit)".into(),
         ));
     }
 }

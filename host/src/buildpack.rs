@@ -219,6 +219,14 @@ impl Buildpacks {
 
     /// Removes checkouts and unpacked builders unused for `ttl`.
     pub fn collect(&self, ttl: std::time::Duration) -> usize {
+        // What a crashed run left (the sweep at start keeps what is younger
+        // than an hour: it may be another process's).
+        for leftover in ["tmp", "work"] {
+            crate::files::remove_abandoned(
+                &self.scratch.join(leftover),
+                crate::storage::ABANDONED_AFTER,
+            );
+        }
         self.sources.expire(ttl) + self.builders.expire(ttl)
     }
 

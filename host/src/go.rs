@@ -479,6 +479,14 @@ impl Go {
 
     /// Removes unpacked modules unused for `ttl`.
     pub fn collect(&self, ttl: std::time::Duration) -> usize {
+        // What a crashed run left (the sweep at start keeps what is younger
+        // than an hour: it may be another process's).
+        for leftover in ["tmp", "work"] {
+            crate::files::remove_abandoned(
+                &self.scratch.join(leftover),
+                crate::storage::ABANDONED_AFTER,
+            );
+        }
         self.modules.expire(ttl)
     }
 

@@ -181,8 +181,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         shutdown.await;
         tokio::spawn(activity::stop_detached(DETACHED_GRACE));
     };
-    registry::serve(listener, registry, limits, shutdown, SHUTDOWN_GRACE).await?;
+    let served = registry::serve(listener, registry, limits, shutdown, SHUTDOWN_GRACE).await;
     activity::stop_detached(DETACHED_GRACE).await;
+    served?;
     Ok(())
 }
 

@@ -16,9 +16,10 @@ mod referrers;
 mod response;
 mod tags;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -72,9 +73,17 @@ pub struct Registry {
     fair: Arc<crate::fair::Fairness>,
     /// How long a manifest request waits for its build (`[server] hold`).
     hold: Duration,
+    /// Resolutions that outlasted `hold`, by request: the clients told to
+    /// come back join them.
+    held: Arc<Mutex<HashMap<String, futures_util::future::Shared<Resolution>>>>,
     /// The last readiness answer and when it was found.
     readiness: tokio::sync::Mutex<Option<(Instant, Result<(), &'static str>)>>,
 }
+
+/// A manifest being resolved in a task of its own.
+type Resolution = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<StoredManifest, GeneratorError>> + Send>,
+>;
 
 /// How long a readiness answer is given again, and how long a storage probe
 /// may take.
@@ -95,6 +104,7 @@ impl Registry {
             pages: Default::default(),
             fair: Arc::new(crate::fair::Fairness::new(&Default::default())),
             hold: crate::config::server::ServerConfig::default().hold,
+            held: Default::default(),
             readiness: Default::default(),
         }
     }
@@ -493,33 +503,65 @@ impl Registry {
     /// told to come back while the work goes on.
     async fn resolve_detached(&self, request: ResolveRequest) -> Result<StoredManifest, ApiError> {
         let started = Instant::now();
-        let generators = self.generators.clone();
-        let mut work = crate::activity::detach(async move { generators.resolve(request).await });
-        let done = match self.hold.is_zero() {
-            true => (&mut work).await,
-            false => match tokio::time::timeout(self.hold, &mut work).await {
-                Ok(done) => done,
-                Err(_) => {
-                    let working = crate::activity::still_working(started.elapsed(), HOLD_RETRY);
-                    tracing::info!(message = %working.message, "answered before the work ended");
-                    return Err(ApiError::Working(working));
+        // A client told to come back joins the work it was told about (a
+        // retrying client must not start another resolution each time).
+        let key = format!(
+            "{:?}",
+            (&request.route, &request.reference, &request.accept)
+        );
+        let joined = {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            match held.get(&key) {
+                Some(work) if work.peek().is_none() => Some(work.clone()),
+                Some(_) => {
+                    held.remove(&key);
+                    None
                 }
-            },
+                None => None,
+            }
         };
-        match done {
-            Ok(Some(resolved)) => Ok(resolved?),
-            Ok(None) => Err(GeneratorError {
-                kind: ErrorKind::Unavailable,
-                plugin: None,
-                message: "the registry is shutting down; pull again".into(),
+        let work = match joined {
+            Some(work) => work,
+            None => {
+                let generators = self.generators.clone();
+                let (held, key) = (self.held.clone(), key.clone());
+                let task = crate::activity::detach(async move {
+                    let resolved = generators.resolve(request).await;
+                    held.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                    resolved
+                });
+                futures_util::FutureExt::shared(Box::pin(async move {
+                    match task.await {
+                        Ok(Some(resolved)) => resolved,
+                        Ok(None) => Err(GeneratorError {
+                            kind: ErrorKind::Unavailable,
+                            plugin: None,
+                            message: "the registry is shutting down; pull again".into(),
+                        }),
+                        Err(e) => Err(GeneratorError {
+                            kind: ErrorKind::Internal,
+                            plugin: None,
+                            message: format!("the generator's task failed: {e}"),
+                        }),
+                    }
+                }) as Resolution)
             }
-            .into()),
-            Err(e) => Err(GeneratorError {
-                kind: ErrorKind::Internal,
-                plugin: None,
-                message: format!("the generator's task failed: {e}"),
+        };
+        if self.hold.is_zero() {
+            return Ok(work.await?);
+        }
+        match tokio::time::timeout(self.hold, work.clone()).await {
+            Ok(resolved) => Ok(resolved?),
+            Err(_) => {
+                self.held
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(key)
+                    .or_insert(work);
+                let working = crate::activity::still_working(started.elapsed(), HOLD_RETRY);
+                tracing::info!(message = %working.message, "answered before the work ended");
+                Err(ApiError::Working(working))
             }
-            .into()),
         }
     }
 
@@ -561,7 +603,25 @@ impl Registry {
                     crate::activity::generated(info.size);
                     self.storage.keep_to_quota().await;
                     self.admitted.admit(&self.storage, &route).await;
-                    (info.size, self.storage.arrival(&digest).is_some())
+                    // Arriving (served from here as it comes), or stored;
+                    // neither: its download failed just now.
+                    let served_here = match self.storage.arrival(&digest) {
+                        Some(_) => true,
+                        None => match self.storage.blob_entry(&digest).await? {
+                            Some(entry) => entry.served_here,
+                            None => {
+                                return Err(GeneratorError {
+                                    kind: ErrorKind::Unavailable,
+                                    plugin: None,
+                                    message: format!(
+                                        "the download of {digest} failed just now (the log says why); try again"
+                                    ),
+                                }
+                                .into());
+                            }
+                        },
+                    };
+                    (info.size, served_here)
                 }
                 Ok(_) => return Err(ApiError::BlobUnknown(digest)),
                 Err(e) if e.kind == ErrorKind::NotFound && e.plugin.is_some() => {
@@ -609,7 +669,10 @@ impl Registry {
         }
         match self.storage.read_blob(&digest, range).await? {
             // A small blob goes out whole with its headers, in one write.
-            Some(BlobContent { body, .. }) if len <= SMALL_BLOB => {
+            // Not one still arriving: its headers go out at once.
+            Some(BlobContent { body, .. })
+                if len <= SMALL_BLOB && self.storage.arrival(&digest).is_none() =>
+            {
                 let bytes = collect(body).await.map_err(|e| {
                     ApiError::Storage(crate::storage::StorageError::Io {
                         path: format!("blob {digest}").into(),

@@ -151,6 +151,7 @@ pub struct Upstream {
     /// being resolved wait for that resolution and take its answer.
     tag_flights: crate::storage::KeyedLocks,
     tags_resolved: Recent<StoredManifest>,
+    tags_down: Recent<String>,
 }
 
 /// How long a tag's resolution is kept for the requests that waited for it:
@@ -232,6 +233,7 @@ impl Upstream {
             referrers: Recent::new(TAG_LIST_TTL),
             tag_flights: Default::default(),
             tags_resolved: Recent::new(TAG_FLIGHT_TTL),
+            tags_down: Recent::new(TAG_FLIGHT_TTL),
         })
     }
 

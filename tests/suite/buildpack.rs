@@ -30,6 +30,14 @@ pub fn trials() -> Vec<Trial> {
             undetectable,
         ),
         trial(
+            "buildpack::composite_buildpacks_nested_two_deep_expand_into_their_members",
+            composite,
+        ),
+        trial(
+            "buildpack::bp_settings_reach_detect_and_build_as_platform_env",
+            platform_env,
+        ),
+        trial(
             "buildpack::a_hostile_buildpack_is_confined_by_the_sandbox",
             hostile,
         ),
@@ -202,6 +210,61 @@ fn builder_image(buildpacks: &[(&str, &str, &str)], run_image: &str) -> anyhow::
     })
 }
 
+/// A builder whose order names only a composite buildpack, `meta`: its
+/// first group is a buildpack that never detects, its second the composite
+/// `inner` (no version given), whose one group is the tool and app
+/// buildpacks: composites two deep, the real buildpacks only inside.
+fn composite_builder() -> anyhow::Result<Image> {
+    let busybox = std::fs::read("/bin/busybox")?;
+    let order = "[[order]]\n[[order.group]]\nid = \"kontain-test/meta\"\nversion = \"1.0.0\"\n";
+    let meta = "api = \"0.10\"\n[buildpack]\nid = \"kontain-test/meta\"\nversion = \"1.0.0\"\n\
+                [[order]]\n[[order.group]]\nid = \"kontain-test/never\"\nversion = \"0.1.0\"\n\
+                [[order]]\n[[order.group]]\nid = \"kontain-test/inner\"\n";
+    let inner = "api = \"0.10\"\n[buildpack]\nid = \"kontain-test/inner\"\nversion = \"2.0.0\"\n\
+                 [[order]]\n[[order.group]]\nid = \"kontain-test/tool\"\nversion = \"0.1.0\"\n\
+                 [[order.group]]\nid = \"kontain-test/app\"\nversion = \"0.1.0\"\n";
+    let run = "[[images]]\nimage = \"local/bp-run:latest\"\n";
+    let mut cnb = vec![
+        Entry::Dir("cnb"),
+        Entry::Dir("cnb/buildpacks"),
+        Entry::File("cnb/order.toml", order.as_bytes(), 0o644),
+        Entry::File("cnb/run.toml", run.as_bytes(), 0o644),
+        Entry::Dir("cnb/buildpacks/kontain-test_meta"),
+        Entry::Dir("cnb/buildpacks/kontain-test_meta/1.0.0"),
+        Entry::File(
+            "cnb/buildpacks/kontain-test_meta/1.0.0/buildpack.toml",
+            meta.as_bytes(),
+            0o644,
+        ),
+        Entry::Dir("cnb/buildpacks/kontain-test_inner"),
+        Entry::Dir("cnb/buildpacks/kontain-test_inner/2.0.0"),
+        Entry::File(
+            "cnb/buildpacks/kontain-test_inner/2.0.0/buildpack.toml",
+            inner.as_bytes(),
+            0o644,
+        ),
+    ];
+    cnb.extend(buildpack_entries(
+        "kontain-test/never",
+        "#!/bin/sh\nexit 100\n",
+        "#!/bin/sh\nexit 1\n",
+    ));
+    cnb.extend(buildpack_entries(
+        "kontain-test/tool",
+        TOOL_DETECT,
+        TOOL_BUILD,
+    ));
+    cnb.extend(buildpack_entries("kontain-test/app", APP_DETECT, APP_BUILD));
+    Ok(Image {
+        layers: vec![
+            images::layer(&busybox_entries(&busybox))?,
+            images::layer(&cnb)?,
+        ],
+        cmd: vec![],
+        architecture: "amd64",
+    })
+}
+
 fn push(image: &Image, repo: &str) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let layout = dir.path().join(repo);
@@ -285,7 +348,8 @@ fn seed_images() -> anyhow::Result<()> {
                     "local/bp-run:latest",
                 )?,
                 "bp-linker",
-            )
+            )?;
+            push(&composite_builder()?, "bp-composite")
         };
         go().map_err(|e| format!("{e:?}"))
     })
@@ -390,7 +454,13 @@ pub fn config() -> anyhow::Result<String> {
          [generators.hostile]\nsource = \"builtin:buildpack\"\ngrants = [\"upstream\", \"buildpack\"]\n\
          [generators.hostile.settings]\nbuilder = \"local/bp-evil:latest\"\n\
          [generators.linker]\nsource = \"builtin:buildpack\"\ngrants = [\"upstream\", \"buildpack\"]\n\
-         [generators.linker.settings]\nbuilder = \"local/bp-linker:latest\"\n",
+         [generators.linker.settings]\nbuilder = \"local/bp-linker:latest\"\n\
+         [generators.platform]\nsource = \"builtin:buildpack\"\ngrants = [\"upstream\", \"buildpack\"]\n\
+         [generators.platform.settings]\nbuilder = \"local/bp-builder:latest\"\nBP_KONTAIN_NOTE = \"noted in kontain.toml\"\n\
+         [generators.skipping]\nsource = \"builtin:buildpack\"\ngrants = [\"upstream\", \"buildpack\"]\n\
+         [generators.skipping.settings]\nbuilder = \"local/bp-builder:latest\"\nBP_KONTAIN_SKIP = \"yes\"\n\
+         [generators.composite]\nsource = \"builtin:buildpack\"\ngrants = [\"upstream\", \"buildpack\"]\n\
+         [generators.composite.settings]\nbuilder = \"local/bp-composite:latest\"\n",
         world.registry.addr,
         repos()?.root.path().display()
     ))
@@ -510,6 +580,56 @@ fn undetectable() -> anyhow::Result<()> {
             && message.contains("kontain-test/app"),
         "{message}"
     );
+    Ok(())
+}
+
+fn platform_env() -> anyhow::Result<()> {
+    let server = server()?;
+    let manifest = get_ok(server, "/v2/platform/acme/app/manifests/main")?.json()?;
+    let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
+    let app = get_blob(server, "platform/acme/app", &layers[layers.len() - 1])?;
+    let tree = crate::flatten::tree(&app.body)?;
+    let note = tree
+        .get("workspace/platform-note.txt")
+        .ok_or_else(|| anyhow::anyhow!("no note: {:?}", tree.keys().collect::<Vec<_>>()))?;
+    assert_eq!(
+        String::from_utf8_lossy(&note.1),
+        "noted in kontain.toml / noted in kontain.toml"
+    );
+    // The same commit built without the setting is another image.
+    let plain = get_ok(server, "/v2/buildpack/acme/app/manifests/main")?;
+    assert_ne!(
+        plain.header("docker-content-digest"),
+        get_ok(server, "/v2/platform/acme/app/manifests/main")?.header("docker-content-digest")
+    );
+    let reply = get(server.addr, "/v2/skipping/acme/app/manifests/main")?;
+    let (_, message) = reply.error()?;
+    assert!(
+        message.contains("kontain-test/app@0.1.0 failed"),
+        "{message}"
+    );
+    Ok(())
+}
+
+fn composite() -> anyhow::Result<()> {
+    let server = server()?;
+    let docker = docker()?;
+    let image = format!("{}/composite/acme/app:main", server.addr);
+    let output = docker.run_image(&image)?;
+    assert_eq!(output.trim(), EXPECTED);
+    // Detection names the members it tried, not the composites.
+    let image = format!("{}/composite/acme/plain:main", server.addr);
+    let message = docker.pull_error(&image, "an undetectable app")?;
+    for member in [
+        "kontain-test/never@0.1.0 failed",
+        "kontain-test/tool@0.1.0",
+        "kontain-test/app@0.1.0",
+    ] {
+        assert!(message.contains(member), "{member}: {message}");
+    }
+    assert!(!message.contains("kontain-test/meta"), "{message}");
+    // The first pull (docker asks HEAD, then GET) is not told of an earlier failure.
+    assert!(!message.contains("remembered"), "{message}");
     Ok(())
 }
 

@@ -51,6 +51,9 @@ pub struct BuildpackBuild<'a> {
     /// A run image chosen by the request's generator; `None` for the
     /// builder's own.
     pub run_image: Option<&'a str>,
+    /// The platform environment (`/platform/env`): the generator's `BP_*`
+    /// settings.
+    pub platform_env: std::collections::BTreeMap<String, String>,
 }
 
 impl Buildpacks {
@@ -93,6 +96,7 @@ impl Buildpacks {
                 "builder": builder_manifest.digest.to_string(),
                 "run": run_manifest.digest.to_string(),
                 "run_name": run_reference,
+                "env": build.platform_env,
             });
             format!(
                 "buildpack {}",
@@ -156,6 +160,7 @@ impl Buildpacks {
                 ))
             })?;
         let work_root = self.scratch.join("work");
+        let platform_env = build.platform_env.clone();
         let (dir, work) = blocking(move || {
             std::fs::create_dir_all(&work_root).map_err(io_error("creating a directory"))?;
             let dir = tempfile::Builder::new()
@@ -163,7 +168,7 @@ impl Buildpacks {
                 .tempdir_in(&work_root)
                 .map(Scratch::new)
                 .map_err(io_error("creating a build directory"))?;
-            let work = Work::create(dir.path(), host_user)?;
+            let work = Work::create(dir.path(), host_user, platform_env)?;
             copy_tree(&app_source, &work.app).map_err(io_error("copying the app"))?;
             work.give(&work.app)?;
             work.give(&work.layers)?;

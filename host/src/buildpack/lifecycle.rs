@@ -26,16 +26,25 @@ pub struct Builder {
 #[derive(Clone, Debug, Deserialize)]
 pub struct GroupEntry {
     pub id: String,
+    /// Empty in an order that leaves it out: the one version the builder has.
+    #[serde(default)]
     pub version: String,
     #[serde(default)]
     pub optional: bool,
 }
 
+/// `/cnb/order.toml`, and a composite buildpack's `buildpack.toml`.
 #[derive(Deserialize)]
 struct OrderToml {
     #[serde(default)]
     order: Vec<OrderGroup>,
 }
+
+/// Composite buildpacks nest at most this deep.
+const MAX_COMPOSITE_DEPTH: usize = 8;
+
+/// Groups an order may expand to (a composite of composites multiplies).
+const MAX_GROUPS: usize = 1000;
 
 #[derive(Deserialize)]
 struct OrderGroup {
@@ -134,10 +143,132 @@ impl Builder {
                 "/cnb/order.toml has no groups".into(),
             ));
         }
-        Ok(Builder { rootfs, env, order })
+        let mut builder = Builder {
+            rootfs,
+            env,
+            order: Vec::new(),
+        };
+        builder.order = builder.expand(order, 0)?;
+        Ok(builder)
     }
 
-    fn buildpack_dir(&self, bp: &GroupEntry) -> Result<String, BuildpackError> {
+    /// `order` with each composite buildpack (one whose `buildpack.toml`
+    /// has an `[[order]]`) replaced by its own groups, recursively, in
+    /// order: a group holding a composite becomes one group per group of
+    /// the composite (the members of an optional composite are optional).
+    /// Versions left out are filled in.
+    fn expand(
+        &self,
+        order: Vec<Vec<GroupEntry>>,
+        depth: usize,
+    ) -> Result<Vec<Vec<GroupEntry>>, BuildpackError> {
+        let mut expanded = Vec::new();
+        for group in order {
+            let mut alternatives: Vec<Vec<GroupEntry>> = vec![Vec::new()];
+            for mut entry in group {
+                entry.version = self.version_of(&entry)?;
+                let members = match self.composite(&entry)? {
+                    None => vec![vec![entry]],
+                    Some(_) if depth >= MAX_COMPOSITE_DEPTH => {
+                        return Err(BuildpackError::BadBuilder(format!(
+                            "composite buildpacks nest deeper than {MAX_COMPOSITE_DEPTH} at {}@{}",
+                            entry.id, entry.version
+                        )));
+                    }
+                    Some(order) => {
+                        let order = order
+                            .into_iter()
+                            .map(|g| {
+                                g.into_iter()
+                                    .map(|mut e| {
+                                        e.optional |= entry.optional;
+                                        e
+                                    })
+                                    .collect()
+                            })
+                            .collect();
+                        self.expand(order, depth + 1)?
+                    }
+                };
+                if alternatives.len().saturating_mul(members.len()) > MAX_GROUPS {
+                    return Err(BuildpackError::BadBuilder(format!(
+                        "its order expands to more than {MAX_GROUPS} groups"
+                    )));
+                }
+                alternatives = alternatives
+                    .iter()
+                    .flat_map(|before| {
+                        members.iter().map(move |m| {
+                            let mut group = before.clone();
+                            group.extend(m.iter().cloned());
+                            group
+                        })
+                    })
+                    .collect();
+            }
+            expanded.extend(alternatives);
+            if expanded.len() > MAX_GROUPS {
+                return Err(BuildpackError::BadBuilder(format!(
+                    "its order expands to more than {MAX_GROUPS} groups"
+                )));
+            }
+        }
+        Ok(expanded)
+    }
+
+    /// The version of `entry`: its own, or the only one the builder has.
+    fn version_of(&self, entry: &GroupEntry) -> Result<String, BuildpackError> {
+        if !entry.version.is_empty() {
+            return Ok(entry.version.clone());
+        }
+        let versions: Vec<String> = inside(
+            &self.rootfs,
+            &format!("cnb/buildpacks/{}", escape_id(&entry.id)),
+        )
+        .and_then(|dir| std::fs::read_dir(dir).ok())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+        match versions.as_slice() {
+            [one] => Ok(one.clone()),
+            _ => Err(BuildpackError::BadBuilder(format!(
+                "buildpack {} is in the order without a version, and the builder has {} of it",
+                entry.id,
+                versions.len()
+            ))),
+        }
+    }
+
+    /// The order of `entry` if it is a composite buildpack: a
+    /// `buildpack.toml` with `[[order]]` (and no `bin/`).
+    fn composite(
+        &self,
+        entry: &GroupEntry,
+    ) -> Result<Option<Vec<Vec<GroupEntry>>>, BuildpackError> {
+        let rel = format!("cnb/buildpacks/{}/{}", escape_id(&entry.id), entry.version);
+        let Some(dir) = self
+            .checked(entry)
+            .ok()
+            .and_then(|()| inside(&self.rootfs, &rel))
+        else {
+            return Ok(None);
+        };
+        if dir.join("bin").is_dir() {
+            return Ok(None);
+        }
+        let Some(text) = inside(&dir, "buildpack.toml").and_then(|p| read_small(&p)) else {
+            return Ok(None);
+        };
+        let parsed: OrderToml = toml::from_str(&text)
+            .map_err(|e| BuildpackError::BadBuilder(format!("/{rel}/buildpack.toml: {e}")))?;
+        let order: Vec<Vec<GroupEntry>> = parsed.order.into_iter().map(|g| g.group).collect();
+        Ok((!order.is_empty()).then_some(order))
+    }
+
+    /// That `bp`'s id and version are plain names, usable in a path.
+    fn checked(&self, bp: &GroupEntry) -> Result<(), BuildpackError> {
         let plain = |s: &str| {
             !s.is_empty()
                 && !s.starts_with('.')
@@ -151,6 +282,11 @@ impl Builder {
                 bp.id, bp.version
             )));
         }
+        Ok(())
+    }
+
+    fn buildpack_dir(&self, bp: &GroupEntry) -> Result<String, BuildpackError> {
+        self.checked(bp)?;
         let rel = format!("cnb/buildpacks/{}/{}", escape_id(&bp.id), bp.version);
         match inside(&self.rootfs, &rel) {
             Some(p) if p.join("bin").is_dir() => Ok(format!("/{rel}")),
@@ -170,20 +306,35 @@ pub struct Work {
     pub io: PathBuf,
     /// Who the sandbox runs as on the host, to own what it may write.
     pub owner: Option<(u32, u32)>,
+    /// The platform's environment (`/platform/env`, `BP_*` settings), also
+    /// set for `bin/detect` and `bin/build`.
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 impl Work {
-    pub fn create(root: &Path, owner: Option<(u32, u32)>) -> Result<Work, BuildpackError> {
+    /// The directories of a build under `root`, `/platform/env/<name>`
+    /// holding each of `env`.
+    pub fn create(
+        root: &Path,
+        owner: Option<(u32, u32)>,
+        env: std::collections::BTreeMap<String, String>,
+    ) -> Result<Work, BuildpackError> {
         let w = Work {
             app: root.join("app"),
             layers: root.join("layers"),
             platform: root.join("platform"),
             io: root.join("io"),
             owner,
+            env,
         };
         for d in [&w.app, &w.layers, &w.platform.join("env"), &w.io] {
             std::fs::create_dir_all(d)
                 .map_err(|e| BuildpackError::io(format!("creating {}", d.display()), e))?;
+        }
+        for (name, value) in &w.env {
+            let file = w.platform.join("env").join(name);
+            std::fs::write(&file, value)
+                .map_err(|e| BuildpackError::io(format!("writing {}", file.display()), e))?;
         }
         Ok(w)
     }
@@ -225,6 +376,11 @@ impl Lifecycle<'_> {
     fn base_env(&self, bp_dir: &str) -> Env {
         let mut env = Env::from_list(&self.builder.env);
         env.0.entry("HOME".into()).or_insert_with(|| "/tmp".into());
+        // The user's variables (Buildpack API: set unless a buildpack asks
+        // for `clear-env`, which none of this platform's callers need).
+        for (k, v) in &self.work.env {
+            env.0.insert(k.clone(), v.clone());
+        }
         for (k, v) in [
             ("CNB_BUILDPACK_DIR", bp_dir.to_owned()),
             ("CNB_PLATFORM_DIR", sandbox::PLATFORM.to_owned()),

@@ -68,8 +68,28 @@ impl buildpack::Host for Ctx<'_, Buildpacks> {
             builder_image: builder_name,
             builder: &builder,
             run_image: (!run_image.is_empty()).then_some(run_image.as_str()),
+            platform_env: platform_env(self.call.settings()),
         };
         let image = self.service.image(&upstream, build).await?;
         self.push(ManifestHandle(image))
     }
+}
+
+/// The generator's settings that are platform environment variables for
+/// the buildpacks: `BP_*` (as `pack build --env` passes them).
+fn platform_env(
+    settings: &std::collections::BTreeMap<String, String>,
+) -> std::collections::BTreeMap<String, String> {
+    settings
+        .iter()
+        .filter(|(name, _)| {
+            name.strip_prefix("BP_").is_some_and(|rest| {
+                !rest.is_empty()
+                    && rest
+                        .bytes()
+                        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+            })
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }

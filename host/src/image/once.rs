@@ -97,12 +97,33 @@ impl<T> Recent<T> {
 }
 
 /// A failure of the same build a moment ago, answered from memory.
-#[derive(Clone, Debug, thiserror::Error)]
-#[error("{message} (this failure is remembered for {}s: asking again meanwhile answers it without another build)", FAILURE_MEMORY.as_secs())]
+#[derive(Clone, Debug)]
 pub struct Remembered {
     pub message: String,
     pub kind: ErrorKind,
+    /// When the build failed.
+    pub at: Instant,
 }
+
+/// A failure this fresh is the same pull's: docker asks `HEAD` then `GET`,
+/// and its user must not read that the build failed before they asked.
+const SAME_PULL: Duration = Duration::from_secs(15);
+
+impl std::fmt::Display for Remembered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.at.elapsed() < SAME_PULL {
+            true => f.write_str(&self.message),
+            false => write!(
+                f,
+                "{} (this failure is remembered for {}s: asking again meanwhile answers it without another build)",
+                self.message,
+                FAILURE_MEMORY.as_secs()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Remembered {}
 
 impl Classify for Remembered {
     fn kind(&self) -> ErrorKind {
@@ -245,10 +266,8 @@ impl Builds {
             map.clear();
         }
         let message = error.to_string();
-        map.insert(
-            key.to_owned(),
-            (Instant::now(), Remembered { message, kind }),
-        );
+        let at = Instant::now();
+        map.insert(key.to_owned(), (at, Remembered { message, kind, at }));
     }
 
     /// The manifest a build remembered under `key`, if it and everything it

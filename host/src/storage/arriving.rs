@@ -29,6 +29,9 @@ const READ_CHUNK: u64 = 256 * 1024;
 pub enum Progress {
     /// This many bytes are written and readable.
     Growing(u64),
+    /// Every byte is there and verified (being stored: on a bucket, an
+    /// upload that may take a while; readers need not wait for it).
+    Verified,
     /// Every byte is there, verified and stored.
     Stored,
     /// The download failed; nothing is stored.
@@ -52,7 +55,7 @@ impl Arrival {
             match &*progress.borrow_and_update() {
                 Progress::Stored => return Ok(()),
                 Progress::Failed(why) => return Err(why.clone()),
-                Progress::Growing(_) => {}
+                Progress::Growing(_) | Progress::Verified => {}
             }
             // The sender lives as long as `self`.
             let _ = progress.changed().await;
@@ -76,7 +79,7 @@ impl Arrival {
                 loop {
                     let now = progress.borrow_and_update().clone();
                     let readable = match now {
-                        Progress::Stored => arrival.size,
+                        Progress::Verified | Progress::Stored => arrival.size,
                         // The last byte waits for the verdict on the whole.
                         Progress::Growing(n) => n.min(arrival.size.saturating_sub(1)),
                         Progress::Failed(why) => {
@@ -158,6 +161,20 @@ impl Arriving {
         self.arrival
             .progress
             .send_replace(Progress::Growing(written));
+    }
+
+    /// The whole blob is on the file, `size` bytes, its digest checked:
+    /// readers may finish while it is stored. A size other than the one
+    /// readers were told fails them.
+    pub fn verified(&self, size: u64) -> Result<(), String> {
+        if size != self.arrival.size {
+            return Err(format!(
+                "the blob is {size} bytes, not the {} its upstream said",
+                self.arrival.size
+            ));
+        }
+        self.arrival.progress.send_replace(Progress::Verified);
+        Ok(())
     }
 
     /// Ends the arrival: stored (readers finish from the storage's copy

@@ -468,6 +468,14 @@ impl BlobWriter {
     pub fn commit(mut self, expected: Option<&Digest>) -> Result<BlobInfo, StorageError> {
         let arriving = self.arriving.take();
         let published = self.spool.finish(expected).and_then(|(info, file)| {
+            if let Some(arriving) = &arriving {
+                arriving
+                    .verified(info.size)
+                    .map_err(|message| StorageError::Io {
+                        path: PathBuf::from("<blob writer>"),
+                        source: io::Error::other(message),
+                    })?;
+            }
             self.driver.publish(&blob_key(&info.digest), file)?;
             Ok(info)
         });

@@ -66,6 +66,14 @@ impl Upstream {
                 if let Some(stored) = self.tags_resolved.get_since(&key, asked) {
                     return Ok((*stored).clone());
                 }
+                // An upstream that was down a moment ago, for those who
+                // waited: each of them asking again would wait its timeouts.
+                if let Some(message) = self.tags_down.get_since(&key, asked) {
+                    return Err(UpstreamError::Unreachable {
+                        image: upstream.to_string(),
+                        message: (*message).clone(),
+                    });
+                }
                 match self.resolve_tag(upstream, tag.as_str(), accept).await {
                     Ok(stored) => {
                         self.tags_resolved.put(key.clone(), stored.clone());
@@ -77,9 +85,13 @@ impl Upstream {
                     Err(e) if e.upstream_down() => match self.stale(&key).await? {
                         Some(stored) => {
                             tracing::warn!(%upstream, %tag, digest = %stored.digest, error = %e, "upstream down: serving the cached tag");
+                            self.tags_resolved.put(key.clone(), stored.clone());
                             Ok(stored)
                         }
-                        None => Err(e),
+                        None => {
+                            self.tags_down.put(key.clone(), e.to_string());
+                            Err(e)
+                        }
                     },
                     Err(e) => Err(e),
                 }
@@ -233,9 +245,15 @@ impl Upstream {
         if !streaming {
             return done(task.await);
         }
+        // Told nothing when the blob is stored before it is sent (small, or
+        // of unknown size): then the task's end is the answer.
+        let mut told = false;
         loop {
             tokio::select! {
-                Ok(info) = &mut arriving => return Ok(info),
+                started = &mut arriving, if !told => match started {
+                    Ok(info) => return Ok(info),
+                    Err(_) => told = true,
+                },
                 joined = &mut task => return done(joined),
                 // Another request's download of the same blob started first
                 // (this one waits for its lock): read that one's bytes.
@@ -256,6 +274,9 @@ const JOIN_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 /// Blobs this small are not streamed: they are stored first, so that a
 /// wrong one is refused with an error rather than an aborted body.
 const STREAM_FROM: u64 = 64 * 1024;
+
+/// Readers are told of new bytes at least every this many.
+const GROW_EVERY: u64 = 1 << 20;
 
 /// One blob downloaded into storage.
 struct Fetch {
@@ -314,12 +335,13 @@ impl Fetch {
             .flatten()
             .min()
             .unwrap_or(max_blob_bytes);
-        // Streamed when someone waits for the first bytes and the size they
-        // will be told is known.
-        let size = length.or(declared).filter(|n| *n >= STREAM_FROM);
-        let mut writer = match (&started, size) {
-            (Some(_), Some(size)) => store.arriving_writer(max_blob_bytes, &digest, size)?,
-            _ => store.blob_writer(max_blob_bytes)?,
+        // Readable as it arrives when the upstream says its length (a size
+        // a manifest declares is anyone's word), whoever asked for it: a
+        // client may come for it while a build fetches it.
+        let size = length.filter(|n| *n >= STREAM_FROM);
+        let mut writer = match size {
+            Some(size) => store.arriving_writer(max_blob_bytes, &digest, size)?,
+            None => store.blob_writer(max_blob_bytes)?,
         };
         if let (Some(started), Some(size)) = (started, size) {
             let _ = started.send(BlobInfo {
@@ -332,15 +354,17 @@ impl Fetch {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<Bytes>>(32);
         let expected = digest.clone();
         let writing = tokio::task::spawn_blocking(move || -> Result<BlobInfo, WriteFailure> {
+            let mut told = 0;
             while let Some(chunk) = rx.blocking_recv() {
                 let Some(chunk) = chunk else {
                     return Err(WriteFailure::Abandoned);
                 };
                 writer.write_all(&chunk).map_err(WriteFailure::Io)?;
                 // Readers see the bytes once nothing more is waiting to be
-                // written (at most a channel's worth behind).
-                if rx.is_empty() {
+                // written, or every GROW_EVERY when the channel stays full.
+                if rx.is_empty() || writer.written() - told >= GROW_EVERY {
                     writer.grew().map_err(WriteFailure::Io)?;
+                    told = writer.written();
                 }
             }
             writer

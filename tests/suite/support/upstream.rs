@@ -170,6 +170,8 @@ struct ProxyState {
     slow_blobs: Mutex<Option<(usize, std::time::Duration)>>,
     /// When the first piece of a trickled body went out.
     first_piece_at: Mutex<Option<std::time::Instant>>,
+    /// Manifest requests are answered after this long.
+    slow_manifests: Mutex<Option<std::time::Duration>>,
     /// When set, requests need `Bearer <TOKEN>`; 401s name this realm.
     token_realm: Mutex<Option<String>>,
     tokens_issued: AtomicUsize,
@@ -268,6 +270,13 @@ impl Proxy {
         }
     }
 
+    /// Answer manifest requests after `pause` (`None`: at once).
+    pub fn set_slow_manifests(&self, pause: Option<std::time::Duration>) {
+        if let Ok(mut s) = self.state.slow_manifests.lock() {
+            *s = pause;
+        }
+    }
+
     /// When the first piece of the last trickled body went out.
     pub fn first_piece_at(&self) -> Option<std::time::Instant> {
         self.state.first_piece_at.lock().ok().and_then(|t| *t)
@@ -342,12 +351,16 @@ async fn forward(
         .map(|p| p.to_string())
         .unwrap_or_default();
     let is_blob_get = req.method() == http::Method::GET && path.contains("/blobs/sha256:");
-    if path.contains("/manifests/")
-        && let Ok(mut counts) = state.manifest_requests.lock()
-    {
-        *counts
-            .entry(format!("{} {path}", req.method()))
-            .or_default() += 1;
+    if path.contains("/manifests/") {
+        if let Ok(mut counts) = state.manifest_requests.lock() {
+            *counts
+                .entry(format!("{} {path}", req.method()))
+                .or_default() += 1;
+        }
+        let pause = state.slow_manifests.lock().ok().and_then(|p| *p);
+        if let Some(pause) = pause {
+            tokio::time::sleep(pause).await;
+        }
     }
     let answer = state.manifest_answer.lock().ok().and_then(|a| *a);
     if let Some((status, body)) = answer
