@@ -148,7 +148,20 @@ pub struct Buildpacks {
     builders: DirCache,
     /// Branch and tag lists read lately, by URL.
     refs: Recent<Vec<String>>,
+    /// Abbreviated commits resolved lately (`<url> <short>` → the commit):
+    /// finding one fetches the history, which must not happen every pull.
+    abbreviations: Recent<String>,
+    /// Revisions a repository did not have lately, by `<url> <revision>`.
+    unknown: Recent<()>,
 }
+
+/// How long an abbreviated commit's resolution is kept (a longer one would
+/// only matter once the repository grows a commit sharing its prefix).
+const ABBREVIATION_TTL: Duration = Duration::from_secs(3600);
+
+/// How long a revision a repository did not have is answered from memory,
+/// as failed builds are.
+const UNKNOWN_TTL: Duration = Duration::from_secs(300);
 
 /// How long a repository's branch and tag list is answered from memory.
 const REFS_TTL: Duration = Duration::from_secs(60);
@@ -177,6 +190,8 @@ impl Buildpacks {
             sources: DirCache::new(scratch.join("sources"), scratch.join("tmp")),
             builders: DirCache::new(scratch.join("builders"), scratch.join("tmp")),
             refs: Recent::new(REFS_TTL),
+            abbreviations: Recent::new(ABBREVIATION_TTL),
+            unknown: Recent::new(UNKNOWN_TTL),
             scratch,
         })
     }
@@ -256,15 +271,42 @@ impl Buildpacks {
         let settings = self.settings.load_full();
         let url = settings.git.url(owner, repo)?;
         let policy = self.upstream.client().policy();
-        settings
+        let key = format!("{url} {revision}");
+        if self.unknown.get(&key).is_some() {
+            return Err(BuildpackError::UnknownRevision {
+                url: format!("{owner}/{repo}"),
+                revision: revision.to_owned(),
+            });
+        }
+        // A commit found by its abbreviation before: fetched as by its id.
+        let full = self.abbreviations.get(&key);
+        let asked = full.as_deref().map_or(revision, String::as_str);
+        let fetched = settings
             .git
             .fetch(
                 &url,
-                revision,
+                asked,
                 &policy,
                 &self.sources,
                 &self.scratch.join("tmp"),
             )
-            .await
+            .await;
+        match fetched {
+            Ok(source) => {
+                if git::is_abbreviation(revision) && full.is_none() {
+                    self.abbreviations.put(key, source.commit.clone());
+                }
+                Ok(source)
+            }
+            Err(BuildpackError::UnknownRevision { revision, .. }) => {
+                self.unknown.put(key, ());
+                // Named as the client wrote it, not by the server's URL.
+                Err(BuildpackError::UnknownRevision {
+                    url: format!("{owner}/{repo}"),
+                    revision,
+                })
+            }
+            Err(e) => Err(e),
+        }
     }
 }

@@ -38,6 +38,10 @@ pub fn trials() -> Vec<Trial> {
             platform_env,
         ),
         trial(
+            "buildpack::an_abbreviated_sha_of_a_500_commit_repository_fetches_its_history_once",
+            abbreviated,
+        ),
+        trial(
             "buildpack::a_hostile_buildpack_is_confined_by_the_sandbox",
             hostile,
         ),
@@ -579,6 +583,79 @@ fn undetectable() -> anyhow::Result<()> {
             && message.contains("kontain-test/tool")
             && message.contains("kontain-test/app"),
         "{message}"
+    );
+    Ok(())
+}
+
+/// `acme/<repo>`: 500 commits (git fast-import), the app in each.
+fn long_history(repo: &str) -> anyhow::Result<String> {
+    let dir = repos()?.root.path().join("acme").join(repo);
+    std::fs::create_dir_all(&dir)?;
+    git(&dir, &["init", "-q", "-b", "main"])?;
+    let mut stream = String::new();
+    let file = |name: &str, content: &str| {
+        format!("M 644 inline {name}\ndata {}\n{content}\n", content.len())
+    };
+    for n in 1..=500 {
+        let message = format!("commit {n}");
+        stream.push_str(&format!(
+            "commit refs/heads/main\ncommitter test <test@example.com> {n} +0000\ndata {}\n{message}\n",
+            message.len()
+        ));
+        stream.push_str(&file("message.txt", "hello world\n"));
+        stream.push_str(&file("run.sh", RUN_SH));
+        stream.push_str(&file("count.txt", &format!("{n}\n")));
+    }
+    let mut child = Command::new("git")
+        .current_dir(&dir)
+        .args(["fast-import", "--quiet"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(
+        anyhow::Context::context(child.stdin.as_mut(), "fast-import's stdin")?,
+        stream.as_bytes(),
+    )?;
+    drop(child.stdin.take());
+    anyhow::ensure!(child.wait()?.success(), "git fast-import failed");
+    Ok(git(&dir, &["rev-parse", "main"])?.trim().to_owned())
+}
+
+fn abbreviated() -> anyhow::Result<()> {
+    let server = server()?;
+    let full = long_history("history")?;
+    let short = &full[..8];
+    let fetches = || server.log().matches("fetching the history").count();
+    let pull = |revision: &str| -> anyhow::Result<(String, std::time::Duration)> {
+        let asked = std::time::Instant::now();
+        let digest = digest(server, "acme/history", revision)?;
+        Ok((digest, asked.elapsed()))
+    };
+    let before = fetches();
+    let (first, built) = pull(short)?;
+    let (again, by_short) = pull(short)?;
+    let (by_full_digest, by_full) = pull(&full)?;
+    assert_eq!(first, again);
+    assert_eq!(first, by_full_digest);
+    assert_eq!(fetches() - before, 1, "the history was fetched once");
+    eprintln!(
+        "a 500-commit repository by {short}: first pull {built:?}, second {by_short:?}; by the full SHA {by_full:?}"
+    );
+    // An abbreviation the repository does not have: fetched once, then
+    // remembered.
+    let before = fetches();
+    for _ in 0..2 {
+        let reply = get(server.addr, "/v2/buildpack/acme/history/manifests/0123abcd")?;
+        let (code, message) = reply.error()?;
+        assert_eq!(code, "MANIFEST_UNKNOWN", "{message}");
+        assert!(
+            message.contains("acme/history") && !message.contains("file://"),
+            "{message}"
+        );
+    }
+    assert_eq!(
+        fetches() - before,
+        1,
+        "an unknown abbreviation was looked for once"
     );
     Ok(())
 }

@@ -60,6 +60,12 @@ fn is_sha(rev: &str) -> bool {
     (7..=40).contains(&rev.len()) && rev.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// Whether `rev` is an abbreviated commit id (which only the history can
+/// resolve); a branch or tag may look like one, and is found first.
+pub fn is_abbreviation(rev: &str) -> bool {
+    is_sha(rev) && rev.len() < 40
+}
+
 /// A directory for one git job under `tmp`, with `home/` and `repo/`;
 /// removed when dropped.
 async fn scratch(tmp: &Path) -> Result<crate::files::Scratch, BuildpackError> {
@@ -284,19 +290,36 @@ impl Git {
             None if revision.len() == 40 && is_sha(revision) => revision.to_ascii_lowercase(),
             None if is_sha(revision) => {
                 // An abbreviated SHA: only the history can say which commit.
-                create().await?;
+                // Its commits only (no trees, no files), where the server
+                // can filter (GitHub can): the whole repository's bytes are
+                // not fetched to find one id. In a repository of its own, so
+                // that the checkout's is not a partial clone.
+                tracing::info!(%revision, "fetching the history to find an abbreviated commit");
+                let history = work.path().join("history");
+                let in_history = |cmd: &mut tokio::process::Command| {
+                    cmd.current_dir(&history);
+                };
+                std::fs::create_dir_all(&history)
+                    .map_err(|e| BuildpackError::io("creating a directory".into(), e))?;
+                let mut git_init = self.command(url, policy, &home).await?;
+                in_history(&mut git_init);
+                git_init.args(["init", "-q", "--template="]);
+                self.run(git_init, "init").await?;
                 let mut all = self.command(url, policy, &home).await?;
-                init(&mut all);
+                in_history(&mut all);
                 all.args([
+                    "-c",
+                    "uploadpack.allowFilter=true",
                     "fetch",
                     "-q",
+                    "--filter=tree:0",
                     "--",
                     url.as_str(),
                     "+refs/heads/*:refs/remotes/origin/*",
                 ]);
                 self.run(all, "fetch").await?;
                 let mut parse = self.command(url, policy, &home).await?;
-                init(&mut parse);
+                in_history(&mut parse);
                 parse.args([
                     "rev-parse",
                     "--verify",
