@@ -16,6 +16,7 @@ pub mod config;
 pub mod env;
 mod export;
 mod git;
+mod launcher;
 pub mod lifecycle;
 mod plan;
 pub mod sandbox;

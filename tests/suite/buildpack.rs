@@ -38,6 +38,10 @@ pub fn trials() -> Vec<Trial> {
             platform_env,
         ),
         trial(
+            "buildpack::the_builders_launcher_runs_processes_with_exec_d_profile_d_and_per_process_env",
+            launched,
+        ),
+        trial(
             "buildpack::an_abbreviated_sha_of_a_500_commit_repository_fetches_its_history_once",
             abbreviated,
         ),
@@ -144,6 +148,9 @@ const TOOL_DETECT: &str = include_str!("../fixtures/buildpacks/tool/detect");
 const TOOL_BUILD: &str = include_str!("../fixtures/buildpacks/tool/build");
 const APP_DETECT: &str = include_str!("../fixtures/buildpacks/app/detect");
 const APP_BUILD: &str = include_str!("../fixtures/buildpacks/app/build");
+const LAUNCHER: &str = include_str!("../fixtures/buildpacks/launcher");
+const LAUNCH_DETECT: &str = include_str!("../fixtures/buildpacks/launch/detect");
+const LAUNCH_BUILD: &str = include_str!("../fixtures/buildpacks/launch/build");
 const RUN_SH: &str = "echo \"$GREETING: $(shout < message.txt) / built: $(cat built.txt)\"\n";
 
 /// Busybox with the applets the scripts use.
@@ -154,7 +161,7 @@ fn busybox_entries(busybox: &[u8]) -> Vec<Entry<'_>> {
     ];
     for applet in [
         "sh", "cat", "echo", "mkdir", "tr", "chmod", "test", "printf", "ls", "id", "cp", "ln",
-        "env", "sleep",
+        "env", "sleep", "awk",
     ] {
         let path: &'static str = Box::leak(format!("bin/{applet}").into_boxed_str());
         entries.push(Entry::Symlink(path, "busybox"));
@@ -269,6 +276,38 @@ fn composite_builder() -> anyhow::Result<Image> {
     })
 }
 
+/// A builder with a launcher at /cnb/lifecycle/launcher (the suite's own,
+/// `fixtures/buildpacks/launcher`) and one buildpack that leaves exec.d,
+/// profile.d, a per-process variable, two process types and a label.
+fn launcher_builder() -> anyhow::Result<Image> {
+    let busybox = std::fs::read("/bin/busybox")?;
+    let order = "[[order]]\n[[order.group]]\nid = \"kontain-test/launch\"\nversion = \"0.1.0\"\n";
+    let run = "[[images]]\nimage = \"local/bp-run:latest\"\n";
+    let lifecycle = "[lifecycle]\nversion = \"0.0.0-kontain-test\"\n[apis.platform]\nsupported = [\"0.11\", \"0.12\"]\n";
+    let mut cnb = vec![
+        Entry::Dir("cnb"),
+        Entry::Dir("cnb/buildpacks"),
+        Entry::Dir("cnb/lifecycle"),
+        Entry::File("cnb/lifecycle/launcher", LAUNCHER.as_bytes(), 0o755),
+        Entry::File("cnb/lifecycle/lifecycle.toml", lifecycle.as_bytes(), 0o644),
+        Entry::File("cnb/order.toml", order.as_bytes(), 0o644),
+        Entry::File("cnb/run.toml", run.as_bytes(), 0o644),
+    ];
+    cnb.extend(buildpack_entries(
+        "kontain-test/launch",
+        LAUNCH_DETECT,
+        LAUNCH_BUILD,
+    ));
+    Ok(Image {
+        layers: vec![
+            images::layer(&busybox_entries(&busybox))?,
+            images::layer(&cnb)?,
+        ],
+        cmd: vec![],
+        architecture: "amd64",
+    })
+}
+
 fn push(image: &Image, repo: &str) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let layout = dir.path().join(repo);
@@ -353,7 +392,8 @@ fn seed_images() -> anyhow::Result<()> {
                 )?,
                 "bp-linker",
             )?;
-            push(&composite_builder()?, "bp-composite")
+            push(&composite_builder()?, "bp-composite")?;
+            push(&launcher_builder()?, "bp-launcher")
         };
         go().map_err(|e| format!("{e:?}"))
     })
@@ -463,6 +503,8 @@ pub fn config() -> anyhow::Result<String> {
          [generators.platform.settings]\nbuilder = \"local/bp-builder:latest\"\nBP_KONTAIN_NOTE = \"noted in kontain.toml\"\n\
          [generators.skipping]\nsource = \"builtin:buildpack\"\ngrants = [\"upstream\", \"buildpack\"]\n\
          [generators.skipping.settings]\nbuilder = \"local/bp-builder:latest\"\nBP_KONTAIN_SKIP = \"yes\"\n\
+         [generators.launched]\nsource = \"builtin:buildpack\"\ngrants = [\"upstream\", \"buildpack\"]\n\
+         [generators.launched.settings]\nbuilder = \"local/bp-launcher:latest\"\n\
          [generators.composite]\nsource = \"builtin:buildpack\"\ngrants = [\"upstream\", \"buildpack\"]\n\
          [generators.composite.settings]\nbuilder = \"local/bp-composite:latest\"\n",
         world.registry.addr,
@@ -656,6 +698,74 @@ fn abbreviated() -> anyhow::Result<()> {
         fetches() - before,
         1,
         "an unknown abbreviation was looked for once"
+    );
+    Ok(())
+}
+
+fn launched() -> anyhow::Result<()> {
+    let server = server()?;
+    let docker = docker()?;
+    let image = format!("{}/launched/acme/app:main", server.addr);
+    docker.run(&["pull", "-q", &image])?;
+    let run = |args: &[&str]| -> anyhow::Result<String> {
+        let mut all = vec!["run", "--rm", "--network", "none"];
+        all.extend(args);
+        all.push(&image);
+        Ok(docker.run(&all)?.trim().to_owned())
+    };
+    // The default process, through the launcher: exec.d's and profile.d's
+    // variables, and the one only `web` gets.
+    assert_eq!(
+        run(&[])?,
+        "web: exec.d=from exec.d profile.d=from profile.d web-only=for web"
+    );
+    // Another process type, chosen as pack users do.
+    assert_eq!(
+        run(&["--entrypoint", "sys-info"])?,
+        "sys-info: exec.d=from exec.d profile.d=from profile.d web-only=unset"
+    );
+    // Or by CNB_PROCESS_TYPE, through the launcher itself.
+    assert_eq!(
+        run(&[
+            "--entrypoint",
+            "launcher",
+            "-e",
+            "CNB_PROCESS_TYPE=sys-info"
+        ])?,
+        "sys-info: exec.d=from exec.d profile.d=from profile.d web-only=unset"
+    );
+    docker.run(&["rmi", &image])?;
+    let manifest = get_ok(server, "/v2/launched/acme/app/manifests/main")?.json()?;
+    let config = get_blob(server, "launched/acme/app", &manifest["config"])?.json()?;
+    let c = &config["config"];
+    assert_eq!(
+        c["Entrypoint"],
+        serde_json::json!(["/cnb/process/web"]),
+        "{c}"
+    );
+    let env = c["Env"].to_string();
+    for e in [
+        "CNB_LAYERS_DIR=/layers",
+        "CNB_APP_DIR=/workspace",
+        "CNB_PLATFORM_API=0.12",
+        "PATH=/cnb/process:/cnb/lifecycle:",
+    ] {
+        assert!(env.contains(e), "{e}: {env}");
+    }
+    assert_eq!(
+        c["Labels"]["org.example.built-by"], "kontain-test/launch",
+        "{c}"
+    );
+    let build: serde_json::Value = serde_json::from_str(
+        c["Labels"]["io.buildpacks.build.metadata"]
+            .as_str()
+            .unwrap_or("{}"),
+    )?;
+    assert_eq!(build["launcher"]["version"], "0.0.0-kontain-test");
+    get_ok(server, "/v2/buildpack/acme/app/manifests/main")?;
+    assert!(
+        server.log().contains("has no /cnb/lifecycle/launcher"),
+        "a builder without one is said in the log"
     );
     Ok(())
 }

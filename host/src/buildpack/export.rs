@@ -23,8 +23,8 @@ use super::builder::{host_platform, run_image_of};
 use super::env::Env;
 use super::lifecycle::{self, BuildOutput, Builder, Lifecycle, Work};
 use super::sandbox::{self, Sandbox};
-use super::sbom;
 use super::{BuildpackError, Buildpacks, Source};
+use super::{launcher, sbom};
 use crate::files::{Scratch, copy_tree, tree_size};
 use crate::image::assemble::{add_layers, extend};
 use crate::image::json::{canonical, config_env, inner_config};
@@ -212,6 +212,7 @@ impl Buildpacks {
             work,
             output,
             owner: (uid, gid),
+            rootfs: builder.rootfs.clone(),
         })
     }
 
@@ -229,9 +230,24 @@ impl Buildpacks {
             work,
             output,
             owner,
-            ..
+            rootfs,
+            _dir: scratch,
         } = &built;
         crate::activity::phase("exporting layers");
+        // The builder's own launcher, if it has one (every real builder
+        // does): it applies the layers' environment, exec.d and profile.d
+        // when the image runs, and lets a process type be chosen.
+        let launcher = {
+            let (rootfs, out) = (rootfs.clone(), scratch.path().join("export"));
+            let processes = output.processes.clone();
+            let buildpacks = output.buildpacks.clone();
+            blocking(move || launcher::prepare(&rootfs, &out, &processes, &buildpacks)).await?
+        };
+        if launcher.is_none() {
+            tracing::info!(
+                "the builder has no /cnb/lifecycle/launcher: the image's environment is precomputed, and its processes other than the default cannot be chosen"
+            );
+        }
         // Every launch layer and the app, written at once (each is one
         // core's work), in image order.
         let mut jobs = Vec::new();
@@ -248,15 +264,23 @@ impl Buildpacks {
                 jobs.push((host, parents, prefix, what));
             }
         }
+        let mut jobs: Vec<(PathBuf, Vec<String>, String, String, (u32, u32))> = jobs
+            .into_iter()
+            .map(|(host, parents, prefix, what)| (host, parents, prefix, what, *owner))
+            .collect();
         jobs.push((
             work.app.clone(),
             Vec::new(),
             "workspace".to_owned(),
             "application at /workspace".to_owned(),
+            *owner,
         ));
-        let new_layers: Vec<(LayerBlob, String)> =
-            try_join_all(jobs.into_iter().map(|(host, parents, prefix, what)| {
-                let (store, owner) = (self.builds.store().clone(), *owner);
+        if let Some(prepared) = &launcher {
+            jobs.extend(prepared.layers(*owner));
+        }
+        let new_layers: Vec<(LayerBlob, String)> = try_join_all(jobs.into_iter().map(
+            |(host, parents, prefix, what, owner)| {
+                let store = self.builds.store().clone();
                 let cpu = self.builds.cpu().clone();
                 async move {
                     let blob = cpu
@@ -264,19 +288,36 @@ impl Buildpacks {
                         .await?;
                     Ok::<_, BuildpackError>((blob, what))
                 }
-            }))
-            .await?;
+            },
+        ))
+        .await?;
 
-        let launch_env = launch_env(&run_config, output, &work.layers);
+        let launch_env = match &launcher {
+            Some(prepared) => prepared.env(&run_config),
+            None => launch_env(&run_config, output, &work.layers),
+        };
         let mut config = run_config;
         image_config(&mut config, output, launch_env, *owner, &new_layers)?;
-        let labels = labels(build, exported, output);
+        if let Some(prepared) = &launcher {
+            let inner = inner_config(&mut config, "the run image config")?;
+            inner.insert("Entrypoint".into(), json!([prepared.entrypoint()]));
+            inner.remove("Cmd");
+            inner.insert("WorkingDir".into(), json!("/workspace"));
+        }
+        let labels = labels(build, exported, output, launcher.as_ref());
         let inner = inner_config(&mut config, "the run image config")?;
         let all = inner.entry("Labels").or_insert_with(|| json!({}));
         if !all.is_object() {
             *all = json!({});
         }
         if let Some(all) = all.as_object_mut() {
+            // The buildpacks' own (launch.toml), then the platform's, which
+            // they cannot replace.
+            for (k, v) in &output.labels {
+                if !k.starts_with("io.buildpacks.") {
+                    all.insert(k.clone(), json!(v));
+                }
+            }
             for (k, v) in labels {
                 all.insert(k.to_owned(), json!(v));
             }
@@ -318,6 +359,8 @@ struct Built {
     work: Work,
     output: BuildOutput,
     owner: (u32, u32),
+    /// The builder's filesystem (its launcher, its buildpacks' APIs).
+    rootfs: PathBuf,
 }
 
 /// The images a build was exported onto, for its labels.
@@ -357,14 +400,7 @@ fn image_config(
     inner.insert("WorkingDir".into(), json!("/workspace"));
     inner.insert("User".into(), json!(format!("{uid}:{gid}")));
     inner.remove("Cmd");
-    let process = output
-        .processes
-        .iter()
-        .rev()
-        .find(|p| p.default)
-        .or_else(|| output.processes.iter().find(|p| p.r#type == "web"))
-        .or_else(|| (output.processes.len() == 1).then(|| &output.processes[0]));
-    if let Some(p) = process {
+    if let Some(p) = launcher::default_process(&output.processes) {
         // Arguments go in Cmd, so that `docker run image other args`
         // replaces them, as it would with the lifecycle's launcher.
         inner.insert("Entrypoint".into(), json!(p.command));
@@ -395,6 +431,7 @@ fn labels(
     build: &BuildpackBuild<'_>,
     exported: &Exported<'_>,
     output: &BuildOutput,
+    launcher: Option<&launcher::Prepared>,
 ) -> Vec<(&'static str, String)> {
     let buildpacks: Vec<Value> = output
         .buildpacks
@@ -420,7 +457,10 @@ fn labels(
             "default": p.default,
             "buildpackID": p.buildpack_id,
         })).collect::<Vec<_>>(),
-        "launcher": {"version": "none (kontain precomputes the environment)"},
+        "launcher": {"version": match launcher {
+            Some(l) => l.version.clone(),
+            None => "none (kontain precomputes the environment)".to_owned(),
+        }},
     });
     let project = json!({
         "source": {

@@ -75,6 +75,14 @@ struct RawProcess {
 struct LaunchToml {
     #[serde(default)]
     processes: Vec<RawProcess>,
+    #[serde(default)]
+    labels: Vec<RawLabel>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawLabel {
+    key: String,
+    value: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -114,6 +122,8 @@ pub struct Built {
 pub struct BuildOutput {
     pub buildpacks: Vec<Built>,
     pub processes: Vec<Process>,
+    /// `launch.toml` `[[labels]]`, later buildpacks' last.
+    pub labels: Vec<(String, String)>,
 }
 
 /// A buildpack id as a directory name.
@@ -527,6 +537,7 @@ impl Lifecycle<'_> {
         let plan_inside = format!("{}/plan.toml", sandbox::IO);
         let mut built: Vec<Built> = Vec::new();
         let mut processes: Vec<Process> = Vec::new();
+        let mut labels: Vec<(String, String)> = Vec::new();
         for (bp, entries) in &detected.group {
             let dir = self.builder.buildpack_dir(bp)?;
             let escaped = escape_id(&bp.id);
@@ -578,6 +589,9 @@ impl Lifecycle<'_> {
             if let Some(text) = read_small(&layers_host.join("launch.toml")) {
                 let launch: LaunchToml = toml::from_str(&text)
                     .map_err(|e| unusable(bp, "build", format!("launch.toml is not valid: {e}")))?;
+                for label in launch.labels {
+                    labels.push((label.key, label.value));
+                }
                 for p in launch.processes {
                     // A later buildpack's process of the same type wins.
                     processes.retain(|q| q.r#type != p.r#type);
@@ -603,6 +617,7 @@ impl Lifecycle<'_> {
         Ok(BuildOutput {
             buildpacks: built,
             processes,
+            labels,
         })
     }
 }
