@@ -292,15 +292,23 @@ impl Buildpacks {
                 &self.scratch.join("tmp"),
             )
             .await;
+        // Only what the history had to answer is kept: a branch or tag
+        // that looks like a commit id moves.
+        let abbreviation = git::is_abbreviation(revision);
         match fetched {
             Ok(source) => {
-                if git::is_abbreviation(revision) && full.is_none() {
+                if abbreviation
+                    && full.is_none()
+                    && source.commit.starts_with(&revision.to_ascii_lowercase())
+                {
                     self.abbreviations.put(key, source.commit.clone());
                 }
                 Ok(source)
             }
             Err(BuildpackError::UnknownRevision { revision, .. }) => {
-                self.unknown.put(key, ());
+                if abbreviation {
+                    self.unknown.put(key, ());
+                }
                 // Named as the client wrote it, not by the server's URL.
                 Err(BuildpackError::UnknownRevision {
                     url: format!("{owner}/{repo}"),

@@ -170,10 +170,20 @@ fn busybox_entries(busybox: &[u8]) -> Vec<Entry<'_>> {
 }
 
 fn buildpack_entries<'a>(id: &str, detect: &'a str, build: &'a str) -> Vec<Entry<'a>> {
+    buildpack_entries_for(id, "0.10", detect, build)
+}
+
+/// A buildpack of Buildpack API `api`.
+fn buildpack_entries_for<'a>(
+    id: &str,
+    api: &str,
+    detect: &'a str,
+    build: &'a str,
+) -> Vec<Entry<'a>> {
     let dir: &'static str =
         Box::leak(format!("cnb/buildpacks/{}/0.1.0", id.replace('/', "_")).into_boxed_str());
     let toml: &'static str = Box::leak(
-        format!("api = \"0.10\"\n[buildpack]\nid = \"{id}\"\nversion = \"0.1.0\"\n")
+        format!("api = \"{api}\"\n[buildpack]\nid = \"{id}\"\nversion = \"0.1.0\"\n")
             .into_boxed_str(),
     );
     let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
@@ -293,8 +303,9 @@ fn launcher_builder() -> anyhow::Result<Image> {
         Entry::File("cnb/order.toml", order.as_bytes(), 0o644),
         Entry::File("cnb/run.toml", run.as_bytes(), 0o644),
     ];
-    cnb.extend(buildpack_entries(
+    cnb.extend(buildpack_entries_for(
         "kontain-test/launch",
+        "0.8",
         LAUNCH_DETECT,
         LAUNCH_BUILD,
     ));
@@ -719,10 +730,11 @@ fn launched() -> anyhow::Result<()> {
         run(&[])?,
         "web: exec.d=from exec.d profile.d=from profile.d web-only=for web"
     );
-    // Another process type, chosen as pack users do.
+    // Another process type, chosen as pack users do (a direct one: no
+    // shell, so no profile.d).
     assert_eq!(
         run(&["--entrypoint", "sys-info"])?,
-        "sys-info: exec.d=from exec.d profile.d=from profile.d web-only=unset"
+        "sys-info: exec.d=from exec.d profile.d=unset web-only=unset"
     );
     // Or by CNB_PROCESS_TYPE, through the launcher itself.
     assert_eq!(
@@ -732,7 +744,7 @@ fn launched() -> anyhow::Result<()> {
             "-e",
             "CNB_PROCESS_TYPE=sys-info"
         ])?,
-        "sys-info: exec.d=from exec.d profile.d=from profile.d web-only=unset"
+        "sys-info: exec.d=from exec.d profile.d=unset web-only=unset"
     );
     docker.run(&["rmi", &image])?;
     let manifest = get_ok(server, "/v2/launched/acme/app/manifests/main")?.json()?;

@@ -286,8 +286,17 @@ fn takeover() -> anyhow::Result<()> {
         b.log()
     );
     assert_eq!(sha256(&reply.body), layer);
-    // After that, clients are sent to the bucket's copy.
-    let reply = get(b.addr, &blob_path)?;
+    // Once it is uploaded, clients are sent to the bucket's copy (until
+    // then, they read it here).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let reply = loop {
+        let reply = get(b.addr, &blob_path)?;
+        if reply.status != StatusCode::OK || Instant::now() > deadline {
+            break reply;
+        }
+        assert_eq!(sha256(&reply.body), layer);
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert_eq!(
         reply.status,
         StatusCode::TEMPORARY_REDIRECT,

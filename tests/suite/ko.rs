@@ -677,13 +677,21 @@ fn compile_error() -> anyhow::Result<()> {
         "docker pull shows the compiler's message: {message}"
     );
     assert!(message.contains("manifest unknown"), "{message}");
+    // docker asked HEAD, then GET: its user is not told of an earlier failure.
+    assert!(!message.contains("remembered"), "{message}");
     // Asked again at once: the same answer, without another build.
+    let builds = || {
+        server
+            .log()
+            .lines()
+            .filter(|l| l.contains("build started") && l.contains("example.com/broken/"))
+            .count()
+    };
+    let before = builds();
     let again = get(server.addr, "/v2/ko/example.com/broken/manifests/v1.0.0")?;
     let (_, repeated) = again.error()?;
-    assert!(
-        repeated.contains("undefined: nope") && repeated.contains("remembered"),
-        "{repeated}"
-    );
+    assert!(repeated.contains("undefined: nope"), "{repeated}");
+    assert_eq!(builds(), before, "no other build");
     Ok(())
 }
 

@@ -38,8 +38,8 @@ use crate::upstream::Scoped;
 /// 1980-01-01T00:00:01Z: what the CNB lifecycle writes, for reproducibility.
 const FIXED_TIME: u64 = 315_532_801;
 const FIXED_RFC3339: &str = "1980-01-01T00:00:01Z";
-/// 2: images come with their SBOMs.
-const LAYOUT_VERSION: u32 = 2;
+/// 2: images come with their SBOMs; 3: with the builder's launcher.
+const LAYOUT_VERSION: u32 = 3;
 
 pub struct BuildpackBuild<'a> {
     pub source: &'a Source,
@@ -264,7 +264,7 @@ impl Buildpacks {
                 jobs.push((host, parents, prefix, what));
             }
         }
-        let mut jobs: Vec<(PathBuf, Vec<String>, String, String, (u32, u32))> = jobs
+        let mut jobs: Vec<launcher::LayerJob> = jobs
             .into_iter()
             .map(|(host, parents, prefix, what)| (host, parents, prefix, what, *owner))
             .collect();

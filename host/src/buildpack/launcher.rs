@@ -23,6 +23,10 @@ use crate::image::json::config_env;
 /// `lifecycle.toml` does not list what its launcher supports.
 const PLATFORM_API: &str = "0.12";
 
+/// A layer to write: the host directory, the parent directories, its path
+/// in the image, what it is, and its owner.
+pub type LayerJob = (PathBuf, Vec<String>, String, String, (u32, u32));
+
 /// A launcher ready to be exported: its files under `dir`.
 pub struct Prepared {
     dir: PathBuf,
@@ -64,6 +68,8 @@ struct LifecycleToml {
     lifecycle: LifecycleVersion,
     #[serde(default)]
     apis: Apis,
+    #[serde(default)]
+    api: OldApi,
 }
 
 #[derive(Default, Deserialize)]
@@ -78,6 +84,13 @@ struct Apis {
     platform: Supported,
 }
 
+/// The older `lifecycle.toml`: `[api] platform = "0.3"`.
+#[derive(Default, Deserialize)]
+struct OldApi {
+    #[serde(default)]
+    platform: String,
+}
+
 #[derive(Default, Deserialize)]
 struct Supported {
     #[serde(default)]
@@ -88,6 +101,14 @@ struct Supported {
 struct BuildpackToml {
     #[serde(default)]
     api: String,
+}
+
+/// The Buildpack API kontain's platform implements.
+const BUILDPACK_API: &str = "0.10";
+
+/// `0.9` as `[0, 9]`, for comparing.
+fn version(v: &str) -> Vec<u32> {
+    v.split('.').map(|n| n.parse().unwrap_or(0)).collect()
 }
 
 /// A process type usable as a file name under `/cnb/process`.
@@ -134,16 +155,15 @@ pub fn prepare(
         return Ok(None);
     };
     let described: LifecycleToml = small_toml(inside(rootfs, "cnb/lifecycle/lifecycle.toml"));
-    let supported = &described.apis.platform.supported;
+    let mut supported = described.apis.platform.supported.clone();
+    if supported.is_empty() && !described.api.platform.is_empty() {
+        supported.push(described.api.platform.clone());
+    }
     let platform_api = match supported.iter().any(|v| v == PLATFORM_API) || supported.is_empty() {
         true => PLATFORM_API.to_owned(),
         false => supported
             .iter()
-            .max_by_key(|v| {
-                v.split('.')
-                    .map(|n| n.parse::<u32>().unwrap_or(0))
-                    .collect::<Vec<_>>()
-            })
+            .max_by_key(|v| version(v))
             .cloned()
             .unwrap_or_else(|| PLATFORM_API.to_owned()),
     };
@@ -168,6 +188,38 @@ pub fn prepare(
             .map_err(io("linking a process type"))?;
     }
 
+    let buildpacks: Vec<MetadataBuildpack> = buildpacks
+        .iter()
+        .map(|b| {
+            let toml: BuildpackToml = small_toml(inside(
+                rootfs,
+                &format!(
+                    "cnb/buildpacks/{}/{}/buildpack.toml",
+                    lifecycle::escape_id(&b.id),
+                    b.version
+                ),
+            ));
+            MetadataBuildpack {
+                id: b.id.clone(),
+                // The launcher needs a version; the one this platform
+                // implements when the buildpack does not say.
+                api: match toml.api.as_str() {
+                    "" => BUILDPACK_API.to_owned(),
+                    api => api.to_owned(),
+                },
+            }
+        })
+        .collect();
+    // Below Buildpack API 0.9 a process runs through a shell unless it
+    // says `direct = true`; from 0.9 on, always directly.
+    let direct = |p: &Process| {
+        p.direct.unwrap_or_else(|| {
+            buildpacks
+                .iter()
+                .find(|b| b.id == p.buildpack_id)
+                .is_none_or(|b| version(&b.api) >= vec![0, 9])
+        })
+    };
     let metadata = Metadata {
         processes: usable
             .iter()
@@ -175,29 +227,13 @@ pub fn prepare(
                 r#type: &p.r#type,
                 command: &p.command,
                 args: &p.args,
-                direct: true,
+                direct: direct(p),
                 default: p.default,
                 buildpack_id: &p.buildpack_id,
                 working_dir: p.working_dir.as_deref(),
             })
             .collect(),
-        buildpacks: buildpacks
-            .iter()
-            .map(|b| {
-                let toml: BuildpackToml = small_toml(inside(
-                    rootfs,
-                    &format!(
-                        "cnb/buildpacks/{}/{}/buildpack.toml",
-                        lifecycle::escape_id(&b.id),
-                        b.version
-                    ),
-                ));
-                MetadataBuildpack {
-                    id: b.id.clone(),
-                    api: toml.api,
-                }
-            })
-            .collect(),
+        buildpacks,
     };
     let text = toml::to_string(&metadata).map_err(|e| {
         BuildpackError::io(
@@ -229,10 +265,7 @@ impl Prepared {
     /// The layers to export (host directory, parent directories, path in
     /// the image, what it is, owner): the launcher, the launch metadata
     /// (owned by the CNB user, as the lifecycle's), the process types.
-    pub fn layers(
-        &self,
-        owner: (u32, u32),
-    ) -> Vec<(PathBuf, Vec<String>, String, String, (u32, u32))> {
+    pub fn layers(&self, owner: (u32, u32)) -> Vec<LayerJob> {
         let mut layers = vec![
             (
                 self.dir.join("lifecycle"),

@@ -46,6 +46,12 @@ const MAX_COMPOSITE_DEPTH: usize = 8;
 /// Groups an order may expand to (a composite of composites multiplies).
 const MAX_GROUPS: usize = 1000;
 
+/// Buildpacks in one expanded group at most.
+const MAX_GROUP_LEN: usize = 100;
+
+/// Order entries read while expanding composites, at most.
+const MAX_ENTRIES_READ: usize = 10_000;
+
 #[derive(Deserialize)]
 struct OrderGroup {
     #[serde(default)]
@@ -69,6 +75,9 @@ struct RawProcess {
     default: bool,
     #[serde(default, rename = "working-dir")]
     working_dir: Option<String>,
+    /// Buildpack API < 0.9: `false` runs the command through a shell.
+    #[serde(default)]
+    direct: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -109,6 +118,8 @@ pub struct Process {
     pub default: bool,
     pub working_dir: Option<String>,
     pub buildpack_id: String,
+    /// As `launch.toml` says, if it does (Buildpack API < 0.9).
+    pub direct: Option<bool>,
 }
 
 /// One buildpack's contribution.
@@ -158,24 +169,35 @@ impl Builder {
             env,
             order: Vec::new(),
         };
-        builder.order = builder.expand(order, 0)?;
+        let mut budget = MAX_ENTRIES_READ;
+        builder.order = builder.expand(order, 0, &mut budget)?;
         Ok(builder)
     }
 
     /// `order` with each composite buildpack (one whose `buildpack.toml`
     /// has an `[[order]]`) replaced by its own groups, recursively, in
     /// order: a group holding a composite becomes one group per group of
-    /// the composite (the members of an optional composite are optional).
-    /// Versions left out are filled in.
+    /// the composite, tried in turn (and, for an optional composite, one
+    /// without it). Versions left out are filled in; a buildpack named
+    /// twice in a group runs once. `budget` counts entries read, so that a
+    /// hostile builder's composites cannot make this endless.
     fn expand(
         &self,
         order: Vec<Vec<GroupEntry>>,
         depth: usize,
+        budget: &mut usize,
     ) -> Result<Vec<Vec<GroupEntry>>, BuildpackError> {
         let mut expanded = Vec::new();
-        for group in order {
+        for mut group in order {
+            let mut seen = std::collections::HashSet::new();
+            group.retain(|e| seen.insert(e.id.clone()));
             let mut alternatives: Vec<Vec<GroupEntry>> = vec![Vec::new()];
             for mut entry in group {
+                *budget = budget.checked_sub(1).ok_or_else(|| {
+                    BuildpackError::BadBuilder(
+                        "its composite buildpacks name too many buildpacks".into(),
+                    )
+                })?;
                 entry.version = self.version_of(&entry)?;
                 let members = match self.composite(&entry)? {
                     None => vec![vec![entry]],
@@ -185,19 +207,14 @@ impl Builder {
                             entry.id, entry.version
                         )));
                     }
+                    // Each of its groups in turn, its members as they are
+                    // marked; an optional composite may also be left out.
                     Some(order) => {
-                        let order = order
-                            .into_iter()
-                            .map(|g| {
-                                g.into_iter()
-                                    .map(|mut e| {
-                                        e.optional |= entry.optional;
-                                        e
-                                    })
-                                    .collect()
-                            })
-                            .collect();
-                        self.expand(order, depth + 1)?
+                        let mut members = self.expand(order, depth + 1, budget)?;
+                        if entry.optional {
+                            members.push(Vec::new());
+                        }
+                        members
                     }
                 };
                 if alternatives.len().saturating_mul(members.len()) > MAX_GROUPS {
@@ -210,11 +227,21 @@ impl Builder {
                     .flat_map(|before| {
                         members.iter().map(move |m| {
                             let mut group = before.clone();
-                            group.extend(m.iter().cloned());
+                            // A buildpack already in the group runs once.
+                            for e in m {
+                                if !group.iter().any(|g: &GroupEntry| g.id == e.id) {
+                                    group.push(e.clone());
+                                }
+                            }
                             group
                         })
                     })
                     .collect();
+                if alternatives.iter().any(|g| g.len() > MAX_GROUP_LEN) {
+                    return Err(BuildpackError::BadBuilder(format!(
+                        "a group of its order expands to more than {MAX_GROUP_LEN} buildpacks"
+                    )));
+                }
             }
             expanded.extend(alternatives);
             if expanded.len() > MAX_GROUPS {
@@ -605,6 +632,7 @@ impl Lifecycle<'_> {
                         default: p.default,
                         working_dir: p.working_dir,
                         buildpack_id: bp.id.clone(),
+                        direct: p.direct,
                     });
                 }
             }
