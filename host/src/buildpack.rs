@@ -19,6 +19,7 @@ mod git;
 mod launcher;
 pub mod lifecycle;
 mod plan;
+mod project;
 pub mod sandbox;
 mod sbom;
 pub mod wit;

@@ -42,6 +42,10 @@ pub fn trials() -> Vec<Trial> {
             launched,
         ),
         trial(
+            "buildpack::project_toml_excludes_files_and_sets_build_env",
+            project_toml,
+        ),
+        trial(
             "buildpack::an_abbreviated_sha_of_a_500_commit_repository_fetches_its_history_once",
             abbreviated,
         ),
@@ -151,6 +155,11 @@ const APP_BUILD: &str = include_str!("../fixtures/buildpacks/app/build");
 const LAUNCHER: &str = include_str!("../fixtures/buildpacks/launcher");
 const LAUNCH_DETECT: &str = include_str!("../fixtures/buildpacks/launch/detect");
 const LAUNCH_BUILD: &str = include_str!("../fixtures/buildpacks/launch/build");
+/// A project descriptor (schema 0.2) keeping files out and setting a
+/// build variable.
+const PROJECT_TOML: &str = "[_]\nschema-version = \"0.2\"\n\
+    [io.buildpacks]\nexclude = [\"secret.txt\", \"docs/\"]\n\
+    [[io.buildpacks.build.env]]\nname = \"BP_KONTAIN_NOTE\"\nvalue = \"from project.toml\"\n";
 const RUN_SH: &str = "echo \"$GREETING: $(shout < message.txt) / built: $(cat built.txt)\"\n";
 
 /// Busybox with the applets the scripts use.
@@ -459,7 +468,11 @@ impl Repos {
         std::fs::create_dir_all(&dir)?;
         git(&dir, &["init", "-q", "-b", "main"])?;
         for (name, content) in files {
-            std::fs::write(dir.join(name), content)?;
+            let file = dir.join(name);
+            if let Some(parent) = file.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(file, content)?;
         }
         git(&dir, &["add", "."])?;
         git(&dir, &["commit", "-q", "-m", "first"])?;
@@ -482,6 +495,14 @@ pub fn repos() -> anyhow::Result<&'static Repos> {
                 repos.create("acme", "plain", &[("README", "nothing to detect\n")])?;
                 let slow = [app[0], app[1], ("sleep-seconds", "25\n")];
                 repos.create("acme", "slow", &slow)?;
+                let project = [
+                    app[0],
+                    app[1],
+                    ("project.toml", PROJECT_TOML),
+                    ("secret.txt", "kept out\n"),
+                    ("docs/a.md", "kept out too\n"),
+                ];
+                repos.create("acme", "project", &project)?;
                 Ok(repos)
             };
             go().map_err(|e| format!("{e:?}"))
@@ -709,6 +730,30 @@ fn abbreviated() -> anyhow::Result<()> {
         fetches() - before,
         1,
         "an unknown abbreviation was looked for once"
+    );
+    Ok(())
+}
+
+fn project_toml() -> anyhow::Result<()> {
+    let server = server()?;
+    let manifest = get_ok(server, "/v2/buildpack/acme/project/manifests/main")?.json()?;
+    let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
+    let app = get_blob(server, "buildpack/acme/project", &layers[layers.len() - 1])?;
+    let tree = crate::flatten::tree(&app.body)?;
+    let names: Vec<&String> = tree.keys().collect();
+    assert!(tree.contains_key("workspace/message.txt"), "{names:?}");
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.contains("secret.txt") || n.contains("docs")),
+        "excluded files stay out of /workspace: {names:?}"
+    );
+    let note = tree
+        .get("workspace/platform-note.txt")
+        .ok_or_else(|| anyhow::anyhow!("no note: {names:?}"))?;
+    assert_eq!(
+        String::from_utf8_lossy(&note.1),
+        "from project.toml / from project.toml"
     );
     Ok(())
 }

@@ -168,8 +168,15 @@ impl Buildpacks {
                 .tempdir_in(&work_root)
                 .map(Scratch::new)
                 .map_err(io_error("creating a build directory"))?;
-            let work = Work::create(dir.path(), host_user, platform_env)?;
+            // The app's project.toml: its build env (the generator's
+            // settings win, as `pack build --env` over the descriptor) and
+            // the files the build sees.
+            let project = super::project::read(&app_source)?;
+            let mut env = project.env.clone();
+            env.extend(platform_env);
+            let work = Work::create(dir.path(), host_user, env)?;
             copy_tree(&app_source, &work.app).map_err(io_error("copying the app"))?;
+            project.filter(&work.app)?;
             work.give(&work.app)?;
             work.give(&work.layers)?;
             Ok::<_, BuildpackError>((dir, work))
