@@ -257,7 +257,11 @@ impl Buildpacks {
         }
         let policy = self.upstream.client().policy();
         let tmp = self.scratch.join("tmp");
-        let mut refs = settings.git.refs(&url, &policy, &tmp).await?;
+        let mut refs = settings
+            .git
+            .refs(&url, &policy, &tmp)
+            .await
+            .map_err(|e| git::scrubbed(e, &url, &format!("{owner}/{repo}")))?;
         refs.sort();
         refs.dedup();
         Ok(self.refs.put(key, refs))
@@ -287,6 +291,7 @@ impl Buildpacks {
             .git
             .fetch(
                 &url,
+                &format!("{owner}/{repo}"),
                 asked,
                 &policy,
                 &self.sources,
@@ -316,7 +321,7 @@ impl Buildpacks {
                     revision,
                 })
             }
-            Err(e) => Err(e),
+            Err(e) => Err(git::scrubbed(e, &url, &format!("{owner}/{repo}"))),
         }
     }
 }

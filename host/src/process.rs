@@ -23,6 +23,25 @@ pub enum RunError {
     Timeout,
 }
 
+/// Makes `cmd` (and every process it starts) unable to write a file past
+/// `bytes`: the kernel stops the writer with `SIGXFSZ`. This bounds what a
+/// tool writes from untrusted input (a git pack from a hostile server)
+/// while it writes, not after.
+pub fn limit_file_size(cmd: &mut tokio::process::Command, bytes: u64) {
+    use rustix::process::{Resource, Rlimit, setrlimit};
+    let limit = Rlimit {
+        current: Some(bytes),
+        maximum: Some(bytes),
+    };
+    // SAFETY: the closure runs between fork and exec, where only
+    // async-signal-safe work is allowed: it makes one `setrlimit` system
+    // call on a value computed before the fork, and allocates nothing.
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(move || setrlimit(Resource::Fsize, limit).map_err(Into::into));
+    }
+}
+
 /// Spawns `cmd` (its stdio is set here) and waits up to `timeout`.
 pub async fn run(
     cmd: &mut tokio::process::Command,

@@ -572,7 +572,11 @@ fn layout() -> anyhow::Result<()> {
     let server = server()?;
     let manifest = get_ok(server, "/v2/buildpack/acme/app/manifests/main")?.json()?;
     let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
-    assert_eq!(layers.len(), 3, "run image + shout layer + app: {manifest}");
+    assert_eq!(
+        layers.len(),
+        4,
+        "run image + shout layer + SBOMs + app: {manifest}"
+    );
     let blob = |i: usize| get_blob(server, "buildpack/acme/app", &layers[i]);
     let tool = crate::flatten::tree(&blob(1)?.body)?;
     assert!(
@@ -580,9 +584,42 @@ fn layout() -> anyhow::Result<()> {
         "{:?}",
         tool.keys().collect::<Vec<_>>()
     );
-    let app = crate::flatten::tree(&blob(2)?.body)?;
+    // The platform spec's SBOM layer: the app buildpack's launch SBOM.
+    let sboms = crate::flatten::tree(&blob(2)?.body)?;
+    let cdx = &sboms
+        .get("layers/sbom/launch/kontain-test_app/sbom.cdx.json")
+        .unwrap_or_else(|| panic!("{:?}", sboms.keys().collect::<Vec<_>>()))
+        .1;
+    assert!(String::from_utf8_lossy(cdx).contains("shouted-message"));
+    let app = crate::flatten::tree(&blob(3)?.body)?;
     assert!(app.contains_key("workspace/run.sh") && app.contains_key("workspace/built.txt"));
     let config = get_blob(server, "buildpack/acme/app", &manifest["config"])?.json()?;
+    // The lifecycle metadata `pack rebase` and `pack inspect` read: each new
+    // layer's diff ID, and where the run image ends.
+    let diff_ids = &config["rootfs"]["diff_ids"];
+    let label = |name: &str| -> anyhow::Result<serde_json::Value> {
+        let text = config["config"]["Labels"][name].as_str().unwrap_or("{}");
+        Ok(serde_json::from_str(text)?)
+    };
+    let lifecycle = label("io.buildpacks.lifecycle.metadata")?;
+    assert_eq!(
+        lifecycle["runImage"]["topLayer"], diff_ids[0],
+        "{lifecycle}"
+    );
+    assert_eq!(lifecycle["runImage"]["image"], "local/bp-run:latest");
+    let reference = lifecycle["runImage"]["reference"].as_str().unwrap_or("");
+    assert!(reference.starts_with("local/bp-run@sha256:"), "{lifecycle}");
+    let shout = &lifecycle["buildpacks"][0]["layers"]["shout"];
+    assert_eq!(shout["sha"], diff_ids[1], "{lifecycle}");
+    assert_eq!(shout["data"]["flavour"], "upper", "{lifecycle}");
+    assert_eq!(lifecycle["sbom"]["sha"], diff_ids[2], "{lifecycle}");
+    assert_eq!(lifecycle["app"][0]["sha"], diff_ids[3], "{lifecycle}");
+    // The repository as the client named it, never the server's path.
+    let project = label("io.buildpacks.project.metadata")?;
+    assert_eq!(
+        project["source"]["metadata"]["repository"], "acme/app",
+        "{project}"
+    );
     let c = &config["config"];
     assert_eq!(c["WorkingDir"], "/workspace");
     assert_eq!(
@@ -819,6 +856,21 @@ fn launched() -> anyhow::Result<()> {
             .unwrap_or("{}"),
     )?;
     assert_eq!(build["launcher"]["version"], "0.0.0-kontain-test");
+    // The launcher's layers, named in the lifecycle metadata: the last
+    // three, in the order the label's keys say.
+    let lifecycle: serde_json::Value = serde_json::from_str(
+        c["Labels"]["io.buildpacks.lifecycle.metadata"]
+            .as_str()
+            .unwrap_or("{}"),
+    )?;
+    let ids = config["rootfs"]["diff_ids"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let last = |back: usize| ids[ids.len() - back].clone();
+    assert_eq!(lifecycle["launcher"]["sha"], last(3), "{lifecycle}");
+    assert_eq!(lifecycle["config"]["sha"], last(2), "{lifecycle}");
+    assert_eq!(lifecycle["process-types"]["sha"], last(1), "{lifecycle}");
     get_ok(server, "/v2/buildpack/acme/app/manifests/main")?;
     assert!(
         server.log().contains("has no /cnb/lifecycle/launcher"),

@@ -36,7 +36,8 @@ pub struct BuildpackConfig {
     /// Wall time for one buildpack's detect or build.
     #[serde(with = "duration")]
     pub step_timeout: Duration,
-    /// Largest checkout (the commit's files) and largest app + layers.
+    /// Largest fetch (the pack), checkout (the commit's files) and app +
+    /// layers after the build.
     pub max_source_bytes: ByteSize,
     /// Where builders are unpacked and builds run. Default: `buildpack/` in
     /// the filesystem storage directory.

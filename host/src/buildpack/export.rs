@@ -2,18 +2,24 @@
 //! builder's filesystem, and the result exported onto the run image the way
 //! `pack build` exports it:
 //!
-//! - one layer per launch layer, at `/layers/<buildpack id>/<layer>`, then
-//!   the app at `/workspace`; owned by the builder's CNB user, mtimes fixed
-//!   at 1980-01-01T00:00:01Z, entries sorted;
-//! - `WorkingDir=/workspace`, `User` the CNB user, entrypoint the default
-//!   process (`default = true`, else `web`, else the only one), the launch
-//!   environment precomputed from the layers (`bin`, `lib`, `env/`,
-//!   `env.launch/`) since there is no launcher, and the
-//!   `io.buildpacks.{lifecycle,build,project}.metadata` labels;
+//! - one layer per launch layer, at `/layers/<buildpack id>/<layer>`, the
+//!   buildpacks' SBOM files at `/layers/sbom/launch/…`, then the app at
+//!   `/workspace`, then the builder's launcher, `/layers/config` and
+//!   `/cnb/process`; owned by the builder's CNB user, mtimes fixed at
+//!   1980-01-01T00:00:01Z, entries sorted;
+//! - `WorkingDir=/workspace`, `User` the CNB user; with the builder's
+//!   launcher, entrypoint `/cnb/process/<default>` and the launcher's
+//!   variables; without one, entrypoint the default process (`default =
+//!   true`, else `web`, else the only one) and the launch environment
+//!   precomputed from the layers (`bin`, `lib`, `env/`, `env.launch/`); the
+//!   `io.buildpacks.{lifecycle,build,project}.metadata` labels (the
+//!   lifecycle's with every new layer's diff ID and the run image's top
+//!   layer, as `pack rebase` needs);
 //! - SBOMs attached as artifacts about the image (`sbom`);
 //! - cached by commit, app path, builder digest and run image digest.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use futures_util::future::try_join_all;
 use serde_json::{Value, json};
@@ -31,15 +37,16 @@ use crate::image::json::{canonical, config_env, inner_config};
 use crate::image::layer::{Fixed, write_layer};
 use crate::image::work::blocking;
 use crate::image::{ImageError, LayerBlob, io_error};
-use crate::oci::{MediaType, split_reference};
+use crate::oci::{Digest, MediaType, split_reference};
 use crate::storage::{ContentStore, StoredManifest};
 use crate::upstream::Scoped;
 
 /// 1980-01-01T00:00:01Z: what the CNB lifecycle writes, for reproducibility.
 const FIXED_TIME: u64 = 315_532_801;
 const FIXED_RFC3339: &str = "1980-01-01T00:00:01Z";
-/// 2: images come with their SBOMs; 3: with the builder's launcher.
-const LAYOUT_VERSION: u32 = 3;
+/// 2: images come with their SBOMs; 3: with the builder's launcher; 4:
+/// with the SBOM layer and the complete lifecycle metadata label.
+const LAYOUT_VERSION: u32 = 4;
 
 pub struct BuildpackBuild<'a> {
     pub source: &'a Source,
@@ -105,7 +112,7 @@ impl Buildpacks {
         };
         let exported = Exported {
             run_reference: &run_reference,
-            run_digest: run_manifest.digest.to_string(),
+            run_digest: format!("{run_name}@{}", run_manifest.digest),
             builder_digest: builder_manifest.digest.to_string(),
         };
         let stored = self
@@ -156,7 +163,7 @@ impl Buildpacks {
             .ok_or_else(|| {
                 BuildpackError::InvalidName(format!(
                     "{} at {} has no directory {:?}",
-                    build.source.url, build.source.commit, build.app_path
+                    build.source.name, build.source.commit, build.app_path
                 ))
             })?;
         let work_root = self.scratch.join("work");
@@ -255,10 +262,24 @@ impl Buildpacks {
                 "the builder has no /cnb/lifecycle/launcher: the image's environment is precomputed, and its processes other than the default cannot be chosen"
             );
         }
-        // Every launch layer and the app, written at once (each is one
-        // core's work), in image order.
-        let mut jobs = Vec::new();
-        for bp in &output.buildpacks {
+        // The run image's top layer, where `pack rebase` cuts the image.
+        let run_top = run_config["rootfs"]["diff_ids"]
+            .as_array()
+            .and_then(|ids| ids.last())
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        // The buildpacks' SBOM files: a layer of the image and artifacts
+        // about it.
+        let sboms = {
+            let (layers, places) = (work.layers.clone(), sbom::places(output));
+            Arc::new(
+                blocking(move || Ok::<_, BuildpackError>(sbom::collect(&layers, &places))).await?,
+            )
+        };
+        // Every launch layer, the SBOMs, the app and the launcher, written
+        // at once (each is one core's work), in image order.
+        let mut jobs: Vec<(Part, String, Contents)> = Vec::new();
+        for (index, bp) in output.buildpacks.iter().enumerate() {
             for (name, types) in &bp.layers {
                 if !types.launch {
                     continue;
@@ -268,36 +289,50 @@ impl Buildpacks {
                 let parents = vec!["layers".to_owned(), format!("layers/{escaped}")];
                 let prefix = format!("layers/{escaped}/{name}");
                 let what = format!("buildpack {}@{} layer {name}", bp.id, bp.version);
-                jobs.push((host, parents, prefix, what));
+                let tree = (host, parents, prefix, what.clone(), *owner);
+                jobs.push((
+                    Part::Launch(index, name.clone()),
+                    what,
+                    Contents::Tree(tree),
+                ));
             }
         }
-        let mut jobs: Vec<launcher::LayerJob> = jobs
-            .into_iter()
-            .map(|(host, parents, prefix, what)| (host, parents, prefix, what, *owner))
-            .collect();
-        jobs.push((
+        if !sboms.is_empty() {
+            let what = "buildpack-provided SBOMs".to_owned();
+            jobs.push((Part::Sbom, what, Contents::Sboms(sboms.clone(), *owner)));
+        }
+        let app = (
             work.app.clone(),
             Vec::new(),
             "workspace".to_owned(),
             "application at /workspace".to_owned(),
             *owner,
-        ));
+        );
+        jobs.push((Part::App, app.3.clone(), Contents::Tree(app)));
         if let Some(prepared) = &launcher {
-            jobs.extend(prepared.layers(*owner));
+            let parts = [Part::Launcher, Part::Config, Part::ProcessTypes];
+            for (part, tree) in parts.into_iter().zip(prepared.layers(*owner)) {
+                jobs.push((part, tree.3.clone(), Contents::Tree(tree)));
+            }
         }
-        let new_layers: Vec<(LayerBlob, String)> = try_join_all(jobs.into_iter().map(
-            |(host, parents, prefix, what, owner)| {
+        let made: Vec<(Part, LayerBlob, String)> =
+            try_join_all(jobs.into_iter().map(|(part, what, contents)| {
                 let store = self.builds.store().clone();
                 let cpu = self.builds.cpu().clone();
                 async move {
-                    let blob = cpu
-                        .run(move |_| tree_layer(&store, &host, &parents, &prefix, owner))
-                        .await?;
-                    Ok::<_, BuildpackError>((blob, what))
+                    let blob = cpu.run(move |_| contents.write(&store)).await?;
+                    Ok::<_, BuildpackError>((part, blob, what))
                 }
-            },
-        ))
-        .await?;
+            }))
+            .await?;
+        let parts: Vec<(Part, Digest)> = made
+            .iter()
+            .map(|(part, blob, _)| (part.clone(), blob.diff_id.clone()))
+            .collect();
+        let new_layers: Vec<(LayerBlob, String)> = made
+            .into_iter()
+            .map(|(_, blob, what)| (blob, what))
+            .collect();
 
         let launch_env = match &launcher {
             Some(prepared) => prepared.env(&run_config),
@@ -311,7 +346,14 @@ impl Buildpacks {
             inner.remove("Cmd");
             inner.insert("WorkingDir".into(), json!("/workspace"));
         }
-        let labels = labels(build, exported, output, launcher.as_ref());
+        let labels = labels(
+            build,
+            exported,
+            output,
+            launcher.as_ref(),
+            &parts,
+            run_top.as_deref(),
+        );
         let inner = inner_config(&mut config, "the run image config")?;
         let all = inner.entry("Labels").or_insert_with(|| json!({}));
         if !all.is_object() {
@@ -339,13 +381,9 @@ impl Buildpacks {
             |_| {},
         )
         .await?;
-        let candidates = {
-            let (layers, places) = (work.layers.clone(), sbom::places(output));
-            blocking(move || Ok::<_, BuildpackError>(sbom::candidates(&layers, &places))).await?
-        };
         let name = match build.app_path {
-            "" => sbom::repository_name(&build.source.url),
-            path => format!("{}/{path}", sbom::repository_name(&build.source.url)),
+            "" => build.source.name.clone(),
+            path => format!("{}/{path}", build.source.name),
         };
         let document = sbom::document(
             &name,
@@ -354,7 +392,7 @@ impl Buildpacks {
             (exported.run_reference, &run_manifest.digest),
             output,
         );
-        sbom::attach(self.builds.store(), &image, &document, candidates).await?;
+        sbom::attach(self.builds.store(), &image, &document, &sboms).await?;
         Ok(image)
     }
 }
@@ -373,8 +411,81 @@ struct Built {
 /// The images a build was exported onto, for its labels.
 struct Exported<'a> {
     run_reference: &'a str,
+    /// `<run image>@<manifest digest>`.
     run_digest: String,
     builder_digest: String,
+}
+
+/// What a new layer of the image is, for the lifecycle metadata label.
+#[derive(Clone, Debug, PartialEq)]
+enum Part {
+    /// A launch layer: its buildpack's place in the build, and its name.
+    Launch(usize, String),
+    Sbom,
+    App,
+    Launcher,
+    Config,
+    ProcessTypes,
+}
+
+/// What a new layer holds.
+enum Contents {
+    /// A tree from disk.
+    Tree(launcher::LayerJob),
+    /// The buildpacks' SBOM files, where the platform spec puts them.
+    Sboms(Arc<Vec<sbom::SbomFile>>, (u32, u32)),
+}
+
+impl Contents {
+    fn write(self, store: &ContentStore) -> Result<LayerBlob, ImageError> {
+        match self {
+            Contents::Tree((host, parents, prefix, _, owner)) => {
+                tree_layer(store, &host, &parents, &prefix, owner)
+            }
+            Contents::Sboms(files, owner) => sbom_layer(store, &files, owner),
+        }
+    }
+}
+
+/// How new layers' entries are written: `owner`'s, mtimes fixed, modes
+/// normalised (0755 for directories and executables, 0644 otherwise),
+/// symlinks kept.
+fn fixed(owner: (u32, u32)) -> Fixed {
+    Fixed {
+        owner,
+        mtime: FIXED_TIME,
+        dir_mode: 0o755,
+        file_mode: |executable| if executable { 0o755 } else { 0o644 },
+        symlinks: true,
+    }
+}
+
+/// The SBOM layer: every directory on the way to each file, then the files,
+/// in the order they were found.
+fn sbom_layer(
+    store: &ContentStore,
+    files: &[sbom::SbomFile],
+    owner: (u32, u32),
+) -> Result<LayerBlob, ImageError> {
+    let fixed = fixed(owner);
+    let paths: Vec<String> = files.iter().map(sbom::SbomFile::layer_path).collect();
+    let mut dirs = std::collections::BTreeSet::new();
+    for path in &paths {
+        let mut at = 0;
+        while let Some(slash) = path[at..].find('/') {
+            dirs.insert(path[..at + slash].to_owned());
+            at += slash + 1;
+        }
+    }
+    write_layer(store, |tar| {
+        for dir in &dirs {
+            fixed.add_dir(tar, dir)?;
+        }
+        for (file, path) in files.iter().zip(&paths) {
+            fixed.add_bytes(tar, path, &file.bytes)?;
+        }
+        Ok(())
+    })
 }
 
 /// The run image's environment plus every launch layer's, in order.
@@ -439,22 +550,66 @@ fn labels(
     exported: &Exported<'_>,
     output: &BuildOutput,
     launcher: Option<&launcher::Prepared>,
+    parts: &[(Part, Digest)],
+    run_top: Option<&str>,
 ) -> Vec<(&'static str, String)> {
+    let sha = |want: &Part| {
+        parts
+            .iter()
+            .find(|(part, _)| part == want)
+            .map(|(_, d)| d.to_string())
+    };
     let buildpacks: Vec<Value> = output
         .buildpacks
         .iter()
         .map(|b| json!({"key": b.id, "version": b.version}))
         .collect();
-    let lifecycle = json!({
-        "app": [{"sha": "", "path": "/workspace"}],
-        "buildpacks": output.buildpacks.iter().map(|b| json!({
+    // What the lifecycle's exporter writes (Platform API 0.12), so that
+    // `pack inspect` reads our images and `pack rebase` can swap the run
+    // image: every new layer's diff ID, and the run image's top layer.
+    let layer_entries = |index: usize, b: &lifecycle::Built| {
+        b.layers
+            .iter()
+            .filter(|(_, t)| t.launch)
+            .map(|(n, t)| {
+                let entry = json!({
+                    "sha": sha(&Part::Launch(index, n.clone())),
+                    "data": b.metadata.get(n).cloned().unwrap_or_else(|| json!({})),
+                    "launch": t.launch,
+                    "build": t.build,
+                    "cache": t.cache,
+                });
+                (n.clone(), entry)
+            })
+            .collect::<serde_json::Map<_, _>>()
+    };
+    let run_image = json!({
+        "image": exported.run_reference,
+        "reference": exported.run_digest,
+        "topLayer": run_top,
+    });
+    let mut lifecycle = json!({
+        "app": [{"sha": sha(&Part::App)}],
+        "buildpacks": output.buildpacks.iter().enumerate().map(|(i, b)| json!({
             "key": b.id,
             "version": b.version,
-            "layers": b.layers.iter().filter(|(_, t)| t.launch).map(|(n, t)| (n.clone(), json!({"launch": t.launch, "build": t.build, "cache": t.cache}))).collect::<serde_json::Map<_, _>>(),
+            "layers": layer_entries(i, b),
         })).collect::<Vec<_>>(),
-        "runImage": {"reference": exported.run_digest, "image": exported.run_reference},
+        "runImage": run_image,
+        // Deprecated in Platform API 0.12, still read by older tools.
+        "stack": {"runImage": {"image": exported.run_reference}},
         "builder": {"reference": exported.builder_digest, "image": build.builder_image},
     });
+    for (key, part) in [
+        ("sbom", Part::Sbom),
+        ("launcher", Part::Launcher),
+        ("config", Part::Config),
+        ("process-types", Part::ProcessTypes),
+    ] {
+        if let Some(sha) = sha(&part) {
+            lifecycle[key] = json!({ "sha": sha });
+        }
+    }
     let build_md = json!({
         "buildpacks": buildpacks,
         "processes": output.processes.iter().map(|p| json!({
@@ -473,7 +628,7 @@ fn labels(
         "source": {
             "type": "git",
             "version": {"commit": build.source.commit},
-            "metadata": {"repository": build.source.url, "path": build.app_path},
+            "metadata": {"repository": build.source.public(), "path": build.app_path},
         }
     });
     vec![
@@ -493,13 +648,7 @@ fn tree_layer(
     prefix: &str,
     owner: (u32, u32),
 ) -> Result<LayerBlob, ImageError> {
-    let fixed = Fixed {
-        owner,
-        mtime: FIXED_TIME,
-        dir_mode: 0o755,
-        file_mode: |executable| if executable { 0o755 } else { 0o644 },
-        symlinks: true,
-    };
+    let fixed = fixed(owner);
     write_layer(store, |tar| {
         for p in parents.iter().map(String::as_str).chain([prefix]) {
             fixed.add_dir(tar, p)?;

@@ -21,9 +21,79 @@ use crate::upstream::Policy;
 /// A commit checked out (without `.git`).
 #[derive(Clone, Debug)]
 pub struct Source {
+    /// Where it was fetched from: the server's own URL, for its log only.
     pub url: String,
+    /// The repository as the client named it (`owner/repo`).
+    pub name: String,
     pub commit: String,
     pub dir: PathBuf,
+}
+
+impl Source {
+    /// How images and plugins name the repository (see [`public`]).
+    pub fn public(&self) -> String {
+        match Url::parse(&self.url) {
+            Ok(url) => public(&url, &self.name),
+            Err(_) => self.name.clone(),
+        }
+    }
+}
+
+/// How clients see the repository at `url` that they named `name`: an
+/// `http(s)` URL without credentials, query or fragment; otherwise (a
+/// `file://` template: a server path) the name they gave.
+pub fn public(url: &Url, name: &str) -> String {
+    match url.scheme() {
+        "http" | "https" => {
+            let mut url = url.clone();
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            url.set_query(None);
+            url.set_fragment(None);
+            url.to_string()
+        }
+        _ => name.to_owned(),
+    }
+}
+
+/// `e` with the server's URL for the repository (and, for a `file://` one,
+/// its path, which git's own messages print) replaced by how clients see
+/// it: error messages reach them.
+pub fn scrubbed(e: BuildpackError, url: &Url, name: &str) -> BuildpackError {
+    let shown = public(url, name);
+    let mut secrets = vec![url.as_str().to_owned()];
+    if url.scheme() == "file" {
+        secrets.push(url.path().to_owned());
+        secrets.push(url.path().trim_end_matches('/').to_owned());
+    }
+    secrets.retain(|s| s.len() > 1);
+    let clean = |text: String| {
+        secrets
+            .iter()
+            .fold(text, |text, secret| text.replace(secret.as_str(), &shown))
+    };
+    match e {
+        BuildpackError::Unreachable { url, message } => BuildpackError::Unreachable {
+            url: clean(url),
+            message: clean(message),
+        },
+        BuildpackError::UnknownRepository { what } => {
+            BuildpackError::UnknownRepository { what: clean(what) }
+        }
+        BuildpackError::UnknownRevision { url, revision } => BuildpackError::UnknownRevision {
+            url: clean(url),
+            revision,
+        },
+        BuildpackError::Git { what, message } => BuildpackError::Git {
+            what: clean(what),
+            message: clean(message),
+        },
+        BuildpackError::TooLarge { what, limit } => BuildpackError::TooLarge {
+            what: clean(what),
+            limit,
+        },
+        other => other,
+    }
 }
 
 pub struct Git {
@@ -247,6 +317,7 @@ impl Git {
     pub async fn fetch(
         &self,
         url: &Url,
+        name: &str,
         revision: &str,
         policy: &Policy,
         sources: &DirCache,
@@ -276,14 +347,20 @@ impl Git {
             cmd.current_dir(&repo);
         };
         // Only a fetch needs a repository: a commit already checked out
-        // costs one ls-remote.
+        // costs one ls-remote. What `git init` would make, less its
+        // templates and config (defaults for both): a process less per
+        // new commit.
         let create = async || -> Result<(), BuildpackError> {
-            let mut git_init = self.command(url, policy, &home).await?;
-            init(&mut git_init);
-            // No templates: sample hooks are never run here, and copying
-            // them was half of init's time.
-            git_init.args(["init", "-q", "--template="]);
-            self.run(git_init, "init").await.map(drop)
+            let git_dir = repo.join(".git");
+            blocking(move || {
+                let skeleton = || -> std::io::Result<()> {
+                    std::fs::create_dir_all(git_dir.join("objects"))?;
+                    std::fs::create_dir_all(git_dir.join("refs"))?;
+                    std::fs::write(git_dir.join("HEAD"), "ref: refs/heads/main\n")
+                };
+                skeleton().map_err(|e| BuildpackError::io("creating a repository".into(), e))
+            })
+            .await
         };
         let commit = match resolved {
             Some(sha) => sha,
@@ -307,7 +384,10 @@ impl Git {
                 self.run(git_init, "init").await?;
                 let mut all = self.command(url, policy, &home).await?;
                 in_history(&mut all);
+                crate::process::limit_file_size(&mut all, self.max_bytes);
                 all.args([
+                    "-c",
+                    "fetch.unpackLimit=1",
                     "-c",
                     "uploadpack.allowFilter=true",
                     "fetch",
@@ -317,7 +397,17 @@ impl Git {
                     url.as_str(),
                     "+refs/heads/*:refs/remotes/origin/*",
                 ]);
-                self.run(all, "fetch").await?;
+                match self.run(all, "fetch").await {
+                    Err(BuildpackError::Git { .. })
+                        if reached(&history.join(".git"), self.max_bytes) =>
+                    {
+                        return Err(BuildpackError::TooLarge {
+                            what: format!("the history of {name}"),
+                            limit: self.max_bytes,
+                        });
+                    }
+                    fetched => fetched?,
+                };
                 let mut parse = self.command(url, policy, &home).await?;
                 in_history(&mut parse);
                 parse.args([
@@ -356,7 +446,14 @@ impl Git {
                 }
                 let mut fetch = self.command(url, policy, home).await?;
                 init(&mut fetch);
+                // The pack is kept as it arrives (not unpacked into loose
+                // objects), one file the size limit bounds while it is
+                // written: a repository larger than `max_source_bytes`
+                // costs at most that much disk and transfer.
+                crate::process::limit_file_size(&mut fetch, self.max_bytes);
                 fetch.args([
+                    "-c",
+                    "fetch.unpackLimit=1",
                     "fetch",
                     "-q",
                     "--no-tags",
@@ -367,7 +464,27 @@ impl Git {
                     url.as_str(),
                     commit,
                 ]);
-                self.run(fetch, &format!("fetch {commit}")).await?;
+                let too_large = || BuildpackError::TooLarge {
+                    what: format!("{name} at {commit}"),
+                    limit: self.max_bytes,
+                };
+                match self.run(fetch, &format!("fetch {commit}")).await {
+                    Err(BuildpackError::Git { .. })
+                        if reached(&repo.join(".git"), self.max_bytes) =>
+                    {
+                        return Err(too_large());
+                    }
+                    fetched => fetched?,
+                };
+                // What the checkout would write, before it writes it: a
+                // small pack can hold one big file under many names.
+                let mut list = self.command(url, policy, home).await?;
+                init(&mut list);
+                list.args(["ls-tree", "-r", "-l", "-z", "--full-tree", commit]);
+                let listed = self.run(list, &format!("ls-tree {commit}")).await?;
+                if checkout_size(&listed) > self.max_bytes {
+                    return Err(too_large());
+                }
                 let mut checkout = self.command(url, policy, home).await?;
                 init(&mut checkout);
                 checkout.args([
@@ -379,16 +496,10 @@ impl Git {
                     commit,
                 ]);
                 self.run(checkout, &format!("checkout {commit}")).await?;
-                let (repo, src, max) = (repo.clone(), dir.join("src"), self.max_bytes);
-                let what = format!("{url} at {commit}");
+                let (repo, src) = (repo.clone(), dir.join("src"));
                 blocking(move || {
                     std::fs::remove_dir_all(repo.join(".git"))
                         .map_err(|e| BuildpackError::io("removing .git".into(), e))?;
-                    let size = crate::files::tree_size(&repo)
-                        .map_err(|e| BuildpackError::io("measuring the checkout".into(), e))?;
-                    if size > max {
-                        return Err(BuildpackError::TooLarge { what, limit: max });
-                    }
                     std::fs::rename(&repo, &src)
                         .map_err(|e| BuildpackError::io("moving the checkout".into(), e))
                 })
@@ -399,15 +510,164 @@ impl Git {
         // goes when `work` is dropped.
         Ok(Source {
             url: url.to_string(),
+            name: name.to_owned(),
             commit,
             dir: done.join("src"),
         })
     }
 }
 
+/// Whether a failed fetch into `git_dir` was stopped at the file size
+/// limit: its pack (or a loose object) reached `limit` bytes. git itself
+/// only says "invalid index-pack output" when its writer is killed.
+fn reached(git_dir: &Path, limit: u64) -> bool {
+    let objects = git_dir.join("objects");
+    let big = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.metadata().is_ok_and(|m| m.is_file() && m.len() >= limit))
+    };
+    big(&objects) || big(&objects.join("pack"))
+}
+
+/// The bytes of the files a `git ls-tree -r -l -z` listing names (a
+/// submodule or a symlink counts its own small size, or nothing).
+fn checkout_size(listing: &str) -> u64 {
+    listing
+        .split('\0')
+        .filter_map(|entry| {
+            let (meta, _path) = entry.split_once('\t')?;
+            meta.split_whitespace().nth(3)?.parse::<u64>().ok()
+        })
+        .fold(0u64, u64::saturating_add)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sources_are_named_without_server_paths_or_credentials() {
+        for (url, want) in [
+            ("https://github.com/acme/app", "https://github.com/acme/app"),
+            (
+                "https://user:secret@git.example/acme/app.git?x=1#y",
+                "https://git.example/acme/app.git",
+            ),
+            ("file:///srv/git/acme/app", "acme/app"),
+            ("ssh://git@host/srv/acme/app", "acme/app"),
+        ] {
+            let source = Source {
+                url: url.into(),
+                name: "acme/app".into(),
+                commit: String::new(),
+                dir: PathBuf::new(),
+            };
+            assert_eq!(source.public(), want, "{url}");
+        }
+    }
+
+    /// A repository under `root/acme/<name>` with `files` (name, bytes)
+    /// committed on `main`.
+    fn repository(root: &Path, name: &str, files: &[(&str, Vec<u8>)]) -> PathBuf {
+        let dir = root.join("acme").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let git = |args: &[&str]| {
+            let done = std::process::Command::new("git")
+                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .unwrap();
+            assert!(done.status.success(), "{args:?}: {done:?}");
+        };
+        git(&["init", "-q", "-b", "main"]);
+        for (file, bytes) in files {
+            std::fs::write(dir.join(file), bytes).unwrap();
+        }
+        git(&["add", "."]);
+        git(&["commit", "-q", "-m", "only"]);
+        dir
+    }
+
+    async fn fetch_with_limit(
+        root: &Path,
+        name: &str,
+        limit: u64,
+    ) -> Result<Source, BuildpackError> {
+        let git = Git {
+            command: "git".into(),
+            template: format!("file://{}/{{owner}}/{{repo}}", root.display()),
+            timeout: Duration::from_secs(60),
+            max_bytes: limit,
+        };
+        let url = git.url("acme", name)?;
+        let sources = DirCache::new(root.join("sources"), root.join("tmp"));
+        let shown = format!("acme/{name}");
+        git.fetch(
+            &url,
+            &shown,
+            "main",
+            &Policy::default(),
+            &sources,
+            &root.join("tmp"),
+        )
+        .await
+        .map_err(|e| scrubbed(e, &url, &shown))
+    }
+
+    #[tokio::test]
+    async fn max_source_bytes_bounds_the_fetch_and_the_checkout() {
+        let root = tempfile::tempdir().unwrap();
+        let random: Vec<u8> = (0..2_000_000).map(|_| rand::random::<u8>()).collect();
+        repository(root.path(), "big", &[("blob.bin", random)]);
+        // A small pack that checks out large: one file of zeros, four names.
+        let zeros = vec![0u8; 600_000];
+        let names = ["a", "b", "c", "d"].map(|n| (n, zeros.clone()));
+        repository(root.path(), "bomb", &names);
+        repository(root.path(), "small", &[("README", b"hi\n".to_vec())]);
+        for name in ["big", "bomb"] {
+            match fetch_with_limit(root.path(), name, 1_000_000).await {
+                Err(BuildpackError::TooLarge { what, limit }) => {
+                    assert_eq!(limit, 1_000_000);
+                    assert!(what.starts_with(&format!("acme/{name} at ")), "{what}");
+                }
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        // The pack stopped at the limit: nothing of it is kept.
+        let kept = crate::files::tree_size(&root.path().join("sources")).unwrap_or(0);
+        assert!(kept < 100_000, "{kept} bytes kept");
+        let small = fetch_with_limit(root.path(), "small", 1_000_000)
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(small.dir.join("README")).unwrap(), b"hi\n");
+        assert_eq!(small.public(), "acme/small");
+        // A repository that is not there is named as the client named it.
+        let missing = fetch_with_limit(root.path(), "missing", 1_000_000)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !missing.contains(&root.path().display().to_string()),
+            "{missing}"
+        );
+        assert!(missing.contains("acme/missing"), "{missing}");
+    }
+
+    #[test]
+    fn checkout_sizes_add_up_from_a_listing() {
+        let listing = [
+            "100644 blob aaaa      14\tmessage.txt",
+            "100755 blob bbbb 41\trun sh",
+            "160000 commit cccc       -\tsub",
+            "",
+        ]
+        .join("\0");
+        assert_eq!(checkout_size(&listing), 55);
+    }
 
     #[test]
     fn names_and_revisions_are_plain() {

@@ -98,6 +98,8 @@ struct RawLabel {
 struct LayerToml {
     #[serde(default)]
     types: LayerTypes,
+    #[serde(default)]
+    metadata: Option<toml::Table>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize)]
@@ -128,6 +130,9 @@ pub struct Built {
     pub id: String,
     pub version: String,
     pub layers: Vec<(String, LayerTypes)>,
+    /// Each launch layer's `<layer>.toml` `[metadata]` (for the lifecycle
+    /// metadata label), when it is small enough to carry in a label.
+    pub metadata: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 pub struct BuildOutput {
@@ -612,7 +617,7 @@ impl Lifecycle<'_> {
                     tail: sandbox::tail(&outcome.output, 20),
                 });
             }
-            let layers = read_layers(&layers_host)?;
+            let (layers, metadata) = read_layers(&layers_host)?;
             if let Some(text) = read_small(&layers_host.join("launch.toml")) {
                 let launch: LaunchToml = toml::from_str(&text)
                     .map_err(|e| unusable(bp, "build", format!("launch.toml is not valid: {e}")))?;
@@ -640,6 +645,7 @@ impl Lifecycle<'_> {
                 id: bp.id.clone(),
                 version: bp.version.clone(),
                 layers,
+                metadata,
             });
         }
         Ok(BuildOutput {
@@ -662,8 +668,9 @@ fn unusable(bp: &GroupEntry, phase: &'static str, why: String) -> BuildpackError
 
 /// The layers a buildpack made: directories with a `<name>.toml` beside them,
 /// in name order.
-fn read_layers(dir: &Path) -> Result<Vec<(String, LayerTypes)>, BuildpackError> {
+fn read_layers(dir: &Path) -> Result<Layers, BuildpackError> {
     let mut layers = Vec::new();
+    let mut metadata = std::collections::BTreeMap::new();
     let entries =
         std::fs::read_dir(dir).map_err(|e| BuildpackError::io("reading layers".into(), e))?;
     for entry in entries.flatten() {
@@ -677,8 +684,24 @@ fn read_layers(dir: &Path) -> Result<Vec<(String, LayerTypes)>, BuildpackError> 
             continue;
         };
         let parsed: LayerToml = toml::from_str(&text).unwrap_or_default();
+        if let Some(data) = parsed.metadata.filter(|_| parsed.types.launch)
+            && let Ok(value) = serde_json::to_value(data)
+            && value.to_string().len() <= MAX_LAYER_METADATA
+        {
+            metadata.insert(name.clone(), value);
+        }
         layers.push((name, parsed.types));
     }
     layers.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(layers)
+    Ok((layers, metadata))
 }
+
+/// A buildpack's layers by name, and its launch layers' metadata.
+type Layers = (
+    Vec<(String, LayerTypes)>,
+    std::collections::BTreeMap<String, serde_json::Value>,
+);
+
+/// The most JSON of one layer's metadata carried into the image's label
+/// (the whole config, labels included, is a few MiB at most for clients).
+const MAX_LAYER_METADATA: usize = 16 * 1024;

@@ -4,7 +4,10 @@
 //! `<layers>/<layer>.sbom.<ext>` for each launch layer; CycloneDX, SPDX or
 //! Syft JSON), one artifact each, and an SPDX document of what kontain
 //! knows: the app's commit, each buildpack with its version, and the run
-//! image.
+//! image. The buildpacks' files are also in the image, as the platform
+//! spec's SBOM layer (`/layers/sbom/launch/<buildpack>/[<layer>/]sbom.<ext>`,
+//! its diff ID in the lifecycle metadata label), which is where `pack sbom
+//! download` and the lifecycle's own tools look.
 //!
 //! Buildpacks are untrusted and wrote these files: a file is read only if its
 //! buildpack's layers directory is a directory (not a symlink) and the file,
@@ -14,7 +17,7 @@
 //! nothing swaps a directory between the check and the open; with
 //! `allow_unsandboxed` buildpacks already run as the server's user.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use bytes::Bytes;
 use serde_json::Value;
@@ -23,7 +26,6 @@ use super::BuildpackError;
 use super::lifecycle::{self, BuildOutput};
 use crate::image::json::canonical;
 use crate::image::sbom::{self, oci_purl, package, relationship};
-use crate::image::work::blocking;
 use crate::oci::Digest;
 use crate::storage::{ContentStore, StoredManifest};
 
@@ -58,12 +60,37 @@ pub fn places(output: &BuildOutput) -> Vec<(String, Vec<String>)> {
         .collect()
 }
 
-/// The SBOM files that may exist at `places` under `layers`, in that order,
-/// each stem's by format: at most [`MAX_FILES`] of them, with their media
-/// types. Only a buildpack directory that is a directory (not a symlink) is
-/// looked in.
-pub fn candidates(layers: &Path, places: &[(String, Vec<String>)]) -> Vec<(&'static str, PathBuf)> {
+/// A buildpack's SBOM file, read.
+pub struct SbomFile {
+    /// The buildpack's layers directory name (its escaped id).
+    pub buildpack: String,
+    /// `launch`, or the launch layer the file describes.
+    pub stem: String,
+    /// `cdx.json`, `spdx.json` or `syft.json`.
+    pub ext: &'static str,
+    pub media_type: &'static str,
+    pub bytes: Bytes,
+}
+
+impl SbomFile {
+    /// Where the platform spec puts it in the image's SBOM layer.
+    pub fn layer_path(&self) -> String {
+        match self.stem.as_str() {
+            "launch" => format!("layers/sbom/launch/{}/sbom.{}", self.buildpack, self.ext),
+            layer => format!(
+                "layers/sbom/launch/{}/{layer}/sbom.{}",
+                self.buildpack, self.ext
+            ),
+        }
+    }
+}
+
+/// The SBOM files at `places` under `layers`, in that order, each stem's by
+/// format, read: at most [`MAX_FILES`] files and [`MAX_TOTAL`] bytes. Only
+/// a buildpack directory that is a directory (not a symlink) is looked in.
+pub fn collect(layers: &Path, places: &[(String, Vec<String>)]) -> Vec<SbomFile> {
     let mut found = Vec::new();
+    let mut total = 0u64;
     for (bp, stems) in places {
         let dir = layers.join(bp);
         if !std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
@@ -72,19 +99,36 @@ pub fn candidates(layers: &Path, places: &[(String, Vec<String>)]) -> Vec<(&'sta
         for stem in stems {
             for (ext, media_type) in FORMATS {
                 let path = dir.join(format!("{stem}.sbom.{ext}"));
-                if std::fs::symlink_metadata(&path).is_ok() {
-                    found.push((media_type, path));
+                if std::fs::symlink_metadata(&path).is_err() {
+                    continue;
                 }
+                if found.len() == MAX_FILES {
+                    tracing::warn!(
+                        kept = MAX_FILES,
+                        "buildpacks left more SBOM files than are kept"
+                    );
+                    return found;
+                }
+                let Some(bytes) = read(&path) else {
+                    continue;
+                };
+                total += bytes.len() as u64;
+                if total > MAX_TOTAL {
+                    tracing::warn!(
+                        limit = MAX_TOTAL,
+                        "the buildpacks' SBOM files pass the limit: the rest are left out"
+                    );
+                    return found;
+                }
+                found.push(SbomFile {
+                    buildpack: bp.clone(),
+                    stem: stem.clone(),
+                    ext,
+                    media_type,
+                    bytes,
+                });
             }
         }
-    }
-    if found.len() > MAX_FILES {
-        tracing::warn!(
-            found = found.len(),
-            kept = MAX_FILES,
-            "buildpacks left more SBOM files than are attached"
-        );
-        found.truncate(MAX_FILES);
     }
     found
 }
@@ -92,7 +136,7 @@ pub fn candidates(layers: &Path, places: &[(String, Vec<String>)]) -> Vec<(&'sta
 /// A buildpack's SBOM file, if it is a regular file of at most [`MAX_FILE`]
 /// bytes: opened without following a symlink or blocking on a FIFO, and
 /// checked on the open file, so that what is read is what was checked.
-pub fn read(path: &Path) -> Option<Bytes> {
+fn read(path: &Path) -> Option<Bytes> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let flags = rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK;
@@ -109,21 +153,6 @@ pub fn read(path: &Path) -> Option<Bytes> {
     let mut bytes = Vec::new();
     file.take(MAX_FILE + 1).read_to_end(&mut bytes).ok()?;
     (bytes.len() as u64 <= MAX_FILE).then(|| Bytes::from(bytes))
-}
-
-/// How an SBOM names the repository of `url`: its last two path segments
-/// (`owner/repo`), never the server's own path, host or credentials.
-pub fn repository_name(url: &str) -> String {
-    let Ok(url) = url::Url::parse(url) else {
-        return "repository".to_owned();
-    };
-    let segments: Vec<&str> = url
-        .path_segments()
-        .map(|s| s.filter(|s| !s.is_empty()).collect())
-        .unwrap_or_default();
-    let tail = &segments[segments.len().saturating_sub(2)..];
-    let name = tail.join("/");
-    name.trim_end_matches(".git").to_owned()
 }
 
 /// What the build was made of, as the image's SPDX document.
@@ -156,48 +185,18 @@ pub fn document(
     sbom::spdx("buildpack", name, subject, packages, relationships)
 }
 
-/// Attaches kontain's document, then the buildpacks' SBOM files (read one
-/// at a time, at most [`MAX_TOTAL`] bytes in all), to `image`.
+/// Attaches kontain's document, then the buildpacks' SBOM files, to
+/// `image`, one artifact each.
 pub async fn attach(
     store: &std::sync::Arc<ContentStore>,
     image: &StoredManifest,
     document: &Value,
-    candidates: Vec<(&'static str, PathBuf)>,
+    files: &[SbomFile],
 ) -> Result<(), BuildpackError> {
     let bytes = canonical(document)?;
     sbom::attach(store, image, sbom::SPDX_JSON, bytes).await?;
-    let mut total = 0u64;
-    for (media_type, path) in candidates {
-        let Some(bytes) = blocking(move || Ok::<_, BuildpackError>(read(&path))).await? else {
-            continue;
-        };
-        total += bytes.len() as u64;
-        if total > MAX_TOTAL {
-            tracing::warn!(
-                limit = MAX_TOTAL,
-                "the buildpacks' SBOM files pass the limit: the rest are left out"
-            );
-            break;
-        }
-        sbom::attach(store, image, media_type, bytes).await?;
+    for file in files {
+        sbom::attach(store, image, file.media_type, file.bytes.clone()).await?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn repositories_are_named_without_server_paths() {
-        for (url, want) in [
-            ("https://github.com/acme/app", "acme/app"),
-            ("https://github.com/acme/app.git", "acme/app"),
-            ("file:///srv/git/acme/app/", "acme/app"),
-            ("https://user:secret@git.example/acme/app?x=1", "acme/app"),
-            ("https://u:pw@git.example/acme-app.git", "acme-app"),
-        ] {
-            assert_eq!(repository_name(url), want, "{url}");
-        }
-    }
 }

@@ -20,7 +20,9 @@ impl buildpack::HostSource for Ctx<'_, Buildpacks> {
     }
 
     async fn url(&mut self, this: Resource<SourceHandle>) -> Trap<String> {
-        Ok(self.get(&this)?.0.url.clone())
+        // Never the server's own path or credentials: plugins are untrusted,
+        // and what they say reaches clients.
+        Ok(self.get(&this)?.0.public())
     }
 
     async fn drop(&mut self, this: Resource<SourceHandle>) -> Trap<()> {

@@ -101,6 +101,20 @@ impl Fixed {
             .map_err(io_error("writing a layer"))
     }
 
+    /// A regular file at `path` holding `bytes`, mode as a non-executable
+    /// file's.
+    pub fn add_bytes(
+        &self,
+        tar: &mut LayerTar,
+        path: &str,
+        bytes: &[u8],
+    ) -> Result<(), ImageError> {
+        let mode = (self.file_mode)(false);
+        let mut header = self.header(tar::EntryType::Regular, mode, bytes.len() as u64);
+        tar.append_data(&mut header, path, bytes)
+            .map_err(io_error("writing a layer"))
+    }
+
     /// The regular file `file` at `path`.
     pub fn add_file(&self, tar: &mut LayerTar, path: &str, file: &Path) -> Result<(), ImageError> {
         use std::os::unix::fs::PermissionsExt;
