@@ -59,6 +59,8 @@ pub enum BuildpackError {
     TooLarge { what: String, limit: u64 },
     #[error("the builder image cannot be used: {0}")]
     BadBuilder(String),
+    #[error("the app's project.toml cannot be used: {0}")]
+    Project(String),
     #[error("no buildpack group passed detection ({tried})")]
     NoGroupPassed { tried: String },
     #[error("buildpack {buildpack} failed in {phase} (exit {code}):\n{tail}")]
@@ -93,9 +95,9 @@ impl Classify for BuildpackError {
             }
             // The source cannot be built as it is: the request cannot
             // succeed, and retrying will not help.
-            BuildpackError::NoGroupPassed { .. } | BuildpackError::BuildpackFailed { .. } => {
-                ErrorKind::BuildFailed
-            }
+            BuildpackError::NoGroupPassed { .. }
+            | BuildpackError::BuildpackFailed { .. }
+            | BuildpackError::Project(_) => ErrorKind::BuildFailed,
             // The configured builder is the operator's to fix.
             BuildpackError::BadBuilder(_) => ErrorKind::Misconfigured,
             BuildpackError::Unreachable { .. }

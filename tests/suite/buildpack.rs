@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use http::StatusCode;
 use libtest_mimic::Trial;
 
 use crate::mirror::world;
 use crate::support::images::{self, Entry, Image};
-use crate::support::{Server, docker, get, get_blob, get_ok, trial};
+use crate::support::{Server, docker, get, get_blob, get_ok, refused, trial};
 
 pub fn trials() -> Vec<Trial> {
     vec![
@@ -44,6 +45,10 @@ pub fn trials() -> Vec<Trial> {
         trial(
             "buildpack::project_toml_excludes_files_and_sets_build_env",
             project_toml,
+        ),
+        trial(
+            "buildpack::project_toml_groups_name_builder_buildpacks_and_run_inline_scripts",
+            project_groups,
         ),
         trial(
             "buildpack::an_abbreviated_sha_of_a_500_commit_repository_fetches_its_history_once",
@@ -160,6 +165,16 @@ const LAUNCH_BUILD: &str = include_str!("../fixtures/buildpacks/launch/build");
 const PROJECT_TOML: &str = "[_]\nschema-version = \"0.2\"\n\
     [io.buildpacks]\nexclude = [\"secret.txt\", \"docs/\"]\n\
     [[io.buildpacks.build.env]]\nname = \"BP_KONTAIN_NOTE\"\nvalue = \"from project.toml\"\n";
+/// The builder's two buildpacks named by the app (one by URI), and an
+/// inline buildpack after them that uses the first one's tool.
+const PROJECT_GROUPS: &str = "[_]\nschema-version = \"0.2\"\n\
+    [[io.buildpacks.group]]\nid = \"kontain-test/tool\"\n\
+    [[io.buildpacks.group]]\nuri = \"urn:cnb:builder:kontain-test/app\"\n\
+    [[io.buildpacks.post.group]]\nid = \"acme/inline\"\n\
+    [io.buildpacks.post.group.script]\napi = \"0.10\"\n\
+    inline = \"shout < message.txt > inline.txt\"\n";
+/// A buildpack from elsewhere, which kontain does not fetch.
+const PROJECT_FOREIGN: &str = "[[io.buildpacks.group]]\nuri = \"docker://evil.example/bp\"\n";
 const RUN_SH: &str = "echo \"$GREETING: $(shout < message.txt) / built: $(cat built.txt)\"\n";
 
 /// Busybox with the applets the scripts use.
@@ -503,6 +518,10 @@ pub fn repos() -> anyhow::Result<&'static Repos> {
                     ("docs/a.md", "kept out too\n"),
                 ];
                 repos.create("acme", "project", &project)?;
+                let groups = [app[0], app[1], ("project.toml", PROJECT_GROUPS)];
+                repos.create("acme", "groups", &groups)?;
+                let foreign = [app[0], app[1], ("project.toml", PROJECT_FOREIGN)];
+                repos.create("acme", "foreign", &foreign)?;
                 Ok(repos)
             };
             go().map_err(|e| format!("{e:?}"))
@@ -557,6 +576,30 @@ fn digest(server: &Server, repo: &str, revision: &str) -> anyhow::Result<String>
     Ok(reply.header("docker-content-digest").to_owned())
 }
 
+/// The image `<generator>/<repo>:main`: its config, and the files of its
+/// last layer (the app at `/workspace`).
+struct Pulled {
+    config: serde_json::Value,
+    app: std::collections::BTreeMap<String, (char, Vec<u8>)>,
+}
+
+fn pulled(server: &Server, repo: &str) -> anyhow::Result<Pulled> {
+    let manifest = get_ok(server, &format!("/v2/{repo}/manifests/main"))?.json()?;
+    let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
+    let last = layers
+        .last()
+        .ok_or_else(|| anyhow::anyhow!("no layers: {manifest}"))?;
+    let app = crate::flatten::tree(&get_blob(server, repo, last)?.body)?;
+    let config = get_blob(server, repo, &manifest["config"])?.json()?;
+    Ok(Pulled { config, app })
+}
+
+/// The JSON label `name` of an image config.
+fn json_label(config: &serde_json::Value, name: &str) -> anyhow::Result<serde_json::Value> {
+    let text = config["config"]["Labels"][name].as_str().unwrap_or("{}");
+    Ok(serde_json::from_str(text)?)
+}
+
 pub const EXPECTED: &str = "hello from env.launch: HELLO WORLD / built: HELLO WORLD";
 
 fn docker_run() -> anyhow::Result<()> {
@@ -597,11 +640,7 @@ fn layout() -> anyhow::Result<()> {
     // The lifecycle metadata `pack rebase` and `pack inspect` read: each new
     // layer's diff ID, and where the run image ends.
     let diff_ids = &config["rootfs"]["diff_ids"];
-    let label = |name: &str| -> anyhow::Result<serde_json::Value> {
-        let text = config["config"]["Labels"][name].as_str().unwrap_or("{}");
-        Ok(serde_json::from_str(text)?)
-    };
-    let lifecycle = label("io.buildpacks.lifecycle.metadata")?;
+    let lifecycle = json_label(&config, "io.buildpacks.lifecycle.metadata")?;
     assert_eq!(
         lifecycle["runImage"]["topLayer"], diff_ids[0],
         "{lifecycle}"
@@ -615,7 +654,7 @@ fn layout() -> anyhow::Result<()> {
     assert_eq!(lifecycle["sbom"]["sha"], diff_ids[2], "{lifecycle}");
     assert_eq!(lifecycle["app"][0]["sha"], diff_ids[3], "{lifecycle}");
     // The repository as the client named it, never the server's path.
-    let project = label("io.buildpacks.project.metadata")?;
+    let project = json_label(&config, "io.buildpacks.project.metadata")?;
     assert_eq!(
         project["source"]["metadata"]["repository"], "acme/app",
         "{project}"
@@ -773,10 +812,7 @@ fn abbreviated() -> anyhow::Result<()> {
 
 fn project_toml() -> anyhow::Result<()> {
     let server = server()?;
-    let manifest = get_ok(server, "/v2/buildpack/acme/project/manifests/main")?.json()?;
-    let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
-    let app = get_blob(server, "buildpack/acme/project", &layers[layers.len() - 1])?;
-    let tree = crate::flatten::tree(&app.body)?;
+    let tree = pulled(server, "buildpack/acme/project")?.app;
     let names: Vec<&String> = tree.keys().collect();
     assert!(tree.contains_key("workspace/message.txt"), "{names:?}");
     assert!(
@@ -791,6 +827,49 @@ fn project_toml() -> anyhow::Result<()> {
     assert_eq!(
         String::from_utf8_lossy(&note.1),
         "from project.toml / from project.toml"
+    );
+    Ok(())
+}
+
+fn project_groups() -> anyhow::Result<()> {
+    let server = server()?;
+    let Pulled {
+        config, app: tree, ..
+    } = pulled(server, "buildpack/acme/groups")?;
+    let inline = tree
+        .get("workspace/inline.txt")
+        .ok_or_else(|| anyhow::anyhow!("no inline.txt: {:?}", tree.keys()))?;
+    assert_eq!(String::from_utf8_lossy(&inline.1), "HELLO WORLD\n");
+    let build = json_label(&config, "io.buildpacks.build.metadata")?;
+    let ran: Vec<String> = build["buildpacks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| {
+            format!(
+                "{}@{}",
+                b["key"].as_str().unwrap_or(""),
+                b["version"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    assert_eq!(
+        ran,
+        [
+            "kontain-test/tool@0.1.0",
+            "kontain-test/app@0.1.0",
+            "acme/inline@0.0.0"
+        ]
+    );
+    let message = refused(
+        server.addr,
+        "/v2/buildpack/acme/foreign/manifests/main",
+        StatusCode::NOT_FOUND,
+        "MANIFEST_UNKNOWN",
+    )?;
+    assert!(
+        message.contains("project.toml") && message.contains("not the builder's"),
+        "{message}"
     );
     Ok(())
 }
@@ -829,8 +908,7 @@ fn launched() -> anyhow::Result<()> {
         "sys-info: exec.d=from exec.d profile.d=unset web-only=unset"
     );
     docker.run(&["rmi", &image])?;
-    let manifest = get_ok(server, "/v2/launched/acme/app/manifests/main")?.json()?;
-    let config = get_blob(server, "launched/acme/app", &manifest["config"])?.json()?;
+    let config = pulled(server, "launched/acme/app")?.config;
     let c = &config["config"];
     assert_eq!(
         c["Entrypoint"],
@@ -850,19 +928,11 @@ fn launched() -> anyhow::Result<()> {
         c["Labels"]["org.example.built-by"], "kontain-test/launch",
         "{c}"
     );
-    let build: serde_json::Value = serde_json::from_str(
-        c["Labels"]["io.buildpacks.build.metadata"]
-            .as_str()
-            .unwrap_or("{}"),
-    )?;
+    let build = json_label(&config, "io.buildpacks.build.metadata")?;
     assert_eq!(build["launcher"]["version"], "0.0.0-kontain-test");
     // The launcher's layers, named in the lifecycle metadata: the last
     // three, in the order the label's keys say.
-    let lifecycle: serde_json::Value = serde_json::from_str(
-        c["Labels"]["io.buildpacks.lifecycle.metadata"]
-            .as_str()
-            .unwrap_or("{}"),
-    )?;
+    let lifecycle = json_label(&config, "io.buildpacks.lifecycle.metadata")?;
     let ids = config["rootfs"]["diff_ids"]
         .as_array()
         .cloned()
@@ -881,10 +951,7 @@ fn launched() -> anyhow::Result<()> {
 
 fn platform_env() -> anyhow::Result<()> {
     let server = server()?;
-    let manifest = get_ok(server, "/v2/platform/acme/app/manifests/main")?.json()?;
-    let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
-    let app = get_blob(server, "platform/acme/app", &layers[layers.len() - 1])?;
-    let tree = crate::flatten::tree(&app.body)?;
+    let tree = pulled(server, "platform/acme/app")?.app;
     let note = tree
         .get("workspace/platform-note.txt")
         .ok_or_else(|| anyhow::anyhow!("no note: {:?}", tree.keys().collect::<Vec<_>>()))?;

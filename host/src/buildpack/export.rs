@@ -156,7 +156,7 @@ impl Buildpacks {
                 .unwrap_or(default)
         };
         let (uid, gid) = (id("CNB_USER_ID", 1000), id("CNB_GROUP_ID", 1000));
-        let builder = Builder::open(rootfs, builder_env)?;
+        let mut builder = Builder::open(rootfs, builder_env)?;
         let host_user = sandbox::host_user(config.sandbox_user);
         let app_source = crate::files::inside(&build.source.dir, build.app_path)
             .filter(|p| p.is_dir())
@@ -168,7 +168,7 @@ impl Buildpacks {
             })?;
         let work_root = self.scratch.join("work");
         let platform_env = build.platform_env.clone();
-        let (dir, work) = blocking(move || {
+        let (dir, work, groups) = blocking(move || {
             std::fs::create_dir_all(&work_root).map_err(io_error("creating a directory"))?;
             let dir = tempfile::Builder::new()
                 .prefix("build-")
@@ -186,9 +186,10 @@ impl Buildpacks {
             project.filter(&work.app)?;
             work.give(&work.app)?;
             work.give(&work.layers)?;
-            Ok::<_, BuildpackError>((dir, work))
+            Ok::<_, BuildpackError>((dir, work, project.groups))
         })
         .await?;
+        builder.apply(&groups)?;
 
         let sandbox = Sandbox {
             bwrap: config.bwrap_command.clone(),

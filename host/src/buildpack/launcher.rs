@@ -203,9 +203,10 @@ pub fn prepare(
                 id: b.id.clone(),
                 // The launcher needs a version; the one this platform
                 // implements when the buildpack does not say.
-                api: match toml.api.as_str() {
-                    "" => BUILDPACK_API.to_owned(),
-                    api => api.to_owned(),
+                api: match (b.api.as_deref(), toml.api.as_str()) {
+                    (Some(inline), _) => inline.to_owned(),
+                    (None, "") => BUILDPACK_API.to_owned(),
+                    (None, api) => api.to_owned(),
                 },
             }
         })

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use super::BuildpackError;
 use super::env::Env;
 use super::plan::{DetectPlan, PlanItem, resolve_plan};
+use super::project::{Entry, Groups, Script};
 use super::sandbox::{self, Mounts, Sandbox};
 use crate::files::inside;
 
@@ -31,7 +32,16 @@ pub struct GroupEntry {
     pub version: String,
     #[serde(default)]
     pub optional: bool,
+    /// An inline buildpack of the app's `project.toml`: not the builder's.
+    #[serde(skip)]
+    pub script: Option<std::sync::Arc<Script>>,
 }
+
+/// Where a step finds an inline buildpack: in its own plan directory.
+const INLINE_DIR: &str = "buildpack";
+
+/// The version inline buildpacks have (they have none of their own).
+const INLINE_VERSION: &str = "0.0.0";
 
 /// `/cnb/order.toml`, and a composite buildpack's `buildpack.toml`.
 #[derive(Deserialize)]
@@ -133,6 +143,9 @@ pub struct Built {
     /// Each launch layer's `<layer>.toml` `[metadata]` (for the lifecycle
     /// metadata label), when it is small enough to carry in a label.
     pub metadata: std::collections::BTreeMap<String, serde_json::Value>,
+    /// An inline buildpack's Buildpack API (the builder's say theirs in
+    /// their `buildpack.toml`).
+    pub api: Option<String>,
 }
 
 pub struct BuildOutput {
@@ -179,6 +192,96 @@ impl Builder {
         Ok(builder)
     }
 
+    /// The order with an app's `project.toml` groups: its `group` instead
+    /// of the builder's order, `pre` and `post` around each group. Its
+    /// entries are the app's to get right: what the builder lacks is the
+    /// app's error, not the builder's.
+    pub fn apply(&mut self, groups: &Groups) -> Result<(), BuildpackError> {
+        if groups.group.is_empty() && groups.pre.is_empty() && groups.post.is_empty() {
+            return Ok(());
+        }
+        let entries = |list: &[Entry]| -> Result<Vec<GroupEntry>, BuildpackError> {
+            list.iter()
+                .map(|e| {
+                    let entry = match e {
+                        Entry::Builder { id, version } => GroupEntry {
+                            id: id.clone(),
+                            version: version.clone(),
+                            optional: false,
+                            script: None,
+                        },
+                        Entry::Inline { id, script } => GroupEntry {
+                            id: id.clone(),
+                            version: INLINE_VERSION.to_owned(),
+                            optional: false,
+                            script: Some(std::sync::Arc::new(script.clone())),
+                        },
+                    };
+                    // A version left out is the builder's only one, found
+                    // when the group is expanded.
+                    let mut named = entry.clone();
+                    if named.version.is_empty() {
+                        named.version = INLINE_VERSION.to_owned();
+                    }
+                    self.checked(&named).map_err(|_| {
+                        BuildpackError::Project(format!(
+                            "{:?}@{:?} is not a usable buildpack id and version",
+                            entry.id, entry.version
+                        ))
+                    })?;
+                    Ok(entry)
+                })
+                .collect()
+        };
+        let (pre, post) = (entries(&groups.pre)?, entries(&groups.post)?);
+        let order = match groups.group.is_empty() {
+            true => std::mem::take(&mut self.order),
+            false => {
+                let mut budget = MAX_ENTRIES_READ;
+                self.expand(vec![entries(&groups.group)?], 0, &mut budget)
+                    .map_err(apps_fault)?
+            }
+        };
+        let mut budget = MAX_ENTRIES_READ;
+        let pre = self.expand(vec![pre], 0, &mut budget).map_err(apps_fault)?;
+        let post = self
+            .expand(vec![post], 0, &mut budget)
+            .map_err(apps_fault)?;
+        // `pre` and `post` are one group each (a composite in them: its
+        // first group).
+        let (pre, post) = (
+            pre.into_iter().next().unwrap_or_default(),
+            post.into_iter().next().unwrap_or_default(),
+        );
+        self.order = order
+            .into_iter()
+            .map(|group| {
+                let mut all: Vec<GroupEntry> = Vec::new();
+                for e in pre.iter().chain(&group).chain(&post) {
+                    if !all.iter().any(|a| a.id == e.id) {
+                        all.push(e.clone());
+                    }
+                }
+                all
+            })
+            .collect();
+        let named = |id: &str| {
+            [&groups.group, &groups.pre, &groups.post]
+                .into_iter()
+                .flatten()
+                .any(|e| matches!(e, Entry::Builder { id: i, .. } if i == id))
+        };
+        for entry in self.order.iter().flatten().filter(|e| named(&e.id)) {
+            self.buildpack_dir(entry).map_err(|_| {
+                BuildpackError::Project(format!(
+                    "the builder has no buildpack {}@{}",
+                    entry.id, entry.version
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
     /// `order` with each composite buildpack (one whose `buildpack.toml`
     /// has an `[[order]]`) replaced by its own groups, recursively, in
     /// order: a group holding a composite becomes one group per group of
@@ -203,6 +306,10 @@ impl Builder {
                         "its composite buildpacks name too many buildpacks".into(),
                     )
                 })?;
+                if entry.script.is_some() {
+                    alternatives.iter_mut().for_each(|g| g.push(entry.clone()));
+                    continue;
+                }
                 entry.version = self.version_of(&entry)?;
                 let members = match self.composite(&entry)? {
                     None => vec![vec![entry]],
@@ -329,6 +436,9 @@ impl Builder {
 
     fn buildpack_dir(&self, bp: &GroupEntry) -> Result<String, BuildpackError> {
         self.checked(bp)?;
+        if bp.script.is_some() {
+            return Ok(format!("{}/{INLINE_DIR}", sandbox::IO));
+        }
         let rel = format!("cnb/buildpacks/{}/{}", escape_id(&bp.id), bp.version);
         match inside(&self.rootfs, &rel) {
             Some(p) if p.join("bin").is_dir() => Ok(format!("/{rel}")),
@@ -439,7 +549,14 @@ impl Lifecycle<'_> {
     /// `content`; the step sees it (and only it) as its plan dir. Never
     /// reused: a step may leave symlinks in its own, and the host reads
     /// there after the step.
-    fn plan_dir(&self, name: &str, content: &str) -> Result<PathBuf, BuildpackError> {
+    /// An inline buildpack (`bp.script`) is written there too, as
+    /// `pack` lays one out: detect passes, build runs the script.
+    fn plan_dir(
+        &self,
+        name: &str,
+        content: &str,
+        bp: &GroupEntry,
+    ) -> Result<PathBuf, BuildpackError> {
         let dir = self.work.io.join(name);
         let fail = |e| BuildpackError::io("preparing the plan directory".into(), e);
         std::fs::create_dir(&dir).map_err(fail)?;
@@ -449,6 +566,9 @@ impl Lifecycle<'_> {
             .open(dir.join("plan.toml"))
             .and_then(|mut f| std::io::Write::write_all(&mut f, content.as_bytes()))
             .map_err(fail)?;
+        if let Some(script) = &bp.script {
+            write_inline(&dir.join(INLINE_DIR), bp, script).map_err(fail)?;
+        }
         self.work.give(&dir)?;
         Ok(dir)
     }
@@ -489,7 +609,7 @@ impl Lifecycle<'_> {
             let plan_inside = plan_inside.clone();
             steps.push(async move {
                 let dir = self.builder.buildpack_dir(bp)?;
-                let io = self.plan_dir(&format!("detect-{index}-{n}"), "")?;
+                let io = self.plan_dir(&format!("detect-{index}-{n}"), "", bp)?;
                 let mut env = self.base_env(&dir);
                 env.0
                     .insert("CNB_BUILD_PLAN_PATH".into(), plan_inside.clone());
@@ -586,7 +706,7 @@ impl Lifecycle<'_> {
             let text = toml::to_string(&BpPlan { entries }).map_err(|e| {
                 BuildpackError::io("writing the plan".into(), std::io::Error::other(e))
             })?;
-            let io = self.plan_dir(&format!("build-{}", built.len()), &text)?;
+            let io = self.plan_dir(&format!("build-{}", built.len()), &text, bp)?;
 
             let mut env = self.base_env(&dir);
             // Build layers of the buildpacks before this one.
@@ -646,6 +766,7 @@ impl Lifecycle<'_> {
                 version: bp.version.clone(),
                 layers,
                 metadata,
+                api: bp.script.as_ref().map(|s| s.api.clone()),
             });
         }
         Ok(BuildOutput {
@@ -664,6 +785,44 @@ fn unusable(bp: &GroupEntry, phase: &'static str, why: String) -> BuildpackError
         code: 0,
         tail: why,
     }
+}
+
+/// A problem of the builder's order met while applying an app's groups:
+/// the app named what the builder does not have.
+fn apps_fault(e: BuildpackError) -> BuildpackError {
+    match e {
+        BuildpackError::BadBuilder(why) => BuildpackError::Project(why),
+        other => other,
+    }
+}
+
+/// An inline buildpack at `dir`: `buildpack.toml`, `bin/detect` (passes)
+/// and `bin/build` (the script, run by its shell).
+fn write_inline(dir: &Path, bp: &GroupEntry, script: &Script) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir.join("bin"))?;
+    let descriptor = toml::to_string(&toml::toml! {
+        api = (script.api.clone())
+        [buildpack]
+        id = (bp.id.clone())
+        version = (bp.version.clone())
+    })
+    .map_err(std::io::Error::other)?;
+    std::fs::write(dir.join("buildpack.toml"), descriptor)?;
+    // A bare shell name is looked up on PATH, as a shebang cannot.
+    let shebang = match script.shell.starts_with('/') {
+        true => format!("#!{}", script.shell),
+        false => format!("#!/usr/bin/env {}", script.shell),
+    };
+    for (name, body) in [
+        ("detect", format!("{shebang}\nexit 0\n")),
+        ("build", format!("{shebang}\n{}\n", script.inline)),
+    ] {
+        let path = dir.join("bin").join(name);
+        std::fs::write(&path, body)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    }
+    Ok(())
 }
 
 /// The layers a buildpack made: directories with a `<name>.toml` beside them,

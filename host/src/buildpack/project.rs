@@ -1,8 +1,16 @@
 //! `project.toml`, the project descriptor an app may carry (schema 0.1's
 //! `[build]`, 0.2's `[io.buildpacks]`): which files of the app the build
-//! sees (`include` or `exclude`, gitignore patterns) and environment for the
-//! build (`[[…build.env]]`, platform environment as `pack` passes it).
-//! Inline buildpacks and `group` are not used: the builder's order decides.
+//! sees (`include` or `exclude`, gitignore patterns), environment for the
+//! build (`[[…build.env]]`, platform environment as `pack` passes it), and
+//! the buildpacks: a `group` that replaces the builder's order, `pre` and
+//! `post` groups around each of its groups. An entry names one of the
+//! builder's buildpacks (by `id` and optional `version`, or a
+//! `urn:cnb:builder:<id>[@<version>]` URI) or is an inline buildpack (a
+//! `script` the app carries: it always detects, and its build runs the
+//! script, in the sandbox like any other). Buildpacks from anywhere else
+//! (registries, URLs) are not fetched: the operator's builder decides what
+//! code builds apps, and a build names nothing outside it but the app's own
+//! scripts.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -37,6 +45,122 @@ struct Build {
     /// Schema 0.2 puts `env` under `[io.buildpacks.build]`.
     #[serde(default)]
     build: Option<Box<Build>>,
+    /// Schema 0.1's group: `[[build.buildpacks]]`.
+    #[serde(default)]
+    buildpacks: Vec<RawEntry>,
+    /// Schema 0.2's: `[[io.buildpacks.group]]`, `[[io.buildpacks.pre.group]]`
+    /// and `[[io.buildpacks.post.group]]`.
+    #[serde(default)]
+    group: Vec<RawEntry>,
+    #[serde(default)]
+    pre: Option<Around>,
+    #[serde(default)]
+    post: Option<Around>,
+}
+
+#[derive(Default, Deserialize)]
+struct Around {
+    #[serde(default)]
+    group: Vec<RawEntry>,
+}
+
+#[derive(Deserialize)]
+struct RawEntry {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    version: String,
+    #[serde(default)]
+    uri: String,
+    script: Option<Script>,
+}
+
+/// An inline buildpack's script.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct Script {
+    pub api: String,
+    #[serde(default = "default_shell")]
+    pub shell: String,
+    pub inline: String,
+}
+
+fn default_shell() -> String {
+    "/bin/sh".to_owned()
+}
+
+/// A buildpack `project.toml` names.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Entry {
+    /// One of the builder's; an empty version is its only one.
+    Builder { id: String, version: String },
+    /// The app's own script.
+    Inline { id: String, script: Script },
+}
+
+/// The buildpacks `project.toml` asks for.
+#[derive(Default)]
+pub struct Groups {
+    /// Replaces the builder's order when not empty.
+    pub group: Vec<Entry>,
+    pub pre: Vec<Entry>,
+    pub post: Vec<Entry>,
+}
+
+/// The prefix of URIs naming one of the builder's buildpacks.
+const BUILDER_URN: &str = "urn:cnb:builder:";
+
+/// Inline scripts at most (each is a file of the build's own).
+const MAX_SCRIPT: usize = 64 * 1024;
+
+fn entry(raw: RawEntry) -> Result<Entry, BuildpackError> {
+    let fail = |why: String| Err(BuildpackError::Project(why));
+    match (raw.script, raw.uri.as_str()) {
+        (Some(script), "") => {
+            if raw.id.is_empty() {
+                return fail("an inline buildpack needs an id".into());
+            }
+            if script.inline.len() > MAX_SCRIPT {
+                return fail(format!(
+                    "the inline buildpack {} is longer than {MAX_SCRIPT} bytes",
+                    raw.id
+                ));
+            }
+            let shell_ok = !script.shell.is_empty()
+                && script
+                    .shell
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b));
+            let api_ok = !script.api.is_empty()
+                && script.api.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+            if !shell_ok || !api_ok {
+                return fail(format!(
+                    "the inline buildpack {} has an unusable shell {:?} or api {:?}",
+                    raw.id, script.shell, script.api
+                ));
+            }
+            Ok(Entry::Inline { id: raw.id, script })
+        }
+        (None, "") if !raw.id.is_empty() => Ok(Entry::Builder {
+            id: raw.id,
+            version: raw.version,
+        }),
+        (None, uri) if uri.starts_with(BUILDER_URN) => {
+            let named = &uri[BUILDER_URN.len()..];
+            let (id, version) = named.split_once('@').unwrap_or((named, ""));
+            Ok(Entry::Builder {
+                id: id.to_owned(),
+                version: version.to_owned(),
+            })
+        }
+        (None, "") => fail("a buildpack entry names no id, uri or script".into()),
+        (None, uri) => fail(format!(
+            "the buildpack {uri:?} is not the builder's: kontain builds with the builder's buildpacks and inline scripts only (name one as id = \"<id>\" or uri = \"{BUILDER_URN}<id>\")"
+        )),
+        (Some(_), _) => fail(format!(
+            "the buildpack {:?} has both a uri and a script",
+            raw.id
+        )),
+    }
 }
 
 #[derive(Deserialize)]
@@ -51,6 +175,7 @@ pub struct Project {
     include: Vec<String>,
     exclude: Vec<String>,
     pub env: BTreeMap<String, String>,
+    pub groups: Groups,
 }
 
 /// The descriptor at the root of `app` (none: an empty one).
@@ -61,20 +186,36 @@ pub fn read(app: &Path) -> Result<Project, BuildpackError> {
     else {
         return Ok(Project::default());
     };
-    let parsed: ProjectToml = toml::from_str(&text).map_err(|e| {
-        BuildpackError::InvalidName(format!("the app's project.toml is not valid: {e}"))
-    })?;
+    let parsed: ProjectToml = toml::from_str(&text)
+        .map_err(|e| BuildpackError::Project(format!("it is not valid: {e}")))?;
     let mut project = Project::default();
     let v2 = parsed.io.buildpacks;
     for table in [parsed.build, v2] {
         project.include.extend(table.include);
         project.exclude.extend(table.exclude);
+        let entries =
+            |raw: Vec<RawEntry>| raw.into_iter().map(entry).collect::<Result<Vec<_>, _>>();
+        project.groups.group.extend(entries(table.buildpacks)?);
+        project.groups.group.extend(entries(table.group)?);
+        project
+            .groups
+            .pre
+            .extend(entries(table.pre.map(|a| a.group).unwrap_or_default())?);
+        project
+            .groups
+            .post
+            .extend(entries(table.post.map(|a| a.group).unwrap_or_default())?);
         let nested = table.build.map(|b| b.env).unwrap_or_default();
         for var in table.env.into_iter().chain(nested) {
             if plain_name(&var.name) {
                 project.env.insert(var.name, var.value);
             }
         }
+    }
+    if !project.include.is_empty() && !project.exclude.is_empty() {
+        return Err(BuildpackError::Project(
+            "it has both include and exclude; the spec allows one".into(),
+        ));
     }
     Ok(project)
 }
@@ -100,13 +241,13 @@ impl Project {
         };
         let mut builder = ignore::gitignore::GitignoreBuilder::new(dir);
         for pattern in patterns {
-            builder.add_line(None, pattern).map_err(|e| {
-                BuildpackError::InvalidName(format!("project.toml: the pattern {pattern:?}: {e}"))
-            })?;
+            builder
+                .add_line(None, pattern)
+                .map_err(|e| BuildpackError::Project(format!("the pattern {pattern:?}: {e}")))?;
         }
         let matcher = builder
             .build()
-            .map_err(|e| BuildpackError::InvalidName(format!("project.toml: {e}")))?;
+            .map_err(|e| BuildpackError::Project(e.to_string()))?;
         let including = !self.include.is_empty();
         self.prune(dir, dir, &matcher, including)
     }
@@ -202,6 +343,78 @@ mod tests {
             left(dir.path()),
             ["project.toml", "src/main.go", "src/util/x.go"]
         );
+    }
+
+    #[test]
+    fn groups_name_the_builders_buildpacks_or_inline_scripts() {
+        let dir = tree(&["project.toml"]);
+        let write = |text: &str| std::fs::write(dir.path().join("project.toml"), text).unwrap();
+        write(
+            "[_]\nschema-version = \"0.2\"\n\
+             [[io.buildpacks.group]]\nid = \"acme/tool\"\n\
+             [[io.buildpacks.group]]\nuri = \"urn:cnb:builder:acme/app@1.2.3\"\n\
+             [[io.buildpacks.post.group]]\nid = \"me/inline\"\n\
+             [io.buildpacks.post.group.script]\napi = \"0.10\"\ninline = \"echo hi\"\n",
+        );
+        let groups = read(dir.path()).unwrap().groups;
+        assert_eq!(
+            groups.group,
+            [
+                Entry::Builder {
+                    id: "acme/tool".into(),
+                    version: String::new()
+                },
+                Entry::Builder {
+                    id: "acme/app".into(),
+                    version: "1.2.3".into()
+                },
+            ]
+        );
+        assert!(groups.pre.is_empty());
+        assert_eq!(
+            groups.post,
+            [Entry::Inline {
+                id: "me/inline".into(),
+                script: Script {
+                    api: "0.10".into(),
+                    shell: "/bin/sh".into(),
+                    inline: "echo hi".into()
+                },
+            }]
+        );
+        // Schema 0.1's group.
+        write("[[build.buildpacks]]\nid = \"acme/tool\"\nversion = \"1\"\n");
+        assert_eq!(read(dir.path()).unwrap().groups.group.len(), 1);
+        for (text, says) in [
+            (
+                "[[io.buildpacks.group]]\nuri = \"docker://evil/bp\"\n",
+                "not the builder's",
+            ),
+            (
+                "[[io.buildpacks.group]]\nuri = \"https://evil/bp.tgz\"\n",
+                "not the builder's",
+            ),
+            ("[[io.buildpacks.group]]\nversion = \"1\"\n", "no id"),
+            (
+                "[[io.buildpacks.group]]\n[io.buildpacks.group.script]\napi = \"0.10\"\ninline = \"x\"\n",
+                "needs an id",
+            ),
+            (
+                "[[io.buildpacks.group]]\nid = \"a/b\"\n[io.buildpacks.group.script]\napi = \"0.10\"\nshell = \"/bin/sh\\nrm\"\ninline = \"x\"\n",
+                "unusable shell",
+            ),
+            (
+                "[io.buildpacks]\ninclude = [\"a\"]\nexclude = [\"b\"]\n",
+                "both include and exclude",
+            ),
+        ] {
+            write(text);
+            let e = read(dir.path())
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains(says), "{text}: {e}");
+        }
     }
 
     #[test]
