@@ -57,6 +57,8 @@ pub enum BuildpackError {
     Tool { tool: String, message: String },
     #[error("{what} is larger than the limit of {limit} bytes")]
     TooLarge { what: String, limit: u64 },
+    #[error("{what} has more than {limit} files")]
+    TooManyFiles { what: String, limit: usize },
     #[error("the builder image cannot be used: {0}")]
     BadBuilder(String),
     #[error("the app's project.toml cannot be used: {0}")]
@@ -90,9 +92,9 @@ impl Classify for BuildpackError {
                 ErrorKind::NotFound
             }
             BuildpackError::Refused(_) => ErrorKind::Denied,
-            BuildpackError::TooLarge { .. } | BuildpackError::Timeout { .. } => {
-                ErrorKind::LimitExceeded
-            }
+            BuildpackError::TooLarge { .. }
+            | BuildpackError::TooManyFiles { .. }
+            | BuildpackError::Timeout { .. } => ErrorKind::LimitExceeded,
             // The source cannot be built as it is: the request cannot
             // succeed, and retrying will not help.
             BuildpackError::NoGroupPassed { .. }

@@ -28,17 +28,31 @@ pub enum RunError {
 /// tool writes from untrusted input (a git pack from a hostile server)
 /// while it writes, not after.
 pub fn limit_file_size(cmd: &mut tokio::process::Command, bytes: u64) {
-    use rustix::process::{Resource, Rlimit, setrlimit};
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    // Never above the server's own hard limit, which only root may raise.
+    let bytes = getrlimit(Resource::Fsize)
+        .maximum
+        .map_or(bytes, |m| m.min(bytes));
     let limit = Rlimit {
         current: Some(bytes),
         maximum: Some(bytes),
     };
+    // A writer stopped by SIGXFSZ would dump core by default: one core
+    // file per hostile request, where cores are kept.
+    let no_core = Rlimit {
+        current: Some(0),
+        maximum: Some(0),
+    };
     // SAFETY: the closure runs between fork and exec, where only
-    // async-signal-safe work is allowed: it makes one `setrlimit` system
-    // call on a value computed before the fork, and allocates nothing.
+    // async-signal-safe work is allowed: it makes two `setrlimit` system
+    // calls on values computed before the fork, and allocates nothing.
     #[allow(unsafe_code)]
     unsafe {
-        cmd.pre_exec(move || setrlimit(Resource::Fsize, limit).map_err(Into::into));
+        cmd.pre_exec(move || {
+            setrlimit(Resource::Core, no_core)?;
+            setrlimit(Resource::Fsize, limit)?;
+            Ok(())
+        });
     }
 }
 

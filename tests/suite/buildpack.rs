@@ -95,7 +95,11 @@ fn sboms() -> anyhow::Result<()> {
     let kinds: Vec<&str> = found.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(
         kinds,
-        ["application/spdx+json", "application/vnd.cyclonedx+json"]
+        [
+            "application/spdx+json",
+            "application/vnd.cyclonedx+json",
+            "application/vnd.cyclonedx+json"
+        ]
     );
     let document = |artifact: &str| -> anyhow::Result<bytes::Bytes> {
         let path = format!("/v2/buildpack/acme/app/manifests/{artifact}");
@@ -103,9 +107,20 @@ fn sboms() -> anyhow::Result<()> {
         assert_eq!(manifest["subject"]["digest"], digest.as_str());
         Ok(get_blob(server, "buildpack/acme/app", &manifest["layers"][0])?.body)
     };
-    // The buildpack's own file, as it wrote it.
-    let cdx: serde_json::Value = serde_json::from_slice(&document(&found[1].1)?)?;
-    assert_eq!(cdx["components"][0]["name"], "shouted-message");
+    // The buildpacks' own files (the app's launch SBOM, the tool's layer
+    // SBOM), as they wrote them.
+    let mut components = Vec::new();
+    for (_, artifact) in &found[1..] {
+        let cdx: serde_json::Value = serde_json::from_slice(&document(artifact)?)?;
+        components.push(
+            cdx["components"][0]["name"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned(),
+        );
+    }
+    components.sort();
+    assert_eq!(components, ["shout", "shouted-message"]);
     // kontain's: the commit, every buildpack with its version, the run image.
     let spdx = document(&found[0].1)?;
     let dir = tempfile::tempdir()?;
@@ -168,11 +183,24 @@ const PROJECT_TOML: &str = "[_]\nschema-version = \"0.2\"\n\
 /// The builder's two buildpacks named by the app (one by URI), and an
 /// inline buildpack after them that uses the first one's tool.
 const PROJECT_GROUPS: &str = "[_]\nschema-version = \"0.2\"\n\
+    [[io.buildpacks.pre.group]]\nid = \"acme/pre\"\n\
+    [io.buildpacks.pre.group.script]\napi = \"0.10\"\nshell = \"/bin/sh -e\"\n\
+    inline = \"echo pre > pre.txt\"\n\
     [[io.buildpacks.group]]\nid = \"kontain-test/tool\"\n\
     [[io.buildpacks.group]]\nuri = \"urn:cnb:builder:kontain-test/app\"\n\
     [[io.buildpacks.post.group]]\nid = \"acme/inline\"\n\
     [io.buildpacks.post.group.script]\napi = \"0.10\"\n\
     inline = \"shout < message.txt > inline.txt\"\n";
+/// A buildpack the repository carries, as buildpacks/samples' apps do
+/// (schema 0.1, a relative URI), kept out of the build's files.
+const PROJECT_LOCAL: &str = "[project]\nid = \"acme.local\"\n\
+    [build]\nexclude = [\"own-buildpack\"]\n\
+    [[build.buildpacks]]\nuri = \"own-buildpack/\"\n";
+const OWN_BUILDPACK_TOML: &str =
+    "api = \"0.10\"\n[buildpack]\nid = \"acme/own\"\nversion = \"1.0.0\"\n";
+const OWN_DETECT: &str = "#!/bin/sh\ntest -f message.txt || exit 100\n";
+const OWN_BUILD: &str = "#!/bin/sh\nset -e\necho \"own buildpack: $(cat message.txt)\" > hello.txt\n\
+    printf '[[processes]]\\ntype = \"web\"\\ncommand = [\"/bin/cat\", \"/workspace/hello.txt\"]\\ndefault = true\\n' > \"$CNB_LAYERS_DIR/launch.toml\"\n";
 /// A buildpack from elsewhere, which kontain does not fetch.
 const PROJECT_FOREIGN: &str = "[[io.buildpacks.group]]\nuri = \"docker://evil.example/bp\"\n";
 const RUN_SH: &str = "echo \"$GREETING: $(shout < message.txt) / built: $(cat built.txt)\"\n";
@@ -487,7 +515,12 @@ impl Repos {
             if let Some(parent) = file.parent() {
                 std::fs::create_dir_all(parent)?;
             }
-            std::fs::write(file, content)?;
+            std::fs::write(&file, content)?;
+            // A buildpack's executables, as git keeps them.
+            if name.contains("bin/") {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755))?;
+            }
         }
         git(&dir, &["add", "."])?;
         git(&dir, &["commit", "-q", "-m", "first"])?;
@@ -520,6 +553,14 @@ pub fn repos() -> anyhow::Result<&'static Repos> {
                 repos.create("acme", "project", &project)?;
                 let groups = [app[0], app[1], ("project.toml", PROJECT_GROUPS)];
                 repos.create("acme", "groups", &groups)?;
+                let local = [
+                    app[0],
+                    ("project.toml", PROJECT_LOCAL),
+                    ("own-buildpack/buildpack.toml", OWN_BUILDPACK_TOML),
+                    ("own-buildpack/bin/detect", OWN_DETECT),
+                    ("own-buildpack/bin/build", OWN_BUILD),
+                ];
+                repos.create("acme", "local", &local)?;
                 let foreign = [app[0], app[1], ("project.toml", PROJECT_FOREIGN)];
                 repos.create("acme", "foreign", &foreign)?;
                 Ok(repos)
@@ -577,10 +618,10 @@ fn digest(server: &Server, repo: &str, revision: &str) -> anyhow::Result<String>
 }
 
 /// The image `<generator>/<repo>:main`: its config, and the files of its
-/// last layer (the app at `/workspace`).
+/// last layer (the app at `/workspace`, in an image without the launcher).
 struct Pulled {
     config: serde_json::Value,
-    app: std::collections::BTreeMap<String, (char, Vec<u8>)>,
+    app: Tree,
 }
 
 fn pulled(server: &Server, repo: &str) -> anyhow::Result<Pulled> {
@@ -593,6 +634,17 @@ fn pulled(server: &Server, repo: &str) -> anyhow::Result<Pulled> {
     let config = get_blob(server, repo, &manifest["config"])?.json()?;
     Ok(Pulled { config, app })
 }
+
+/// The text of `/workspace/<name>` in an app layer's files.
+fn workspace_file(tree: &Tree, name: &str) -> anyhow::Result<String> {
+    let (_, bytes) = tree
+        .get(&format!("workspace/{name}"))
+        .ok_or_else(|| anyhow::anyhow!("no {name}: {:?}", tree.keys().collect::<Vec<_>>()))?;
+    Ok(String::from_utf8_lossy(bytes).into_owned())
+}
+
+/// A layer's files: path → (kind, bytes).
+type Tree = std::collections::BTreeMap<String, (char, Vec<u8>)>;
 
 /// The JSON label `name` of an image config.
 fn json_label(config: &serde_json::Value, name: &str) -> anyhow::Result<serde_json::Value> {
@@ -627,13 +679,25 @@ fn layout() -> anyhow::Result<()> {
         "{:?}",
         tool.keys().collect::<Vec<_>>()
     );
-    // The platform spec's SBOM layer: the app buildpack's launch SBOM.
+    // The platform spec's SBOM layer: the app buildpack's launch SBOM, the
+    // tool buildpack's SBOM of its layer.
     let sboms = crate::flatten::tree(&blob(2)?.body)?;
-    let cdx = &sboms
-        .get("layers/sbom/launch/kontain-test_app/sbom.cdx.json")
-        .unwrap_or_else(|| panic!("{:?}", sboms.keys().collect::<Vec<_>>()))
-        .1;
-    assert!(String::from_utf8_lossy(cdx).contains("shouted-message"));
+    for (path, says) in [
+        (
+            "layers/sbom/launch/kontain-test_app/sbom.cdx.json",
+            "shouted-message",
+        ),
+        (
+            "layers/sbom/launch/kontain-test_tool/shout/sbom.cdx.json",
+            "\"shout\"",
+        ),
+    ] {
+        let cdx = &sboms
+            .get(path)
+            .unwrap_or_else(|| panic!("{path}: {:?}", sboms.keys().collect::<Vec<_>>()))
+            .1;
+        assert!(String::from_utf8_lossy(cdx).contains(says), "{path}");
+    }
     let app = crate::flatten::tree(&blob(3)?.body)?;
     assert!(app.contains_key("workspace/run.sh") && app.contains_key("workspace/built.txt"));
     let config = get_blob(server, "buildpack/acme/app", &manifest["config"])?.json()?;
@@ -821,27 +885,17 @@ fn project_toml() -> anyhow::Result<()> {
             .any(|n| n.contains("secret.txt") || n.contains("docs")),
         "excluded files stay out of /workspace: {names:?}"
     );
-    let note = tree
-        .get("workspace/platform-note.txt")
-        .ok_or_else(|| anyhow::anyhow!("no note: {names:?}"))?;
     assert_eq!(
-        String::from_utf8_lossy(&note.1),
+        workspace_file(&tree, "platform-note.txt")?,
         "from project.toml / from project.toml"
     );
     Ok(())
 }
 
-fn project_groups() -> anyhow::Result<()> {
-    let server = server()?;
-    let Pulled {
-        config, app: tree, ..
-    } = pulled(server, "buildpack/acme/groups")?;
-    let inline = tree
-        .get("workspace/inline.txt")
-        .ok_or_else(|| anyhow::anyhow!("no inline.txt: {:?}", tree.keys()))?;
-    assert_eq!(String::from_utf8_lossy(&inline.1), "HELLO WORLD\n");
-    let build = json_label(&config, "io.buildpacks.build.metadata")?;
-    let ran: Vec<String> = build["buildpacks"]
+/// The buildpacks an image's build metadata names, `id@version`.
+fn buildpacks_run(config: &serde_json::Value) -> anyhow::Result<Vec<String>> {
+    let build = json_label(config, "io.buildpacks.build.metadata")?;
+    Ok(build["buildpacks"]
         .as_array()
         .into_iter()
         .flatten()
@@ -852,15 +906,36 @@ fn project_groups() -> anyhow::Result<()> {
                 b["version"].as_str().unwrap_or("")
             )
         })
-        .collect();
+        .collect())
+}
+
+fn project_groups() -> anyhow::Result<()> {
+    let server = server()?;
+    let Pulled { config, app: tree } = pulled(server, "buildpack/acme/groups")?;
+    assert_eq!(workspace_file(&tree, "inline.txt")?, "HELLO WORLD\n");
+    assert_eq!(workspace_file(&tree, "pre.txt")?, "pre\n");
     assert_eq!(
-        ran,
+        buildpacks_run(&config)?,
         [
+            "acme/pre@0.0.0",
             "kontain-test/tool@0.1.0",
             "kontain-test/app@0.1.0",
             "acme/inline@0.0.0"
         ]
     );
+    // A buildpack directory of the repository, as buildpacks/samples'
+    // apps carry theirs: it alone builds, and it is not among the files.
+    let Pulled { config, app: tree } = pulled(server, "buildpack/acme/local")?;
+    let names: Vec<&String> = tree.keys().collect();
+    assert!(
+        !names.iter().any(|n| n.contains("own-buildpack")),
+        "{names:?}"
+    );
+    assert_eq!(
+        workspace_file(&tree, "hello.txt")?,
+        "own buildpack: hello world\n"
+    );
+    assert_eq!(buildpacks_run(&config)?, ["acme/own@1.0.0"]);
     let message = refused(
         server.addr,
         "/v2/buildpack/acme/foreign/manifests/main",
@@ -868,7 +943,7 @@ fn project_groups() -> anyhow::Result<()> {
         "MANIFEST_UNKNOWN",
     )?;
     assert!(
-        message.contains("project.toml") && message.contains("not the builder's"),
+        message.contains("project.toml") && message.contains("does not fetch"),
         "{message}"
     );
     Ok(())
@@ -952,11 +1027,8 @@ fn launched() -> anyhow::Result<()> {
 fn platform_env() -> anyhow::Result<()> {
     let server = server()?;
     let tree = pulled(server, "platform/acme/app")?.app;
-    let note = tree
-        .get("workspace/platform-note.txt")
-        .ok_or_else(|| anyhow::anyhow!("no note: {:?}", tree.keys().collect::<Vec<_>>()))?;
     assert_eq!(
-        String::from_utf8_lossy(&note.1),
+        workspace_file(&tree, "platform-note.txt")?,
         "noted in kontain.toml / noted in kontain.toml"
     );
     // The same commit built without the setting is another image.

@@ -45,8 +45,13 @@ use crate::upstream::Scoped;
 const FIXED_TIME: u64 = 315_532_801;
 const FIXED_RFC3339: &str = "1980-01-01T00:00:01Z";
 /// 2: images come with their SBOMs; 3: with the builder's launcher; 4:
-/// with the SBOM layer and the complete lifecycle metadata label.
-const LAYOUT_VERSION: u32 = 4;
+/// with the SBOM layer and the complete lifecycle metadata label; 5:
+/// `project.toml` groups and the app's own buildpacks.
+const LAYOUT_VERSION: u32 = 5;
+
+/// The most JSON of the buildpacks' layer metadata an image's lifecycle
+/// label carries in all.
+const MAX_LABEL_METADATA: usize = 1 << 20;
 
 pub struct BuildpackBuild<'a> {
     pub source: &'a Source,
@@ -112,7 +117,7 @@ impl Buildpacks {
         };
         let exported = Exported {
             run_reference: &run_reference,
-            run_digest: format!("{run_name}@{}", run_manifest.digest),
+            run_pinned: format!("{run_name}@{}", run_manifest.digest),
             builder_digest: builder_manifest.digest.to_string(),
         };
         let stored = self
@@ -200,6 +205,18 @@ impl Buildpacks {
             gid,
             host_user,
         };
+        // The app's own buildpacks run code of the app's choosing: only
+        // where nothing a buildpack runs can reach the host.
+        let own = builder.own();
+        if !own.is_empty() && sandbox.unsandboxed {
+            return Err(BuildpackError::Project(
+                "it names buildpacks of the app's own, which this server does not run: its buildpacks run without the sandbox (allow_unsandboxed)".into(),
+            ));
+        }
+        if !own.is_empty() {
+            let root = work.own.clone();
+            blocking(move || lifecycle::write_own(&root, &own)).await?;
+        }
         let (os, arch) = host_platform();
         let lifecycle = Lifecycle {
             builder: &builder,
@@ -311,9 +328,8 @@ impl Buildpacks {
         );
         jobs.push((Part::App, app.3.clone(), Contents::Tree(app)));
         if let Some(prepared) = &launcher {
-            let parts = [Part::Launcher, Part::Config, Part::ProcessTypes];
-            for (part, tree) in parts.into_iter().zip(prepared.layers(*owner)) {
-                jobs.push((part, tree.3.clone(), Contents::Tree(tree)));
+            for (key, tree) in prepared.layers(*owner) {
+                jobs.push((Part::Launcher(key), tree.3.clone(), Contents::Tree(tree)));
             }
         }
         let made: Vec<(Part, LayerBlob, String)> =
@@ -413,7 +429,7 @@ struct Built {
 struct Exported<'a> {
     run_reference: &'a str,
     /// `<run image>@<manifest digest>`.
-    run_digest: String,
+    run_pinned: String,
     builder_digest: String,
 }
 
@@ -424,9 +440,8 @@ enum Part {
     Launch(usize, String),
     Sbom,
     App,
-    Launcher,
-    Config,
-    ProcessTypes,
+    /// One of the launcher's, by its key in the label.
+    Launcher(&'static str),
 }
 
 /// What a new layer holds.
@@ -568,14 +583,26 @@ fn labels(
     // What the lifecycle's exporter writes (Platform API 0.12), so that
     // `pack inspect` reads our images and `pack rebase` can swap the run
     // image: every new layer's diff ID, and the run image's top layer.
-    let layer_entries = |index: usize, b: &lifecycle::Built| {
+    // Layers' metadata goes in while it fits a budget: the whole config,
+    // labels included, must stay readable (kontain reads at most 4 MiB).
+    let mut metadata_left = MAX_LABEL_METADATA;
+    let mut layer_entries = |index: usize, b: &lifecycle::Built| {
         b.layers
             .iter()
             .filter(|(_, t)| t.launch)
             .map(|(n, t)| {
+                let data = b.metadata.get(n).cloned().unwrap_or_else(|| json!({}));
+                let size = data.to_string().len();
+                let data = match size <= metadata_left {
+                    true => {
+                        metadata_left -= size;
+                        data
+                    }
+                    false => json!({}),
+                };
                 let entry = json!({
                     "sha": sha(&Part::Launch(index, n.clone())),
-                    "data": b.metadata.get(n).cloned().unwrap_or_else(|| json!({})),
+                    "data": data,
                     "launch": t.launch,
                     "build": t.build,
                     "cache": t.cache,
@@ -586,7 +613,7 @@ fn labels(
     };
     let run_image = json!({
         "image": exported.run_reference,
-        "reference": exported.run_digest,
+        "reference": exported.run_pinned,
         "topLayer": run_top,
     });
     let mut lifecycle = json!({
@@ -601,15 +628,13 @@ fn labels(
         "stack": {"runImage": {"image": exported.run_reference}},
         "builder": {"reference": exported.builder_digest, "image": build.builder_image},
     });
-    for (key, part) in [
-        ("sbom", Part::Sbom),
-        ("launcher", Part::Launcher),
-        ("config", Part::Config),
-        ("process-types", Part::ProcessTypes),
-    ] {
-        if let Some(sha) = sha(&part) {
-            lifecycle[key] = json!({ "sha": sha });
-        }
+    for (part, digest) in parts {
+        let key = match part {
+            Part::Sbom => "sbom",
+            Part::Launcher(key) => key,
+            Part::Launch(..) | Part::App => continue,
+        };
+        lifecycle[key] = json!({ "sha": digest.to_string() });
     }
     let build_md = json!({
         "buildpacks": buildpacks,

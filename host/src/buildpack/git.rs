@@ -63,9 +63,18 @@ pub fn scrubbed(e: BuildpackError, url: &Url, name: &str) -> BuildpackError {
     let shown = public(url, name);
     let mut secrets = vec![url.as_str().to_owned()];
     if url.scheme() == "file" {
-        secrets.push(url.path().to_owned());
-        secrets.push(url.path().trim_end_matches('/').to_owned());
+        // git prints paths decoded; the URL keeps them percent-encoded.
+        let decoded = url
+            .to_file_path()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        for path in [url.path().to_owned(), decoded] {
+            secrets.push(path.trim_end_matches('/').to_owned());
+            secrets.push(path);
+        }
     }
+    // Longest first: a path inside another is replaced whole.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
     secrets.retain(|s| s.len() > 1);
     let clean = |text: String| {
         secrets
@@ -89,6 +98,10 @@ pub fn scrubbed(e: BuildpackError, url: &Url, name: &str) -> BuildpackError {
             message: clean(message),
         },
         BuildpackError::TooLarge { what, limit } => BuildpackError::TooLarge {
+            what: clean(what),
+            limit,
+        },
+        BuildpackError::TooManyFiles { what, limit } => BuildpackError::TooManyFiles {
             what: clean(what),
             limit,
         },
@@ -165,7 +178,11 @@ impl Git {
             .template
             .replace("{owner}", owner)
             .replace("{repo}", repo);
-        Url::parse(&text).map_err(|e| BuildpackError::InvalidName(format!("{text}: {e}")))
+        // The template is the server's: the message names what the client
+        // asked for.
+        Url::parse(&text).map_err(|e| {
+            BuildpackError::InvalidName(format!("{owner}/{repo} makes no git URL: {e}"))
+        })
     }
 
     /// The git invocation: clean environment, restricted protocols, and for
@@ -246,10 +263,20 @@ impl Git {
 
     async fn run(
         &self,
-        mut cmd: tokio::process::Command,
+        cmd: tokio::process::Command,
         what: &str,
     ) -> Result<String, BuildpackError> {
-        let done = match crate::process::run(&mut cmd, self.timeout, 1 << 20).await {
+        self.run_capped(cmd, what, 1 << 20).await
+    }
+
+    /// [`Git::run`], keeping the first `cap` bytes of what git prints.
+    async fn run_capped(
+        &self,
+        mut cmd: tokio::process::Command,
+        what: &str,
+        cap: usize,
+    ) -> Result<String, BuildpackError> {
+        let done = match crate::process::run(&mut cmd, self.timeout, cap).await {
             Ok(done) => done,
             Err(RunError::Spawn(e)) => {
                 return Err(BuildpackError::Tool {
@@ -356,7 +383,16 @@ impl Git {
                 let skeleton = || -> std::io::Result<()> {
                     std::fs::create_dir_all(git_dir.join("objects"))?;
                     std::fs::create_dir_all(git_dir.join("refs"))?;
-                    std::fs::write(git_dir.join("HEAD"), "ref: refs/heads/main\n")
+                    std::fs::create_dir_all(git_dir.join("info"))?;
+                    std::fs::write(git_dir.join("HEAD"), "ref: refs/heads/main\n")?;
+                    // Attributes that make the checkout larger than its
+                    // blobs (`ident` expands `$Id$` twelvefold, an encoding
+                    // to UTF-32 fourfold) are off whatever the repository
+                    // says; filters have no drivers here anyway.
+                    std::fs::write(
+                        git_dir.join("info/attributes"),
+                        "* -ident -filter -working-tree-encoding\n",
+                    )
                 };
                 skeleton().map_err(|e| BuildpackError::io("creating a repository".into(), e))
             })
@@ -476,17 +512,39 @@ impl Git {
                     }
                     fetched => fetched?,
                 };
+                // Fetched objects past the limit in all (several packs, or
+                // loose objects: a dumb http server).
+                let git_dir = repo.join(".git");
+                let fetched = blocking(move || {
+                    crate::files::tree_size(&git_dir)
+                        .map_err(|e| BuildpackError::io("measuring the fetch".into(), e))
+                })
+                .await?;
+                if fetched > self.max_bytes {
+                    return Err(too_large());
+                }
                 // What the checkout would write, before it writes it: a
-                // small pack can hold one big file under many names.
+                // small pack can hold one big file under many names, or
+                // millions of names (a tree that holds itself).
                 let mut list = self.command(url, policy, home).await?;
                 init(&mut list);
                 list.args(["ls-tree", "-r", "-l", "-z", "--full-tree", commit]);
-                let listed = self.run(list, &format!("ls-tree {commit}")).await?;
-                if checkout_size(&listed) > self.max_bytes {
+                let listed = self
+                    .run_capped(list, &format!("ls-tree {commit}"), MAX_LISTING)
+                    .await?;
+                let (bytes, files) = checkout_size(&listed);
+                if bytes > self.max_bytes || listed.len() >= MAX_LISTING {
                     return Err(too_large());
+                }
+                if files > MAX_CHECKOUT_FILES {
+                    return Err(BuildpackError::TooManyFiles {
+                        what: format!("{name} at {commit}"),
+                        limit: MAX_CHECKOUT_FILES,
+                    });
                 }
                 let mut checkout = self.command(url, policy, home).await?;
                 init(&mut checkout);
+                crate::process::limit_file_size(&mut checkout, self.max_bytes);
                 checkout.args([
                     "-c",
                     "core.symlinks=true",
@@ -496,10 +554,18 @@ impl Git {
                     commit,
                 ]);
                 self.run(checkout, &format!("checkout {commit}")).await?;
-                let (repo, src) = (repo.clone(), dir.join("src"));
+                let (repo, src, max) = (repo.clone(), dir.join("src"), self.max_bytes);
+                let too_large = too_large();
                 blocking(move || {
                     std::fs::remove_dir_all(repo.join(".git"))
                         .map_err(|e| BuildpackError::io("removing .git".into(), e))?;
+                    // What the listing cannot foresee (line endings the
+                    // repository's attributes convert), measured.
+                    let size = crate::files::tree_size(&repo)
+                        .map_err(|e| BuildpackError::io("measuring the checkout".into(), e))?;
+                    if size > max {
+                        return Err(too_large);
+                    }
                     std::fs::rename(&repo, &src)
                         .map_err(|e| BuildpackError::io("moving the checkout".into(), e))
                 })
@@ -532,17 +598,27 @@ fn reached(git_dir: &Path, limit: u64) -> bool {
     big(&objects) || big(&objects.join("pack"))
 }
 
-/// The bytes of the files a `git ls-tree -r -l -z` listing names (a
-/// submodule or a symlink counts its own small size, or nothing).
-fn checkout_size(listing: &str) -> u64 {
+/// The bytes and the number of the entries a `git ls-tree -r -l -z`
+/// listing names (a symlink counts its target's length, a submodule
+/// nothing).
+fn checkout_size(listing: &str) -> (u64, usize) {
     listing
         .split('\0')
         .filter_map(|entry| {
             let (meta, _path) = entry.split_once('\t')?;
-            meta.split_whitespace().nth(3)?.parse::<u64>().ok()
+            Some(meta.split_whitespace().nth(3)?.parse::<u64>().unwrap_or(0))
         })
-        .fold(0u64, u64::saturating_add)
+        .fold((0u64, 0usize), |(bytes, n), size| {
+            (bytes.saturating_add(size), n + 1)
+        })
 }
+
+/// The longest listing of a commit's files read (64 MiB: about a million
+/// entries); a longer one is too large.
+const MAX_LISTING: usize = 64 << 20;
+
+/// The most files a checkout may have.
+const MAX_CHECKOUT_FILES: usize = 500_000;
 
 #[cfg(test)]
 mod tests {
@@ -657,6 +733,21 @@ mod tests {
         assert!(missing.contains("acme/missing"), "{missing}");
     }
 
+    #[tokio::test]
+    async fn attributes_that_grow_a_checkout_are_off() {
+        let root = tempfile::tempdir().unwrap();
+        let keyword = b"$Id$\n".repeat(1000);
+        let files = [
+            (".gitattributes", b"* ident\n".to_vec()),
+            ("ids.txt", keyword.clone()),
+        ];
+        repository(root.path(), "ident", &files);
+        let source = fetch_with_limit(root.path(), "ident", 1_000_000)
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(source.dir.join("ids.txt")).unwrap(), keyword);
+    }
+
     #[test]
     fn checkout_sizes_add_up_from_a_listing() {
         let listing = [
@@ -666,7 +757,7 @@ mod tests {
             "",
         ]
         .join("\0");
-        assert_eq!(checkout_size(&listing), 55);
+        assert_eq!(checkout_size(&listing), (55, 3));
     }
 
     #[test]

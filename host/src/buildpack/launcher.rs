@@ -104,7 +104,7 @@ struct BuildpackToml {
 }
 
 /// The Buildpack API kontain's platform implements.
-const BUILDPACK_API: &str = "0.10";
+pub const BUILDPACK_API: &str = "0.10";
 
 /// `0.9` as `[0, 9]`, for comparing.
 fn version(v: &str) -> Vec<u32> {
@@ -263,33 +263,43 @@ pub fn prepare(
 }
 
 impl Prepared {
-    /// The layers to export (host directory, parent directories, path in
-    /// the image, what it is, owner): the launcher, the launch metadata
-    /// (owned by the CNB user, as the lifecycle's), the process types.
-    pub fn layers(&self, owner: (u32, u32)) -> Vec<LayerJob> {
+    /// The layers to export, each with the lifecycle metadata label's key
+    /// for it, (host directory, parent directories, path in the image, what
+    /// it is, owner): the launcher, the launch metadata (owned by the CNB
+    /// user, as the lifecycle's), the process types.
+    pub fn layers(&self, owner: (u32, u32)) -> Vec<(&'static str, LayerJob)> {
         let mut layers = vec![
             (
-                self.dir.join("lifecycle"),
-                vec!["cnb".to_owned()],
-                "cnb/lifecycle".to_owned(),
-                "the builder's launcher".to_owned(),
-                (0, 0),
+                "launcher",
+                (
+                    self.dir.join("lifecycle"),
+                    vec!["cnb".to_owned()],
+                    "cnb/lifecycle".to_owned(),
+                    "the builder's launcher".to_owned(),
+                    (0, 0),
+                ),
             ),
             (
-                self.dir.join("config"),
-                vec!["layers".to_owned()],
-                "layers/config".to_owned(),
-                "launch metadata".to_owned(),
-                owner,
+                "config",
+                (
+                    self.dir.join("config"),
+                    vec!["layers".to_owned()],
+                    "layers/config".to_owned(),
+                    "launch metadata".to_owned(),
+                    owner,
+                ),
             ),
         ];
         if self.has_processes {
             layers.push((
-                self.dir.join("process"),
-                vec!["cnb".to_owned()],
-                "cnb/process".to_owned(),
-                "process types".to_owned(),
-                (0, 0),
+                "process-types",
+                (
+                    self.dir.join("process"),
+                    vec!["cnb".to_owned()],
+                    "cnb/process".to_owned(),
+                    "process types".to_owned(),
+                    (0, 0),
+                ),
             ));
         }
         layers

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use super::BuildpackError;
 use super::env::Env;
 use super::plan::{DetectPlan, PlanItem, resolve_plan};
-use super::project::{Entry, Groups, Script};
+use super::project::{AppBuildpack, Entry, Groups};
 use super::sandbox::{self, Mounts, Sandbox};
 use crate::files::inside;
 
@@ -32,16 +32,15 @@ pub struct GroupEntry {
     pub version: String,
     #[serde(default)]
     pub optional: bool,
-    /// An inline buildpack of the app's `project.toml`: not the builder's.
+    /// A buildpack the app carries (`project.toml`): not the builder's.
     #[serde(skip)]
-    pub script: Option<std::sync::Arc<Script>>,
+    pub own: Option<std::sync::Arc<AppBuildpack>>,
 }
 
-/// Where a step finds an inline buildpack: in its own plan directory.
-const INLINE_DIR: &str = "buildpack";
-
-/// The version inline buildpacks have (they have none of their own).
-const INLINE_VERSION: &str = "0.0.0";
+/// Where a step finds a buildpack the app carries: under its plan
+/// directory, mounted read-only (the sandbox's read-only root has no other
+/// place the host may mount on).
+const OWN_DIR: &str = sandbox::OWN;
 
 /// `/cnb/order.toml`, and a composite buildpack's `buildpack.toml`.
 #[derive(Deserialize)]
@@ -193,9 +192,9 @@ impl Builder {
     }
 
     /// The order with an app's `project.toml` groups: its `group` instead
-    /// of the builder's order, `pre` and `post` around each group. Its
-    /// entries are the app's to get right: what the builder lacks is the
-    /// app's error, not the builder's.
+    /// of the builder's order, `pre` and `post` around each group (each of
+    /// their alternatives, if they hold composites). Its entries are the
+    /// app's to get right: what the builder lacks is the app's error.
     pub fn apply(&mut self, groups: &Groups) -> Result<(), BuildpackError> {
         if groups.group.is_empty() && groups.pre.is_empty() && groups.post.is_empty() {
             return Ok(());
@@ -208,20 +207,19 @@ impl Builder {
                             id: id.clone(),
                             version: version.clone(),
                             optional: false,
-                            script: None,
+                            own: None,
                         },
-                        Entry::Inline { id, script } => GroupEntry {
-                            id: id.clone(),
-                            version: INLINE_VERSION.to_owned(),
+                        Entry::App(bp) => GroupEntry {
+                            id: bp.id.clone(),
+                            version: bp.version.clone(),
                             optional: false,
-                            script: Some(std::sync::Arc::new(script.clone())),
+                            own: Some(bp.clone()),
                         },
                     };
-                    // A version left out is the builder's only one, found
-                    // when the group is expanded.
+                    // A version left out is found when the group expands.
                     let mut named = entry.clone();
                     if named.version.is_empty() {
-                        named.version = INLINE_VERSION.to_owned();
+                        named.version = "0".to_owned();
                     }
                     self.checked(&named).map_err(|_| {
                         BuildpackError::Project(format!(
@@ -233,38 +231,42 @@ impl Builder {
                 })
                 .collect()
         };
-        let (pre, post) = (entries(&groups.pre)?, entries(&groups.post)?);
+        let mut budget = MAX_ENTRIES_READ;
+        let mut expand = |list: &[Entry]| -> Result<Vec<Vec<GroupEntry>>, BuildpackError> {
+            self.expand(vec![entries(list)?], 0, &mut budget)
+                .map_err(apps_fault)
+        };
+        let pre = expand(&groups.pre)?;
+        let post = expand(&groups.post)?;
         let order = match groups.group.is_empty() {
             true => std::mem::take(&mut self.order),
-            false => {
-                let mut budget = MAX_ENTRIES_READ;
-                self.expand(vec![entries(&groups.group)?], 0, &mut budget)
-                    .map_err(apps_fault)?
-            }
+            false => expand(&groups.group)?,
         };
-        let mut budget = MAX_ENTRIES_READ;
-        let pre = self.expand(vec![pre], 0, &mut budget).map_err(apps_fault)?;
-        let post = self
-            .expand(vec![post], 0, &mut budget)
-            .map_err(apps_fault)?;
-        // `pre` and `post` are one group each (a composite in them: its
-        // first group).
-        let (pre, post) = (
-            pre.into_iter().next().unwrap_or_default(),
-            post.into_iter().next().unwrap_or_default(),
-        );
-        self.order = order
-            .into_iter()
-            .map(|group| {
-                let mut all: Vec<GroupEntry> = Vec::new();
-                for e in pre.iter().chain(&group).chain(&post) {
-                    if !all.iter().any(|a| a.id == e.id) {
-                        all.push(e.clone());
+        let mut combined = Vec::new();
+        for group in &order {
+            for before in &pre {
+                for after in &post {
+                    let mut all: Vec<GroupEntry> = Vec::new();
+                    for e in before.iter().chain(group).chain(after) {
+                        if !all.iter().any(|a| a.id == e.id) {
+                            all.push(e.clone());
+                        }
+                    }
+                    if all.len() > MAX_GROUP_LEN {
+                        return Err(BuildpackError::Project(format!(
+                            "a group passes {MAX_GROUP_LEN} buildpacks"
+                        )));
+                    }
+                    combined.push(all);
+                    if combined.len() > MAX_GROUPS {
+                        return Err(BuildpackError::Project(format!(
+                            "the order passes {MAX_GROUPS} groups"
+                        )));
                     }
                 }
-                all
-            })
-            .collect();
+            }
+        }
+        self.order = combined;
         let named = |id: &str| {
             [&groups.group, &groups.pre, &groups.post]
                 .into_iter()
@@ -280,6 +282,17 @@ impl Builder {
             })?;
         }
         Ok(())
+    }
+
+    /// The buildpacks the app carries that the order runs, once each.
+    pub fn own(&self) -> Vec<std::sync::Arc<AppBuildpack>> {
+        let mut own: Vec<std::sync::Arc<AppBuildpack>> = Vec::new();
+        for bp in self.order.iter().flatten().filter_map(|e| e.own.as_ref()) {
+            if !own.iter().any(|o| o.id == bp.id) {
+                own.push(bp.clone());
+            }
+        }
+        own
     }
 
     /// `order` with each composite buildpack (one whose `buildpack.toml`
@@ -300,34 +313,15 @@ impl Builder {
             let mut seen = std::collections::HashSet::new();
             group.retain(|e| seen.insert(e.id.clone()));
             let mut alternatives: Vec<Vec<GroupEntry>> = vec![Vec::new()];
-            for mut entry in group {
+            for entry in group {
                 *budget = budget.checked_sub(1).ok_or_else(|| {
                     BuildpackError::BadBuilder(
                         "its composite buildpacks name too many buildpacks".into(),
                     )
                 })?;
-                if entry.script.is_some() {
-                    alternatives.iter_mut().for_each(|g| g.push(entry.clone()));
-                    continue;
-                }
-                entry.version = self.version_of(&entry)?;
-                let members = match self.composite(&entry)? {
-                    None => vec![vec![entry]],
-                    Some(_) if depth >= MAX_COMPOSITE_DEPTH => {
-                        return Err(BuildpackError::BadBuilder(format!(
-                            "composite buildpacks nest deeper than {MAX_COMPOSITE_DEPTH} at {}@{}",
-                            entry.id, entry.version
-                        )));
-                    }
-                    // Each of its groups in turn, its members as they are
-                    // marked; an optional composite may also be left out.
-                    Some(order) => {
-                        let mut members = self.expand(order, depth + 1, budget)?;
-                        if entry.optional {
-                            members.push(Vec::new());
-                        }
-                        members
-                    }
+                let members = match &entry.own {
+                    Some(_) => vec![vec![entry]],
+                    None => self.members(entry, depth, budget)?,
                 };
                 if alternatives.len().saturating_mul(members.len()) > MAX_GROUPS {
                     return Err(BuildpackError::BadBuilder(format!(
@@ -365,7 +359,35 @@ impl Builder {
         Ok(expanded)
     }
 
-    /// The version of `entry`: its own, or the only one the builder has.
+    /// What a builder's `entry` stands for in a group: itself, or (a
+    /// composite) each of its groups in turn, its members as they are
+    /// marked; an optional composite may also be left out.
+    fn members(
+        &self,
+        mut entry: GroupEntry,
+        depth: usize,
+        budget: &mut usize,
+    ) -> Result<Vec<Vec<GroupEntry>>, BuildpackError> {
+        entry.version = self.version_of(&entry)?;
+        match self.composite(&entry)? {
+            None => Ok(vec![vec![entry]]),
+            Some(_) if depth >= MAX_COMPOSITE_DEPTH => Err(BuildpackError::BadBuilder(format!(
+                "composite buildpacks nest deeper than {MAX_COMPOSITE_DEPTH} at {}@{}",
+                entry.id, entry.version
+            ))),
+            Some(order) => {
+                let mut members = self.expand(order, depth + 1, budget)?;
+                if entry.optional {
+                    members.push(Vec::new());
+                }
+                Ok(members)
+            }
+        }
+    }
+
+    /// The version of `entry`: its own, or the latest the builder has (the
+    /// highest, comparing dot-separated numbers as numbers), as the spec
+    /// reads a version left out.
     fn version_of(&self, entry: &GroupEntry) -> Result<String, BuildpackError> {
         if !entry.version.is_empty() {
             return Ok(entry.version.clone());
@@ -380,14 +402,20 @@ impl Builder {
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
         .collect();
-        match versions.as_slice() {
-            [one] => Ok(one.clone()),
-            _ => Err(BuildpackError::BadBuilder(format!(
-                "buildpack {} is in the order without a version, and the builder has {} of it",
-                entry.id,
-                versions.len()
-            ))),
-        }
+        let key = |v: &String| {
+            v.split(['.', '-', '+'])
+                .map(|part| {
+                    part.parse::<u64>()
+                        .map_or((1, 0, part.to_owned()), |n| (0, n, String::new()))
+                })
+                .collect::<Vec<_>>()
+        };
+        versions.iter().max_by_key(|v| key(v)).cloned().ok_or_else(|| {
+            BuildpackError::BadBuilder(format!(
+                "buildpack {} is in the order without a version, and the builder has none of it",
+                entry.id
+            ))
+        })
     }
 
     /// The order of `entry` if it is a composite buildpack: a
@@ -436,8 +464,8 @@ impl Builder {
 
     fn buildpack_dir(&self, bp: &GroupEntry) -> Result<String, BuildpackError> {
         self.checked(bp)?;
-        if bp.script.is_some() {
-            return Ok(format!("{}/{INLINE_DIR}", sandbox::IO));
+        if bp.own.is_some() {
+            return Ok(format!("{}/{OWN_DIR}", sandbox::IO));
         }
         let rel = format!("cnb/buildpacks/{}/{}", escape_id(&bp.id), bp.version);
         match inside(&self.rootfs, &rel) {
@@ -456,6 +484,8 @@ pub struct Work {
     pub layers: PathBuf,
     pub platform: PathBuf,
     pub io: PathBuf,
+    /// The buildpacks the app carries, one directory each.
+    pub own: PathBuf,
     /// Who the sandbox runs as on the host, to own what it may write.
     pub owner: Option<(u32, u32)>,
     /// The platform's environment (`/platform/env`, `BP_*` settings), also
@@ -476,6 +506,7 @@ impl Work {
             layers: root.join("layers"),
             platform: root.join("platform"),
             io: root.join("io"),
+            own: root.join("own"),
             owner,
             env,
         };
@@ -489,6 +520,11 @@ impl Work {
                 .map_err(|e| BuildpackError::io(format!("writing {}", file.display()), e))?;
         }
         Ok(w)
+    }
+
+    /// Where the app's buildpack `id` is written (see [`write_own`]).
+    pub fn own_dir(&self, id: &str) -> PathBuf {
+        self.own.join(escape_id(id))
     }
 
     /// Hands `path` (a directory the sandbox writes) to the sandbox's user.
@@ -515,13 +551,14 @@ pub struct Detected {
 }
 
 impl Lifecycle<'_> {
-    fn mounts<'m>(&'m self, io: &'m Path) -> Mounts<'m> {
+    fn mounts<'m>(&'m self, io: &'m Path, own: Option<PathBuf>) -> Mounts<'m> {
         Mounts {
             rootfs: &self.builder.rootfs,
             app: &self.work.app,
             layers: &self.work.layers,
             platform: &self.work.platform,
             io,
+            own,
         }
     }
 
@@ -549,8 +586,9 @@ impl Lifecycle<'_> {
     /// `content`; the step sees it (and only it) as its plan dir. Never
     /// reused: a step may leave symlinks in its own, and the host reads
     /// there after the step.
-    /// An inline buildpack (`bp.script`) is written there too, as
-    /// `pack` lays one out: detect passes, build runs the script.
+    ///
+    /// For a buildpack the app carries, the directory holds the point its
+    /// files (written once per build) are mounted on.
     fn plan_dir(
         &self,
         name: &str,
@@ -566,8 +604,8 @@ impl Lifecycle<'_> {
             .open(dir.join("plan.toml"))
             .and_then(|mut f| std::io::Write::write_all(&mut f, content.as_bytes()))
             .map_err(fail)?;
-        if let Some(script) = &bp.script {
-            write_inline(&dir.join(INLINE_DIR), bp, script).map_err(fail)?;
+        if bp.own.is_some() {
+            std::fs::create_dir(dir.join(OWN_DIR)).map_err(fail)?;
         }
         self.work.give(&dir)?;
         Ok(dir)
@@ -590,7 +628,8 @@ impl Lifecycle<'_> {
             env: env.0.into_iter().collect(),
             what: format!("{}@{} {phase}", bp.id, bp.version),
         };
-        self.sandbox.run(&self.mounts(io), &step).await
+        let own = bp.own.as_ref().map(|o| self.work.own_dir(&o.id));
+        self.sandbox.run(&self.mounts(io, own), &step).await
     }
 
     /// Runs `bin/detect` of every buildpack of `group`, several at once as
@@ -766,7 +805,7 @@ impl Lifecycle<'_> {
                 version: bp.version.clone(),
                 layers,
                 metadata,
-                api: bp.script.as_ref().map(|s| s.api.clone()),
+                api: bp.own.as_ref().map(|o| o.api.clone()),
             });
         }
         Ok(BuildOutput {
@@ -796,31 +835,22 @@ fn apps_fault(e: BuildpackError) -> BuildpackError {
     }
 }
 
-/// An inline buildpack at `dir`: `buildpack.toml`, `bin/detect` (passes)
-/// and `bin/build` (the script, run by its shell).
-fn write_inline(dir: &Path, bp: &GroupEntry, script: &Script) -> std::io::Result<()> {
+/// Writes the buildpacks the app carries under `root`, once for the whole
+/// build: steps see them read-only. Owned by the server, readable by all.
+pub fn write_own(root: &Path, own: &[std::sync::Arc<AppBuildpack>]) -> Result<(), BuildpackError> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir.join("bin"))?;
-    let descriptor = toml::to_string(&toml::toml! {
-        api = (script.api.clone())
-        [buildpack]
-        id = (bp.id.clone())
-        version = (bp.version.clone())
-    })
-    .map_err(std::io::Error::other)?;
-    std::fs::write(dir.join("buildpack.toml"), descriptor)?;
-    // A bare shell name is looked up on PATH, as a shebang cannot.
-    let shebang = match script.shell.starts_with('/') {
-        true => format!("#!{}", script.shell),
-        false => format!("#!/usr/bin/env {}", script.shell),
-    };
-    for (name, body) in [
-        ("detect", format!("{shebang}\nexit 0\n")),
-        ("build", format!("{shebang}\n{}\n", script.inline)),
-    ] {
-        let path = dir.join("bin").join(name);
-        std::fs::write(&path, body)?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    let fail = |e| BuildpackError::io("writing the app's buildpacks".into(), e);
+    for bp in own {
+        let dir = root.join(escape_id(&bp.id));
+        for file in &bp.files {
+            let path = dir.join(&file.path);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(fail)?;
+            }
+            std::fs::write(&path, &file.bytes).map_err(fail)?;
+            let mode = if file.executable { 0o755 } else { 0o644 };
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(fail)?;
+        }
     }
     Ok(())
 }

@@ -167,7 +167,7 @@ mod tests {
             id: id.into(),
             version: "1".into(),
             optional,
-            script: None,
+            own: None,
         }
     }
 

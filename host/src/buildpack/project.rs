@@ -77,11 +77,11 @@ struct RawEntry {
 
 /// An inline buildpack's script.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
-pub struct Script {
-    pub api: String,
+struct Script {
+    api: String,
     #[serde(default = "default_shell")]
-    pub shell: String,
-    pub inline: String,
+    shell: String,
+    inline: String,
 }
 
 fn default_shell() -> String {
@@ -91,10 +91,30 @@ fn default_shell() -> String {
 /// A buildpack `project.toml` names.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Entry {
-    /// One of the builder's; an empty version is its only one.
+    /// One of the builder's; an empty version is its latest.
     Builder { id: String, version: String },
-    /// The app's own script.
-    Inline { id: String, script: Script },
+    /// One the app carries.
+    App(std::sync::Arc<AppBuildpack>),
+}
+
+/// A buildpack the app carries (an inline script, or a directory of the
+/// repository), read whole: the build writes its files once, for the
+/// sandbox to run read-only, and never reads the app for it again.
+#[derive(Debug, PartialEq)]
+pub struct AppBuildpack {
+    pub id: String,
+    pub version: String,
+    /// Its Buildpack API (`buildpack.toml`'s `api`).
+    pub api: String,
+    pub files: Vec<AppFile>,
+}
+
+#[derive(Debug, PartialEq)]
+pub struct AppFile {
+    /// Relative to the buildpack's directory.
+    pub path: String,
+    pub bytes: Vec<u8>,
+    pub executable: bool,
 }
 
 /// The buildpacks `project.toml` asks for.
@@ -109,41 +129,85 @@ pub struct Groups {
 /// The prefix of URIs naming one of the builder's buildpacks.
 const BUILDER_URN: &str = "urn:cnb:builder:";
 
-/// Inline scripts at most (each is a file of the build's own).
-const MAX_SCRIPT: usize = 64 * 1024;
+/// The version of an inline buildpack (it has none of its own).
+const INLINE_VERSION: &str = "0.0.0";
 
-fn entry(raw: RawEntry) -> Result<Entry, BuildpackError> {
-    let fail = |why: String| Err(BuildpackError::Project(why));
-    match (raw.script, raw.uri.as_str()) {
-        (Some(script), "") => {
-            if raw.id.is_empty() {
-                return fail("an inline buildpack needs an id".into());
-            }
-            if script.inline.len() > MAX_SCRIPT {
-                return fail(format!(
-                    "the inline buildpack {} is longer than {MAX_SCRIPT} bytes",
-                    raw.id
-                ));
-            }
-            let shell_ok = !script.shell.is_empty()
-                && script
-                    .shell
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b));
-            let api_ok = !script.api.is_empty()
-                && script.api.bytes().all(|b| b.is_ascii_digit() || b == b'.');
-            if !shell_ok || !api_ok {
-                return fail(format!(
-                    "the inline buildpack {} has an unusable shell {:?} or api {:?}",
-                    raw.id, script.shell, script.api
-                ));
-            }
-            Ok(Entry::Inline { id: raw.id, script })
+/// What the buildpacks an app carries may hold in all: how many, bytes,
+/// files.
+const MAX_APP_BUILDPACKS: usize = 16;
+const MAX_APP_BUILDPACK_BYTES: u64 = 16 * 1024 * 1024;
+const MAX_APP_BUILDPACK_FILES: usize = 1000;
+
+/// Ids whose layers directory would be one the platform writes
+/// (`/layers/sbom`, `/layers/config`, …): the builder's buildpacks are the
+/// operator's to get right, the app's are refused.
+const RESERVED_IDS: [&str; 4] = ["app", "config", "generated", "sbom"];
+
+fn fail<T>(why: String) -> Result<T, BuildpackError> {
+    Err(BuildpackError::Project(why))
+}
+
+/// An API version as the spec writes one: digits and dots.
+fn plain_api(api: &str) -> bool {
+    !api.is_empty() && api.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+}
+
+/// What the app's own buildpacks have used so far: [`MAX_APP_BUILDPACKS`],
+/// [`MAX_APP_BUILDPACK_BYTES`] and [`MAX_APP_BUILDPACK_FILES`] bound them
+/// together.
+#[derive(Default)]
+struct Budget {
+    buildpacks: usize,
+    bytes: u64,
+    files: usize,
+}
+
+impl Budget {
+    fn spend(&mut self, what: &str, bytes: u64, files: usize) -> Result<(), BuildpackError> {
+        self.bytes += bytes;
+        self.files += files;
+        if self.bytes > MAX_APP_BUILDPACK_BYTES || self.files > MAX_APP_BUILDPACK_FILES {
+            return fail(format!(
+                "at {what}, the app's own buildpacks pass {MAX_APP_BUILDPACK_BYTES} bytes or {MAX_APP_BUILDPACK_FILES} files"
+            ));
         }
+        Ok(())
+    }
+}
+
+fn entry(raw: RawEntry, app: &Path, budget: &mut Budget) -> Result<Entry, BuildpackError> {
+    // The spec: a version, a uri or a script, never two of them.
+    let given = [
+        !raw.version.is_empty(),
+        !raw.uri.is_empty(),
+        raw.script.is_some(),
+    ];
+    if given.iter().filter(|g| **g).count() > 1 {
+        return fail(format!(
+            "the buildpack entry {:?} has more than one of version, uri and script",
+            raw.id
+        ));
+    }
+    let app_buildpack = |entry: Result<AppBuildpack, BuildpackError>, budget: &mut Budget| {
+        let bp = entry?;
+        budget.buildpacks += 1;
+        if budget.buildpacks > MAX_APP_BUILDPACKS {
+            return fail(format!(
+                "it names more than {MAX_APP_BUILDPACKS} buildpacks of the app's own"
+            ));
+        }
+        if RESERVED_IDS.contains(&bp.id.as_str()) {
+            return fail(format!("the buildpack id {:?} is reserved", bp.id));
+        }
+        Ok(Entry::App(std::sync::Arc::new(bp)))
+    };
+    match (raw.script, raw.uri.as_str()) {
+        (Some(script), _) => app_buildpack(inline(raw.id, script, budget), budget),
         (None, "") if !raw.id.is_empty() => Ok(Entry::Builder {
             id: raw.id,
             version: raw.version,
         }),
+        (None, "") => fail("a buildpack entry names no id, uri or script".into()),
         (None, uri) if uri.starts_with(BUILDER_URN) => {
             let named = &uri[BUILDER_URN.len()..];
             let (id, version) = named.split_once('@').unwrap_or((named, ""));
@@ -152,15 +216,158 @@ fn entry(raw: RawEntry) -> Result<Entry, BuildpackError> {
                 version: version.to_owned(),
             })
         }
-        (None, "") => fail("a buildpack entry names no id, uri or script".into()),
+        // A path in the repository, as `pack` reads one (relative to the
+        // descriptor); never an absolute path, which would be the server's.
+        (None, uri) if !uri.contains(':') && !uri.starts_with('/') => {
+            app_buildpack(directory(uri, app, budget), budget)
+        }
         (None, uri) => fail(format!(
-            "the buildpack {uri:?} is not the builder's: kontain builds with the builder's buildpacks and inline scripts only (name one as id = \"<id>\" or uri = \"{BUILDER_URN}<id>\")"
-        )),
-        (Some(_), _) => fail(format!(
-            "the buildpack {:?} has both a uri and a script",
-            raw.id
+            "the buildpack {uri:?} is neither the builder's nor the app's own: kontain does not fetch buildpacks (name one of the builder's as id = \"<id>\" or uri = \"{BUILDER_URN}<id>\", or carry it in the repository)"
         )),
     }
+}
+
+/// An inline buildpack as `pack` lays one out: detect passes, build runs
+/// the script with its shell.
+fn inline(id: String, script: Script, budget: &mut Budget) -> Result<AppBuildpack, BuildpackError> {
+    if id.is_empty() {
+        return fail("an inline buildpack needs an id".into());
+    }
+    // The shell goes on a shebang line: an absolute path and at most one
+    // option, or a bare name looked up on PATH; plain characters only.
+    let plain = |w: &str| {
+        !w.is_empty()
+            && w.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b))
+    };
+    let shebang = match script.shell.split_once(' ') {
+        None if script.shell.starts_with('/') && plain(&script.shell) => {
+            Some(format!("#!{}", script.shell))
+        }
+        None if plain(&script.shell) && !script.shell.starts_with('-') => {
+            Some(format!("#!/usr/bin/env {}", script.shell))
+        }
+        Some((path, option))
+            if path.starts_with('/') && plain(path) && option.starts_with('-') && plain(option) =>
+        {
+            Some(format!("#!{path} {option}"))
+        }
+        _ => None,
+    };
+    let (Some(shebang), true) = (shebang, plain_api(&script.api)) else {
+        return fail(format!(
+            "the inline buildpack {id} has an unusable shell {:?} or api {:?}",
+            script.shell, script.api
+        ));
+    };
+    budget.spend(&id, script.inline.len() as u64, 3)?;
+    let descriptor = toml::to_string(&toml::toml! {
+        api = (script.api.clone())
+        [buildpack]
+        id = (id.clone())
+        version = INLINE_VERSION
+    })
+    .map_err(|e| BuildpackError::Project(e.to_string()))?;
+    let file = |path: &str, bytes: String, executable| AppFile {
+        path: path.to_owned(),
+        bytes: bytes.into_bytes(),
+        executable,
+    };
+    Ok(AppBuildpack {
+        files: vec![
+            file("buildpack.toml", descriptor, false),
+            file("bin/detect", format!("{shebang}\nexit 0\n"), true),
+            file("bin/build", format!("{shebang}\n{}\n", script.inline), true),
+        ],
+        id,
+        version: INLINE_VERSION.to_owned(),
+        api: script.api,
+    })
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    #[serde(default)]
+    api: String,
+    buildpack: DescriptorInfo,
+    #[serde(default)]
+    order: Vec<toml::Value>,
+}
+
+#[derive(Deserialize)]
+struct DescriptorInfo {
+    id: String,
+    version: String,
+}
+
+/// A buildpack directory in the repository at `rel` (under `app`): its
+/// directories and regular files (symlinks are left out: they point into
+/// the app or the server, not into the buildpack).
+fn directory(rel: &str, app: &Path, budget: &mut Budget) -> Result<AppBuildpack, BuildpackError> {
+    let dir = inside(app, rel)
+        .filter(|d| std::fs::symlink_metadata(d).is_ok_and(|m| m.is_dir()))
+        .ok_or_else(|| {
+            BuildpackError::Project(format!(
+                "the buildpack {rel:?} is not a directory of the app"
+            ))
+        })?;
+    let text = inside(&dir, "buildpack.toml")
+        .filter(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file() && m.len() <= 1 << 20))
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .ok_or_else(|| {
+            BuildpackError::Project(format!("the buildpack {rel:?} has no buildpack.toml"))
+        })?;
+    let descriptor: Descriptor = toml::from_str(&text)
+        .map_err(|e| BuildpackError::Project(format!("{rel}/buildpack.toml: {e}")))?;
+    if !descriptor.order.is_empty() {
+        return fail(format!(
+            "the buildpack {rel:?} is a composite: the app's own buildpacks run their bin/detect and bin/build"
+        ));
+    }
+    let api = match descriptor.api.as_str() {
+        "" => super::launcher::BUILDPACK_API.to_owned(),
+        api if plain_api(api) => api.to_owned(),
+        api => return fail(format!("{rel}/buildpack.toml: unusable api {api:?}")),
+    };
+    let mut files = Vec::new();
+    let mut stack = vec![(dir, String::new())];
+    let io = |e| BuildpackError::io(format!("reading the app's buildpack {rel}"), e);
+    while let Some((at, prefix)) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&at)
+            .map_err(io)?
+            .collect::<Result<_, _>>()
+            .map_err(io)?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            let path = format!("{prefix}{name}");
+            let meta = entry.metadata().map_err(io)?;
+            if meta.is_dir() {
+                stack.push((entry.path(), format!("{path}/")));
+            } else if meta.is_file() {
+                use std::os::unix::fs::PermissionsExt;
+                budget.spend(rel, meta.len(), 1)?;
+                files.push(AppFile {
+                    path,
+                    bytes: std::fs::read(entry.path()).map_err(io)?,
+                    executable: meta.permissions().mode() & 0o111 != 0,
+                });
+            }
+        }
+    }
+    for needed in ["bin/detect", "bin/build"] {
+        if !files.iter().any(|f| f.path == needed) {
+            return fail(format!("the buildpack {rel:?} has no {needed}"));
+        }
+    }
+    Ok(AppBuildpack {
+        id: descriptor.buildpack.id,
+        version: descriptor.buildpack.version,
+        api,
+        files,
+    })
 }
 
 #[derive(Deserialize)]
@@ -189,12 +396,16 @@ pub fn read(app: &Path) -> Result<Project, BuildpackError> {
     let parsed: ProjectToml = toml::from_str(&text)
         .map_err(|e| BuildpackError::Project(format!("it is not valid: {e}")))?;
     let mut project = Project::default();
+    let mut budget = Budget::default();
     let v2 = parsed.io.buildpacks;
     for table in [parsed.build, v2] {
         project.include.extend(table.include);
         project.exclude.extend(table.exclude);
-        let entries =
-            |raw: Vec<RawEntry>| raw.into_iter().map(entry).collect::<Result<Vec<_>, _>>();
+        let mut entries = |raw: Vec<RawEntry>| {
+            raw.into_iter()
+                .map(|r| entry(r, app, &mut budget))
+                .collect::<Result<Vec<_>, _>>()
+        };
         project.groups.group.extend(entries(table.buildpacks)?);
         project.groups.group.extend(entries(table.group)?);
         project
@@ -371,16 +582,81 @@ mod tests {
             ]
         );
         assert!(groups.pre.is_empty());
+        let [Entry::App(inline)] = groups.post.as_slice() else {
+            panic!("{:?}", groups.post);
+        };
         assert_eq!(
-            groups.post,
-            [Entry::Inline {
-                id: "me/inline".into(),
-                script: Script {
-                    api: "0.10".into(),
-                    shell: "/bin/sh".into(),
-                    inline: "echo hi".into()
-                },
-            }]
+            (
+                inline.id.as_str(),
+                inline.version.as_str(),
+                inline.api.as_str()
+            ),
+            ("me/inline", "0.0.0", "0.10")
+        );
+        let file = |path: &str| {
+            let f = inline.files.iter().find(|f| f.path == path).unwrap();
+            (String::from_utf8_lossy(&f.bytes).into_owned(), f.executable)
+        };
+        assert_eq!(file("bin/build"), ("#!/bin/sh\necho hi\n".into(), true));
+        assert_eq!(file("bin/detect"), ("#!/bin/sh\nexit 0\n".into(), true));
+        assert!(file("buildpack.toml").0.contains("id = \"me/inline\""));
+        // A shell with an option; a bare name, looked up on PATH.
+        for (shell, line) in [
+            ("/bin/bash -e", "#!/bin/bash -e"),
+            ("bash", "#!/usr/bin/env bash"),
+        ] {
+            write(&format!(
+                "[[io.buildpacks.group]]\nid = \"a/b\"\n[io.buildpacks.group.script]\napi = \"0.10\"\nshell = \"{shell}\"\ninline = \"x\"\n"
+            ));
+            let groups = read(dir.path()).unwrap().groups;
+            let [Entry::App(bp)] = groups.group.as_slice() else {
+                panic!()
+            };
+            assert!(
+                String::from_utf8_lossy(&bp.files[2].bytes).starts_with(line),
+                "{shell}"
+            );
+        }
+        // A buildpack directory in the repository, as buildpacks/samples
+        // carries one (schema 0.1, a relative uri): its files, read whole;
+        // a symlink in it left out.
+        let bp = dir.path().join("own-bp");
+        std::fs::create_dir_all(bp.join("bin")).unwrap();
+        std::fs::write(
+            bp.join("buildpack.toml"),
+            "api = \"0.9\"\n[buildpack]\nid = \"me/own\"\nversion = \"1.0.0\"\n",
+        )
+        .unwrap();
+        for script in ["detect", "build"] {
+            std::fs::write(bp.join("bin").join(script), "#!/bin/sh\n").unwrap();
+            std::fs::set_permissions(
+                bp.join("bin").join(script),
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            )
+            .unwrap();
+        }
+        std::os::unix::fs::symlink("/etc/passwd", bp.join("passwd")).unwrap();
+        write("[[build.buildpacks]]\nuri = \"own-bp/\"\n");
+        let groups = read(dir.path()).unwrap().groups;
+        let [Entry::App(own)] = groups.group.as_slice() else {
+            panic!("{:?}", groups.group)
+        };
+        assert_eq!(
+            (own.id.as_str(), own.version.as_str(), own.api.as_str()),
+            ("me/own", "1.0.0", "0.9")
+        );
+        let paths: Vec<(&str, bool)> = own
+            .files
+            .iter()
+            .map(|f| (f.path.as_str(), f.executable))
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                ("buildpack.toml", false),
+                ("bin/build", true),
+                ("bin/detect", true)
+            ]
         );
         // Schema 0.1's group.
         write("[[build.buildpacks]]\nid = \"acme/tool\"\nversion = \"1\"\n");
@@ -388,11 +664,27 @@ mod tests {
         for (text, says) in [
             (
                 "[[io.buildpacks.group]]\nuri = \"docker://evil/bp\"\n",
-                "not the builder's",
+                "does not fetch",
             ),
             (
                 "[[io.buildpacks.group]]\nuri = \"https://evil/bp.tgz\"\n",
-                "not the builder's",
+                "does not fetch",
+            ),
+            (
+                "[[io.buildpacks.group]]\nuri = \"/srv/buildpacks/x\"\n",
+                "does not fetch",
+            ),
+            (
+                "[[io.buildpacks.group]]\nuri = \"../outside\"\n",
+                "not a directory of the app",
+            ),
+            (
+                "[[io.buildpacks.group]]\nid = \"a/b\"\nversion = \"1\"\nuri = \"urn:cnb:builder:a/b\"\n",
+                "more than one of",
+            ),
+            (
+                "[[io.buildpacks.group]]\nid = \"sbom\"\n[io.buildpacks.group.script]\napi = \"0.10\"\ninline = \"x\"\n",
+                "reserved",
             ),
             ("[[io.buildpacks.group]]\nversion = \"1\"\n", "no id"),
             (

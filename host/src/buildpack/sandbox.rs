@@ -27,6 +27,9 @@ pub struct Mounts<'a> {
     pub layers: &'a Path,
     pub platform: &'a Path,
     pub io: &'a Path,
+    /// A buildpack the app carries: mounted read-only at [`IO`]`/`[`OWN`]
+    /// (a directory the host made in `io`).
+    pub own: Option<PathBuf>,
 }
 
 /// Mount points inside the sandbox.
@@ -34,6 +37,8 @@ pub const APP: &str = "/workspace";
 pub const LAYERS: &str = "/layers";
 pub const PLATFORM: &str = "/platform";
 pub const IO: &str = "/kontain";
+/// Where, in [`IO`], a buildpack the app carries is mounted.
+pub const OWN: &str = "buildpack";
 
 pub struct Sandbox {
     pub bwrap: PathBuf,
@@ -134,8 +139,11 @@ impl Sandbox {
             .arg(PLATFORM)
             .arg("--bind")
             .arg(mounts.io)
-            .arg(IO)
-            .args(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"])
+            .arg(IO);
+        if let Some(own) = &mounts.own {
+            cmd.arg("--ro-bind").arg(own).arg(format!("{IO}/{OWN}"));
+        }
+        cmd.args(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"])
             .arg("--uid")
             .arg(self.uid.to_string())
             .arg("--gid")
