@@ -21,6 +21,8 @@ pub enum RunError {
     Spawn(std::io::Error),
     Wait(std::io::Error),
     Timeout,
+    /// [`run_bounded`]: stdout passed its cap, and the tool was stopped.
+    Overflow,
 }
 
 /// Makes `cmd` (and every process it starts) unable to write a file past
@@ -62,6 +64,26 @@ pub async fn run(
     timeout: Duration,
     cap: usize,
 ) -> Result<Finished, RunError> {
+    run_with(cmd, timeout, cap, false).await
+}
+
+/// [`run`], but a tool whose stdout passes `cap` is stopped (its process
+/// group killed) at once: for output that is only useful whole, from input
+/// that could make it endless.
+pub async fn run_bounded(
+    cmd: &mut tokio::process::Command,
+    timeout: Duration,
+    cap: usize,
+) -> Result<Finished, RunError> {
+    run_with(cmd, timeout, cap, true).await
+}
+
+async fn run_with(
+    cmd: &mut tokio::process::Command,
+    timeout: Duration,
+    cap: usize,
+    bounded: bool,
+) -> Result<Finished, RunError> {
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -72,16 +94,21 @@ pub async fn run(
     let group = OnDrop::new(move || kill_group(id));
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
+    // The first error ends the wait (and the group guard kills the tool):
+    // an overflowing tool is not waited for.
     let work = async {
-        let (out, err, status) = tokio::join!(
-            read_capped(stdout, cap, false),
-            read_capped(stderr, cap, true),
+        tokio::try_join!(
+            read_capped(stdout, cap, false, bounded),
+            read_capped(stderr, cap, true, false),
             child.wait()
-        );
-        Ok::<_, std::io::Error>((out?, err?, status?))
+        )
     };
     let (stdout, stderr, status) = match tokio::time::timeout(timeout, work).await {
-        Ok(r) => r.map_err(RunError::Wait)?,
+        Ok(Ok(done)) => done,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::FileTooLarge => {
+            return Err(RunError::Overflow);
+        }
+        Ok(Err(e)) => return Err(RunError::Wait(e)),
         Err(_) => return Err(RunError::Timeout),
     };
     group.disarm();
@@ -93,11 +120,13 @@ pub async fn run(
 }
 
 /// Reads a pipe to its end, keeping the first (or, with `tail`, the last)
-/// `cap` bytes.
+/// `cap` bytes; with `bounded`, more than `cap` is an error
+/// (`FileTooLarge`).
 async fn read_capped(
     pipe: Option<impl AsyncRead + Unpin>,
     cap: usize,
     tail: bool,
+    bounded: bool,
 ) -> std::io::Result<Vec<u8>> {
     let Some(mut pipe) = pipe else {
         return Ok(Vec::new());
@@ -110,6 +139,9 @@ async fn read_capped(
             return Ok(kept);
         }
         kept.extend_from_slice(&buf[..n]);
+        if bounded && kept.len() > cap {
+            return Err(std::io::ErrorKind::FileTooLarge.into());
+        }
         if kept.len() > cap {
             if tail {
                 kept.drain(..kept.len() - cap);
@@ -186,5 +218,19 @@ mod tests {
             Err(RunError::Timeout)
         ));
         assert!(start.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn a_bounded_tool_printing_forever_is_stopped_at_its_cap() {
+        let start = std::time::Instant::now();
+        let mut cmd = tokio::process::Command::new("yes");
+        let ran = run_bounded(&mut cmd, Duration::from_secs(30), 1 << 20).await;
+        assert!(matches!(ran, Err(RunError::Overflow)));
+        assert!(start.elapsed() < Duration::from_secs(10));
+        // Unbounded, the same output is cut, not an error.
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.args(["-c", "yes | head -c 3000000"]);
+        let done = run(&mut cmd, Duration::from_secs(30), 1 << 20).await;
+        assert!(matches!(done, Ok(f) if f.stdout.len() == 1 << 20));
     }
 }

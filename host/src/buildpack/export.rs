@@ -180,6 +180,14 @@ impl Buildpacks {
                 .tempdir_in(&work_root)
                 .map(Scratch::new)
                 .map_err(io_error("creating a build directory"))?;
+            // Passable (not readable) by the sandbox's own host user, which
+            // bubblewrap runs as and mounts from (a temporary directory is
+            // 0700).
+            std::fs::set_permissions(
+                dir.path(),
+                std::os::unix::fs::PermissionsExt::from_mode(0o711),
+            )
+            .map_err(io_error("preparing a build directory"))?;
             // The app's project.toml: its build env (the generator's
             // settings win, as `pack build --env` over the descriptor) and
             // the files the build sees.
@@ -204,6 +212,7 @@ impl Buildpacks {
             uid,
             gid,
             host_user,
+            max_file: config.max_source_bytes.0,
         };
         // The app's own buildpacks run code of the app's choosing: only
         // where nothing a buildpack runs can reach the host.

@@ -266,17 +266,23 @@ impl Git {
         cmd: tokio::process::Command,
         what: &str,
     ) -> Result<String, BuildpackError> {
-        self.run_capped(cmd, what, 1 << 20).await
+        self.run_with(cmd, what, None).await
     }
 
-    /// [`Git::run`], keeping the first `cap` bytes of what git prints.
-    async fn run_capped(
+    /// Runs git; with `bound`, output past it stops git and is
+    /// [`BuildpackError::TooLarge`] (`bound.1` names what), else the first
+    /// MiB is kept.
+    async fn run_with(
         &self,
         mut cmd: tokio::process::Command,
         what: &str,
-        cap: usize,
+        bound: Option<(usize, String)>,
     ) -> Result<String, BuildpackError> {
-        let done = match crate::process::run(&mut cmd, self.timeout, cap).await {
+        let ran = match &bound {
+            Some((cap, _)) => crate::process::run_bounded(&mut cmd, self.timeout, *cap).await,
+            None => crate::process::run(&mut cmd, self.timeout, 1 << 20).await,
+        };
+        let done = match ran {
             Ok(done) => done,
             Err(RunError::Spawn(e)) => {
                 return Err(BuildpackError::Tool {
@@ -286,6 +292,13 @@ impl Git {
             }
             Err(RunError::Wait(e)) => {
                 return Err(BuildpackError::io(format!("running git {what}"), e));
+            }
+            Err(RunError::Overflow) => {
+                let (cap, named) = bound.unwrap_or_default();
+                return Err(BuildpackError::TooLarge {
+                    what: format!("the listing of {named}"),
+                    limit: cap as u64,
+                });
             }
             Err(RunError::Timeout) => {
                 return Err(BuildpackError::Git {
@@ -433,17 +446,23 @@ impl Git {
                     url.as_str(),
                     "+refs/heads/*:refs/remotes/origin/*",
                 ]);
+                let history_too_large = || BuildpackError::TooLarge {
+                    what: format!("the history of {name}"),
+                    limit: self.max_bytes,
+                };
                 match self.run(all, "fetch").await {
                     Err(BuildpackError::Git { .. })
                         if reached(&history.join(".git"), self.max_bytes) =>
                     {
-                        return Err(BuildpackError::TooLarge {
-                            what: format!("the history of {name}"),
-                            limit: self.max_bytes,
-                        });
+                        return Err(history_too_large());
                     }
                     fetched => fetched?,
                 };
+                // Many packs or loose objects (a dumb http server, which
+                // ignores the filter), each under the limit: all of them.
+                if reached(&history.join(".git"), self.max_bytes) {
+                    return Err(history_too_large());
+                }
                 let mut parse = self.command(url, policy, &home).await?;
                 in_history(&mut parse);
                 parse.args([
@@ -514,13 +533,8 @@ impl Git {
                 };
                 // Fetched objects past the limit in all (several packs, or
                 // loose objects: a dumb http server).
-                let git_dir = repo.join(".git");
-                let fetched = blocking(move || {
-                    crate::files::tree_size(&git_dir)
-                        .map_err(|e| BuildpackError::io("measuring the fetch".into(), e))
-                })
-                .await?;
-                if fetched > self.max_bytes {
+                let (git_dir, max) = (repo.join(".git"), self.max_bytes);
+                if blocking(move || Ok::<_, BuildpackError>(reached(&git_dir, max))).await? {
                     return Err(too_large());
                 }
                 // What the checkout would write, before it writes it: a
@@ -529,11 +543,17 @@ impl Git {
                 let mut list = self.command(url, policy, home).await?;
                 init(&mut list);
                 list.args(["ls-tree", "-r", "-l", "-z", "--full-tree", commit]);
+                let bound = (MAX_LISTING, format!("{name} at {commit}"));
                 let listed = self
-                    .run_capped(list, &format!("ls-tree {commit}"), MAX_LISTING)
+                    .run_with(list, &format!("ls-tree {commit}"), Some(bound))
                     .await?;
-                let (bytes, files) = checkout_size(&listed);
-                if bytes > self.max_bytes || listed.len() >= MAX_LISTING {
+                let Some((bytes, files)) = checkout_size(&listed) else {
+                    return Err(BuildpackError::TooManyFiles {
+                        what: format!("{name} at {commit} (nested deeper than {MAX_DEPTH})"),
+                        limit: MAX_CHECKOUT_FILES,
+                    });
+                };
+                if bytes > self.max_bytes {
                     return Err(too_large());
                 }
                 if files > MAX_CHECKOUT_FILES {
@@ -553,7 +573,14 @@ impl Git {
                     "--detach",
                     commit,
                 ]);
-                self.run(checkout, &format!("checkout {commit}")).await?;
+                match self.run(checkout, &format!("checkout {commit}")).await {
+                    // Line endings the attributes convert grew a file past
+                    // the limit.
+                    Err(BuildpackError::Git { .. }) if reached(repo, self.max_bytes) => {
+                        return Err(too_large());
+                    }
+                    checked_out => checked_out?,
+                };
                 let (repo, src, max) = (repo.clone(), dir.join("src"), self.max_bytes);
                 let too_large = too_large();
                 blocking(move || {
@@ -583,41 +610,71 @@ impl Git {
     }
 }
 
-/// Whether a failed fetch into `git_dir` was stopped at the file size
-/// limit: its pack (or a loose object) reached `limit` bytes. git itself
-/// only says "invalid index-pack output" when its writer is killed.
-fn reached(git_dir: &Path, limit: u64) -> bool {
-    let objects = git_dir.join("objects");
-    let big = |dir: &Path| {
-        std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|e| e.metadata().is_ok_and(|m| m.is_file() && m.len() >= limit))
-    };
-    big(&objects) || big(&objects.join("pack"))
+/// Whether a failed git under the file size limit was stopped by it: a
+/// file under `dir` (a pack, a loose object, a checked-out file) reached
+/// `limit` bytes, or all of them passed it. git itself only says "invalid
+/// index-pack output" or "unable to write file" when its writer is killed.
+fn reached(dir: &Path, limit: u64) -> bool {
+    fn walk(dir: &Path, limit: u64, total: &mut u64) -> bool {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return false;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                if walk(&entry.path(), limit, total) {
+                    return true;
+                }
+            } else if meta.is_file() {
+                *total += meta.len();
+                if meta.len() >= limit || *total > limit {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+    walk(dir, limit, &mut 0)
 }
 
 /// The bytes and the number of the entries a `git ls-tree -r -l -z`
-/// listing names (a symlink counts its target's length, a submodule
-/// nothing).
-fn checkout_size(listing: &str) -> (u64, usize) {
-    listing
-        .split('\0')
-        .filter_map(|entry| {
-            let (meta, _path) = entry.split_once('\t')?;
-            Some(meta.split_whitespace().nth(3)?.parse::<u64>().unwrap_or(0))
-        })
-        .fold((0u64, 0usize), |(bytes, n), size| {
-            (bytes.saturating_add(size), n + 1)
-        })
+/// listing makes on disk: files (a symlink counts its target's length, a
+/// submodule nothing) and the directories they are in, each once (a small
+/// repository can name the same subtree under many names); `None` for a
+/// path deeper than [`MAX_DEPTH`].
+fn checkout_size(listing: &str) -> Option<(u64, usize)> {
+    let mut dirs = std::collections::HashSet::new();
+    let (mut bytes, mut files) = (0u64, 0usize);
+    for entry in listing.split('\0') {
+        let Some((meta, path)) = entry.split_once('\t') else {
+            continue;
+        };
+        let size = meta
+            .split_whitespace()
+            .nth(3)
+            .map_or(0, |s| s.parse::<u64>().unwrap_or(0));
+        bytes = bytes.saturating_add(size);
+        files += 1;
+        let mut depth = 0;
+        for (at, _) in path.match_indices('/') {
+            depth += 1;
+            if depth > MAX_DEPTH {
+                return None;
+            }
+            dirs.insert(&path[..at]);
+        }
+    }
+    Some((bytes, files + dirs.len()))
 }
+
+/// The deepest a checkout's paths may go.
+const MAX_DEPTH: usize = 256;
 
 /// The longest listing of a commit's files read (64 MiB: about a million
 /// entries); a longer one is too large.
 const MAX_LISTING: usize = 64 << 20;
 
-/// The most files a checkout may have.
+/// The most files and directories a checkout may have.
 const MAX_CHECKOUT_FILES: usize = 500_000;
 
 #[cfg(test)]
@@ -757,7 +814,14 @@ mod tests {
             "",
         ]
         .join("\0");
-        assert_eq!(checkout_size(&listing), (55, 3));
+        assert_eq!(checkout_size(&listing), Some((55, 3)));
+        // Directories count, once each; too deep is refused.
+        let nested = ["a/b/c", "a/b/d", "a/e"]
+            .map(|path| format!("100644 blob a 1\t{path}\0"))
+            .concat();
+        assert_eq!(checkout_size(&nested), Some((3, 5)));
+        let deep = format!("100644 blob a 1\t{}f\0", "d/".repeat(300));
+        assert_eq!(checkout_size(&deep), None);
     }
 
     #[test]

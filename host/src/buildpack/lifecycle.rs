@@ -267,6 +267,30 @@ impl Builder {
             }
         }
         self.order = combined;
+        // An app's buildpack runs under its own name only: never as one of
+        // the builder's (which the image's metadata would then name), never
+        // in another's layers directory (ids alike once escaped).
+        for entry in self.order.iter().flatten() {
+            let Some(own) = &entry.own else { continue };
+            let clash = self.order.iter().flatten().any(|other| {
+                escape_id(&other.id) == escape_id(&own.id)
+                    && !other
+                        .own
+                        .as_ref()
+                        .is_some_and(|o| std::sync::Arc::ptr_eq(o, own))
+            });
+            let builders = inside(
+                &self.rootfs,
+                &format!("cnb/buildpacks/{}", escape_id(&own.id)),
+            )
+            .is_some_and(|dir| dir.exists());
+            if clash || builders {
+                return Err(BuildpackError::Project(format!(
+                    "the app's buildpack {} has the id of another buildpack of the build or the builder",
+                    own.id
+                )));
+            }
+        }
         let named = |id: &str| {
             [&groups.group, &groups.pre, &groups.post]
                 .into_iter()
@@ -385,9 +409,8 @@ impl Builder {
         }
     }
 
-    /// The version of `entry`: its own, or the latest the builder has (the
-    /// highest, comparing dot-separated numbers as numbers), as the spec
-    /// reads a version left out.
+    /// The version of `entry`: its own, or the latest the builder has, as
+    /// the spec reads a version left out.
     fn version_of(&self, entry: &GroupEntry) -> Result<String, BuildpackError> {
         if !entry.version.is_empty() {
             return Ok(entry.version.clone());
@@ -402,14 +425,10 @@ impl Builder {
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
         .collect();
-        let key = |v: &String| {
-            v.split(['.', '-', '+'])
-                .map(|part| {
-                    part.parse::<u64>()
-                        .map_or((1, 0, part.to_owned()), |n| (0, n, String::new()))
-                })
-                .collect::<Vec<_>>()
-        };
+        // Semantic versions as semver orders them (a pre-release before its
+        // release), above any other; ties by name, so the choice never
+        // depends on directory order.
+        let key = |v: &String| (semver::Version::parse(v).ok(), v.clone());
         versions.iter().max_by_key(|v| key(v)).cloned().ok_or_else(|| {
             BuildpackError::BadBuilder(format!(
                 "buildpack {} is in the order without a version, and the builder has none of it",
@@ -846,6 +865,11 @@ pub fn write_own(root: &Path, own: &[std::sync::Arc<AppBuildpack>]) -> Result<()
             let path = dir.join(&file.path);
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent).map_err(fail)?;
+                // Readable by the sandbox's user whatever the umask.
+                for dir in parent.ancestors().take_while(|d| d.starts_with(root)) {
+                    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+                        .map_err(fail)?;
+                }
             }
             std::fs::write(&path, &file.bytes).map_err(fail)?;
             let mode = if file.executable { 0o755 } else { 0o644 };
@@ -894,3 +918,30 @@ type Layers = (
 /// The most JSON of one layer's metadata carried into the image's label
 /// (the whole config, labels included, is a few MiB at most for clients).
 const MAX_LAYER_METADATA: usize = 16 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_left_out_is_the_latest_semver() {
+        let rootfs = tempfile::tempdir().unwrap();
+        for v in ["1.9.0", "1.10.0", "1.11.0-rc.1", "nightly"] {
+            std::fs::create_dir_all(rootfs.path().join("cnb/buildpacks/acme_x").join(v)).unwrap();
+        }
+        let builder = Builder {
+            rootfs: rootfs.path().to_owned(),
+            env: Vec::new(),
+            order: Vec::new(),
+        };
+        let entry = GroupEntry {
+            id: "acme/x".into(),
+            version: String::new(),
+            optional: false,
+            own: None,
+        };
+        assert_eq!(builder.version_of(&entry).unwrap(), "1.11.0-rc.1");
+        std::fs::remove_dir(rootfs.path().join("cnb/buildpacks/acme_x/1.11.0-rc.1")).unwrap();
+        assert_eq!(builder.version_of(&entry).unwrap(), "1.10.0");
+    }
+}

@@ -5,12 +5,14 @@
 //! the buildpacks: a `group` that replaces the builder's order, `pre` and
 //! `post` groups around each of its groups. An entry names one of the
 //! builder's buildpacks (by `id` and optional `version`, or a
-//! `urn:cnb:builder:<id>[@<version>]` URI) or is an inline buildpack (a
-//! `script` the app carries: it always detects, and its build runs the
-//! script, in the sandbox like any other). Buildpacks from anywhere else
-//! (registries, URLs) are not fetched: the operator's builder decides what
-//! code builds apps, and a build names nothing outside it but the app's own
-//! scripts.
+//! `urn:cnb:builder:<id>[@<version>]` URI), or one the app carries: an
+//! inline buildpack (a `script`: it always detects, its build runs the
+//! script) or a buildpack directory of the app (a relative `uri`, as
+//! buildpacks/samples' apps have theirs). The app's own buildpacks are read
+//! here, whole and bounded, and run in the sandbox like any other.
+//! Buildpacks from anywhere else (registries, URLs, server paths) are not
+//! fetched: the operator's builder decides what code builds apps, and a
+//! build runs nothing outside it but what the app itself carries.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -362,12 +364,28 @@ fn directory(rel: &str, app: &Path, budget: &mut Budget) -> Result<AppBuildpack,
             return fail(format!("the buildpack {rel:?} has no {needed}"));
         }
     }
+    let DescriptorInfo { id, version } = descriptor.buildpack;
+    if !usable(&id) || !usable(&version) || version.contains('/') {
+        return fail(format!(
+            "{rel}/buildpack.toml: {id:?}@{version:?} is not a usable buildpack id and version"
+        ));
+    }
     Ok(AppBuildpack {
-        id: descriptor.buildpack.id,
-        version: descriptor.buildpack.version,
+        id,
+        version,
         api,
         files,
     })
+}
+
+/// A buildpack id or version usable in a path: plain characters, no
+/// leading dot, no `..`.
+fn usable(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with('.')
+        && !s.contains("..")
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
 }
 
 #[derive(Deserialize)]

@@ -53,6 +53,10 @@ pub struct Sandbox {
     /// The host user bubblewrap runs as: an unprivileged one when the server
     /// is root, so that the sandbox's user maps to nobody on the host.
     pub host_user: Option<(u32, u32)>,
+    /// The largest file a step may write (`max_source_bytes`: the app and
+    /// its layers are bounded in all after the build, this stops one file
+    /// from filling the disk before).
+    pub max_file: u64,
 }
 
 /// The host user for sandboxes: `configured` (uid = gid) when the server
@@ -84,6 +88,7 @@ pub async fn probe(bwrap: &Path, user: Option<(u32, u32)>) -> Result<(), String>
         Ok(done) => Err(String::from_utf8_lossy(&done.stderr).trim().to_owned()),
         Err(RunError::Spawn(e)) => Err(format!("{}: {e}", bwrap.display())),
         Err(RunError::Wait(e)) => Err(e.to_string()),
+        Err(RunError::Overflow) => Err("it printed too much".into()),
         Err(RunError::Timeout) => Err("it did not answer within 20s".into()),
     }
 }
@@ -197,12 +202,19 @@ impl Sandbox {
         mut cmd: tokio::process::Command,
         what: &str,
     ) -> Result<Outcome, BuildpackError> {
+        // No core dumps of a crashing step either.
+        crate::process::limit_file_size(&mut cmd, self.max_file);
         let done = match crate::process::run(&mut cmd, self.timeout, MAX_OUTPUT).await {
             Ok(done) => done,
             Err(RunError::Spawn(e)) => {
                 return Err(BuildpackError::io(format!("starting {what}"), e));
             }
             Err(RunError::Wait(e)) => return Err(BuildpackError::io(format!("running {what}"), e)),
+            // `run` keeps what fits and reads on; it never stops a step.
+            Err(RunError::Overflow) => {
+                let e = std::io::ErrorKind::FileTooLarge.into();
+                return Err(BuildpackError::io(format!("running {what}"), e));
+            }
             Err(RunError::Timeout) => {
                 return Err(BuildpackError::Timeout {
                     what: what.to_owned(),

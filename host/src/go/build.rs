@@ -299,6 +299,11 @@ impl Workspace {
                 });
             }
             Err(RunError::Wait(e)) => return Err(GoError::io("running go build".into(), e)),
+            // `run` keeps what fits and reads on; it never stops a tool.
+            Err(RunError::Overflow) => {
+                let e = std::io::ErrorKind::FileTooLarge.into();
+                return Err(GoError::io("running go build".into(), e));
+            }
             Err(RunError::Timeout) => {
                 return Err(GoError::Timeout {
                     package: package.to_string(),
