@@ -63,6 +63,9 @@ pub enum BuildpackError {
     BadBuilder(String),
     #[error("the app's project.toml cannot be used: {0}")]
     Project(String),
+    /// What this server's configuration does not allow a build to do.
+    #[error("{0}")]
+    NotAllowed(String),
     #[error("no buildpack group passed detection ({tried})")]
     NoGroupPassed { tried: String },
     #[error("buildpack {buildpack} failed in {phase} (exit {code}):\n{tail}")]
@@ -91,7 +94,7 @@ impl Classify for BuildpackError {
             BuildpackError::UnknownRevision { .. } | BuildpackError::UnknownRepository { .. } => {
                 ErrorKind::NotFound
             }
-            BuildpackError::Refused(_) => ErrorKind::Denied,
+            BuildpackError::Refused(_) | BuildpackError::NotAllowed(_) => ErrorKind::Denied,
             BuildpackError::TooLarge { .. }
             | BuildpackError::TooManyFiles { .. }
             | BuildpackError::Timeout { .. } => ErrorKind::LimitExceeded,

@@ -51,6 +51,10 @@ pub fn trials() -> Vec<Trial> {
             project_groups,
         ),
         trial(
+            "buildpack::an_unsandboxed_server_refuses_the_apps_own_buildpacks",
+            unsandboxed,
+        ),
+        trial(
             "buildpack::an_abbreviated_sha_of_a_500_commit_repository_fetches_its_history_once",
             abbreviated,
         ),
@@ -946,6 +950,29 @@ fn project_groups() -> anyhow::Result<()> {
         message.contains("project.toml") && message.contains("does not fetch"),
         "{message}"
     );
+    Ok(())
+}
+
+/// A server whose bubblewrap cannot start and whose config lets buildpacks
+/// run on the host anyway: the builder's buildpacks build, an app's own
+/// buildpacks (code of the app's choosing) are refused with 403.
+fn unsandboxed() -> anyhow::Result<()> {
+    let config = config()?.replace(
+        "[buildpack]\n",
+        "[buildpack]\nallow_unsandboxed = true\nbwrap_command = \"/nonexistent/bwrap\"\n",
+    );
+    let server = Server::start(Some(&config))?;
+    get_ok(&server, "/v2/buildpack/acme/app/manifests/main")?;
+    assert!(server.log().contains("UNSANDBOXED"), "it said so");
+    for repo in ["groups", "local"] {
+        let message = refused(
+            server.addr,
+            &format!("/v2/buildpack/acme/{repo}/manifests/main"),
+            StatusCode::FORBIDDEN,
+            "DENIED",
+        )?;
+        assert!(message.contains("without the sandbox"), "{repo}: {message}");
+    }
     Ok(())
 }
 

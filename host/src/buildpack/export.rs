@@ -218,8 +218,8 @@ impl Buildpacks {
         // where nothing a buildpack runs can reach the host.
         let own = builder.own();
         if !own.is_empty() && sandbox.unsandboxed {
-            return Err(BuildpackError::Project(
-                "it names buildpacks of the app's own, which this server does not run: its buildpacks run without the sandbox (allow_unsandboxed)".into(),
+            return Err(BuildpackError::NotAllowed(
+                "the app's project.toml names buildpacks of its own, which this server does not run: it runs buildpacks without the sandbox (allow_unsandboxed)".into(),
             ));
         }
         if !own.is_empty() {
